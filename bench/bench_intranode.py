@@ -1,0 +1,218 @@
+"""Intranode normal-mode benchmark (mpirun -n N, one rank per GPU): DeepEP's workload (4096 tokens per rank,
+hidden 7168, top-8 of 256 experts): layout, FP8 dispatch, BF16 dispatch, BF16 combine, an SM sweep, the
+one-way peer-store NVLink ceiling and the PyTorch/NCCL path measured in the same run. Prints a table, appends
+JSON lines to bench/results/intranode.jsonl (and --out), and plots GB/s against SMs."""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+
+import cupy as cp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import append_jsonl, byte_counts, median_us, record  # noqa: E402
+
+import epcomm  # noqa: E402
+from epcomm import reference as ref  # noqa: E402
+from epcomm.intranode import nvl_buffer_size_hint  # noqa: E402
+from epcomm.testing import make_topk  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--tokens", type=int, default=4096)
+ap.add_argument("--hidden", type=int, default=7168)
+ap.add_argument("--topk", type=int, default=8)
+ap.add_argument("--experts", type=int, default=256)
+ap.add_argument("--iters", type=int, default=30)
+ap.add_argument("--quick", action="store_true", help="fewer iterations")
+ap.add_argument("--out", default=None)
+args = ap.parse_args()
+iters = 15 if args.quick else args.iters
+T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
+
+from mpi4py import MPI  # noqa: E402
+
+R0 = MPI.COMM_WORLD.size
+buf = epcomm.Buffer(None, num_nvl_bytes=nvl_buffer_size_hint(T, H * 2, R0, K), backend="gpu")
+g = buf.group
+R, rank = buf.num_ranks, buf.rank
+card = cp.cuda.runtime.getDeviceProperties(g.device)["name"].decode()
+sms_all = cp.cuda.Device().attributes["MultiProcessorCount"]
+gpus = len(set(g.topology.device_of_rank))
+log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+
+rng = np.random.default_rng(1234 + rank)
+x_host = rng.standard_normal((T, H), dtype=np.float32).astype(ref.bf16)
+fp8_host, scales_host = ref.per_token_cast_to_fp8(x_host)
+x_bf16 = cp.asarray(x_host)
+x_fp8 = cp.asarray(fp8_host.view(np.uint8))  # CuPy has no float8 dtype: the e4m3 bits
+scales = cp.asarray(scales_host)
+scales_cm = cp.asarray(scales.T.copy()).T  # column-major, as DeepGEMM-style callers hold them
+idx = cp.asarray(make_topk(np.random.default_rng(99 + rank), T, K, E))
+w = cp.asarray(np.random.default_rng(7 + rank).random((T, K), dtype=np.float32))
+
+
+def timed(fn, n=iters, warmup=3):
+    """Median of per-call times: device events around each call, ranks released together by a barrier."""
+    for _ in range(warmup):
+        fn()
+    cp.cuda.Device().synchronize()
+    out = []
+    s = cp.cuda.get_current_stream()
+    for _ in range(n):
+        g.barrier()
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record(s)
+        fn()
+        e1.record(s)
+        e1.synchronize()
+        out.append(cp.cuda.get_elapsed_time(e0, e1))
+    return median_us(out)
+
+
+def agree(v):  # the slowest rank's median is the call's time
+    return max(g.allgather(v))
+
+
+per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+layout_us = agree(timed(lambda: buf.get_dispatch_layout(idx, E)))
+res_fp8 = buf.dispatch((x_fp8, scales_cm), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                       num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)
+handle = res_fp8[4]
+n_recv = handle.num_recv_tokens
+n_local = int(handle.num_recv_tokens_per_source[rank].get()) if hasattr(handle.num_recv_tokens_per_source, "get") else 0
+rows_total = agree(n_recv)  # the busiest receiver bounds the call
+rows_remote = agree(n_recv - n_local)
+recv_bf16 = buf.dispatch(x_bf16, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                         num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)[0]
+
+
+# -- NVLink ceiling: one-way peer stores (rank 0 -> 1 only), 16 B per thread, SM count = all ------------------
+copy16 = cp.RawKernel(r"""
+extern "C" __global__ void copy16(const int4* __restrict__ s, int4* __restrict__ d, size_t n) {
+  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x, st = (size_t)gridDim.x * blockDim.x;
+  for (; i < n; i += st) d[i] = s[i];
+}""", "copy16")
+nb = min(256 << 20, buf._backend.data_bytes) // 4096 * 4096
+src = cp.ones(nb // 16 * 4, cp.int32)
+peer = (rank + 1) % R
+peer_ptr = buf._backend.nvl.peer_ptrs[peer] + buf._backend.meta_bytes
+
+
+def store_peer(blocks, active):
+    if active:
+        copy16((blocks,), (512,), (src, cp.uint64(peer_ptr), cp.uint64(nb // 16)))
+
+
+ceilings = {}
+for blocks in (24, sms_all):
+    t_one = timed(lambda: store_peer(blocks, rank == 0), n=10)
+    t_both = timed(lambda: store_peer(blocks, True), n=10)
+    ceilings[blocks] = (nb / (agree(t_one if rank == 0 else 0) * 1e-6) / 1e9, nb / (agree(t_both) * 1e-6) / 1e9)
+ceiling_one_way = max(c[0] for c in ceilings.values())
+log(f"peer-store ceiling: " + ", ".join(f"{b} blocks: one-way {c[0]:.0f} GB/s, both ways {c[1]:.0f} GB/s each"
+                                        for b, c in ceilings.items()))
+
+# -- baseline: the PyTorch path (NCCL all_to_all_single + index_select / index_add) ---------------------------
+baseline = {}
+try:
+    import torch
+    import torch.distributed as dist
+    host0 = g.bcast(socket.gethostname())
+    port = g.bcast(29500 + os.getpid() % 1000)
+    dist.init_process_group("nccl", init_method=f"tcp://{'127.0.0.1' if host0 == socket.gethostname() else host0}:{port}",
+                            rank=rank, world_size=R)
+    dev = torch.device("cuda", g.device)
+    tx = torch.from_dlpack(x_bf16.view(cp.uint16)).view(torch.bfloat16)
+    tin = torch.from_dlpack(in_rank)
+    send_counts = tin.sum(0).to(torch.int64)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts)
+    sc, rc = send_counts.tolist(), recv_counts.tolist()
+    order = torch.cat([tin[:, d].nonzero().squeeze(1) for d in range(R)])
+    row8 = H + 4 * (H // 128)
+    tx8 = torch.empty((T, row8), dtype=torch.uint8, device=dev)
+
+    def t_dispatch(xx, width):
+        send = xx.index_select(0, order)
+        recv = torch.empty((sum(rc), width), dtype=xx.dtype, device=dev)
+        dist.all_to_all_single(recv, send, rc, sc)
+        return recv
+
+    trecv = t_dispatch(tx, H)
+
+    def t_combine():
+        back = torch.empty((len(order), H), dtype=tx.dtype, device=dev)
+        dist.all_to_all_single(back, trecv, sc, rc)
+        out = torch.zeros_like(tx)
+        out.index_add_(0, order, back)
+        return out
+
+    # torch and CuPy both issue on the legacy default stream here, so the events bracket torch's work.
+    baseline["bf16_dispatch"] = agree(timed(lambda: t_dispatch(tx, H)))
+    baseline["fp8_dispatch"] = agree(timed(lambda: t_dispatch(tx8, row8)))
+    baseline["bf16_combine"] = agree(timed(t_combine))
+    dist.destroy_process_group()
+except Exception as exc:  # torch missing or NCCL unusable: say so in the table
+    log(f"baseline skipped: {type(exc).__name__}: {exc}")
+
+# -- epcomm ---------------------------------------------------------------------------------------------------
+rows = []
+sweep = sorted({8, 16, 24, 32, sms_all})
+rl, pl = byte_counts("layout", "bf16", H, 0, 0)
+rows.append(record("layout", "int64", R, gpus, T, H, K, E, None, layout_us, 0, 0, card))
+for sms in sweep:
+    cfg = epcomm.Config(num_sms=sms)
+    f8 = agree(timed(lambda: buf.dispatch((x_fp8, scales_cm), handle=handle, config=cfg)))
+    disp8 = agree(timed(lambda: buf.dispatch((x_fp8, scales_cm), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                             num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, config=cfg)))
+    d16 = agree(timed(lambda: buf.dispatch(x_bf16, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                           num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, config=cfg)))
+    c16 = agree(timed(lambda: buf.combine(recv_bf16, handle, config=cfg)))
+    for op, dt, us, base, extra in (("dispatch", "fp8", disp8, baseline.get("fp8_dispatch"), {}),
+                                    ("dispatch", "fp8", f8, baseline.get("fp8_dispatch"), {"variant": "cached"}),
+                                    ("dispatch", "bf16", d16, baseline.get("bf16_dispatch"), {}),
+                                    ("combine", "bf16", c16, baseline.get("bf16_combine"), {})):
+        lb, pb = byte_counts(op, dt, H, rows_total, rows_remote)
+        b = {"name": "torch NCCL all_to_all_single + index_select/index_add", "median_us": round(base, 1)} if base else None
+        rows.append(record(op, dt, R, gpus, T, H, K, E, sms, us, lb, pb, card, b,
+                           ceiling_one_way_gbps=round(ceiling_one_way, 1), **extra))
+
+if rank == 0:
+    print(f"\n{card} x{gpus}, EP{R}, {T} tokens/rank, hidden {H}, top-{K} of {E}; received rows {rows_total} "
+          f"(remote {rows_remote}); one-way peer-store ceiling {ceiling_one_way:.0f} GB/s")
+    print("| op | dtype | variant | SMs | median us | logical GB/s | physical GB/s | % ceiling | baseline us | speed-up |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r_ in rows:
+        b = r_["baseline"]["median_us"] if r_.get("baseline") else None
+        print(f"| {r_['op']} | {r_['dtype']} | {r_.get('variant', '')} | {r_['num_sms'] or '-'} | {r_['median_us']:.1f} | "
+              f"{r_['logical_gbps']} | {r_['physical_gbps']} | "
+              f"{(100 * r_['physical_gbps'] / ceiling_one_way) if r_['physical_gbps'] else 0:.0f}% | "
+              f"{b if b else '-'} | {(b / r_['median_us']) if b else 0:.2f}x |")
+    here = os.path.dirname(os.path.abspath(__file__))
+    append_jsonl(os.path.join(here, "results", "intranode.jsonl"), rows)
+    if args.out:
+        append_jsonl(os.path.join(args.out, "intranode.jsonl"), rows)
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for op, dt, var in (("dispatch", "fp8", None), ("dispatch", "bf16", None), ("combine", "bf16", None)):
+                pts = [(r_["num_sms"], r_["logical_gbps"]) for r_ in rows
+                       if r_["op"] == op and r_["dtype"] == dt and r_.get("variant") is None and r_["num_sms"]]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{dt} {op}")
+            ax.axhline(ceiling_one_way, ls="--", c="gray", label="one-way peer-store ceiling")
+            ax.set_xlabel("SMs")
+            ax.set_ylabel("logical GB/s (DeepEP's count)")
+            ax.set_title(f"epcomm intranode EP{R} on {card}")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(os.path.join(args.out, "intranode_sms.png"), dpi=100)
+        except Exception as exc:
+            print(f"plot skipped: {exc}")
+buf.destroy()

@@ -1,0 +1,550 @@
+// Intranode normal mode (ranks that share NVLink): routing layout, notify (count exchange + barrier),
+// dispatch send, dispatch receive (copy-out), combine send (push), combine reduce.
+// Design: fixed worst-case buffers with direct addressing; no queues. docs/design.md has the picture.
+#pragma once
+#include "epcomm/common.cuh"
+#include "epcomm/ptx.cuh"
+#include "epcomm/comm.cuh"
+#include "epcomm/phases.cuh"
+
+namespace epcomm {
+namespace intranode {
+
+// NOTES: the meta area at the start of every rank's NVLink buffer. epcomm/intranode.py (MetaLayout) mirrors
+// these offsets; tests/test_intranode_layout.py checks the two agree.
+//   counts[2][R][R] int32      counts[parity][s][d] = tokens source s sends to d (written by s into every peer)
+//   expert_counts[2][R][kMaxLocalExperts] int32   tokens source s sends to each of my local experts
+//   flags[kNumFlagKinds][R] uint64                flags[kind][s] = last epoch source s signalled here
+constexpr int kMaxLocalExperts = 1024;
+constexpr int kFlagNotify = 0, kFlagDispatchDone = 1, kFlagCombineReady = 2, kFlagCombineDone = 3;
+constexpr int kNumFlagKinds = 4;
+// host_info (host-mapped int32): [0] = N, [1 + j] = aligned count of local expert j, [kHostInfoEpoch] = epoch.
+constexpr int kHostInfoEpoch = 1 + kMaxLocalExperts;
+constexpr int kHostInfoInts = kHostInfoEpoch + 1;
+
+template <int kNumRanks>
+struct Meta {
+    static constexpr size_t kCountsOffset = 0;
+    static constexpr size_t kExpertCountsOffset = kCountsOffset + 2 * kNumRanks * kNumRanks * sizeof(int);
+    static constexpr size_t kFlagsOffset =
+        align_up<size_t>(kExpertCountsOffset + 2 * kNumRanks * kMaxLocalExperts * sizeof(int), 128);
+    static constexpr size_t kBytes = align_up<size_t>(kFlagsOffset + kNumFlagKinds * kNumRanks * sizeof(uint64_t), 4096);
+
+    EPCOMM_DEVICE_INLINE static int* counts(uint8_t* base, uint64_t epoch) {
+        return reinterpret_cast<int*>(base + kCountsOffset) + (epoch & 1) * kNumRanks * kNumRanks;
+    }
+    EPCOMM_DEVICE_INLINE static int* expert_counts(uint8_t* base, uint64_t epoch) {
+        return reinterpret_cast<int*>(base + kExpertCountsOffset) + (epoch & 1) * kNumRanks * kMaxLocalExperts;
+    }
+    EPCOMM_DEVICE_INLINE static uint64_t* flag(uint8_t* base, int kind, int src) {
+        return reinterpret_cast<uint64_t*>(base + kFlagsOffset) + kind * kNumRanks + src;
+    }
+};
+
+// Inclusive prefix sum over the lanes of a warp (all lanes must call it).
+EPCOMM_DEVICE_INLINE int warp_inclusive_sum(int v) {
+    const int lane = threadIdx.x % kWarpSize;
+    #pragma unroll
+    for (int offset = 1; offset < kWarpSize; offset *= 2) {
+        int other = __shfl_up_sync(kFullWarpMask, v, offset);
+        if (lane >= offset) v += other;
+    }
+    return v;
+}
+
+// acc[0..7] += the 8 bf16 values packed in v (exact widening to float32).
+EPCOMM_DEVICE_INLINE void accumulate_bf16x8(float* acc, int4 v) {
+    const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                               static_cast<uint32_t>(v.w)};
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        acc[2 * i] += __uint_as_float(words[i] << 16);
+        acc[2 * i + 1] += __uint_as_float(words[i] & 0xffff0000u);
+    }
+}
+
+// Round a float32 to bf16 bits, to nearest even (NaN stays NaN).
+EPCOMM_DEVICE_INLINE uint32_t float_to_bf16_bits(float f) {
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return u >> 16;
+}
+
+// Pack 8 float32 values into 8 bf16 (one 16-byte vector), each rounded once to nearest even.
+EPCOMM_DEVICE_INLINE int4 pack_bf16x8(const float* acc) {
+    uint32_t w[4];
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = float_to_bf16_bits(acc[2 * i]) | (float_to_bf16_bits(acc[2 * i + 1]) << 16);
+    return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
+}
+
+// Loads in flight per lane in the row copies: a lane issues kCopyUnroll 16-byte loads before its first store,
+// so a warp keeps 32 * kCopyUnroll * 16 bytes moving instead of one load's latency per step.
+constexpr int kCopyUnroll = 8;
+
+// Copy one row of row_int4 16-byte vectors (read once, read-only source) to up to kNumDst destinations (nullptr
+// entries skipped) with non-allocating stores. All lanes of the warp call it.
+template <int kNumDst>
+EPCOMM_DEVICE_INLINE void warp_copy_row(const int4* src, int4* const (&dst)[kNumDst], int row_int4, int lane) {
+    for (int base = lane; base < row_int4; base += kWarpSize * kCopyUnroll) {
+        int4 v[kCopyUnroll];
+        #pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+            const int i = base + u * kWarpSize;
+            if (i < row_int4) v[u] = ld_global_nc_na_v4(src + i);
+        }
+        #pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+            const int i = base + u * kWarpSize;
+            if (i < row_int4) {
+                #pragma unroll
+                for (int d = 0; d < kNumDst; ++d)
+                    if (dst[d] != nullptr) st_global_na_v4(dst[d] + i, v[u]);
+            }
+        }
+    }
+}
+
+// Same for data other GPUs wrote before an acquire we already did: plain (coherent) loads, plain stores.
+EPCOMM_DEVICE_INLINE void warp_copy_row_coherent(const int4* src, int4* dst, int row_int4, int lane) {
+    for (int base = lane; base < row_int4; base += kWarpSize * kCopyUnroll) {
+        int4 v[kCopyUnroll];
+        #pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+            const int i = base + u * kWarpSize;
+            if (i < row_int4) v[u] = ld_global_v4(src + i);
+        }
+        #pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+            const int i = base + u * kWarpSize;
+            if (i < row_int4) st_global_v4(dst + i, v[u]);
+        }
+    }
+}
+
+EPCOMM_DEVICE_INLINE uint8_t* peer_base(const uint64_t* peer_bases, int r) {
+    return reinterpret_cast<uint8_t*>(peer_bases[r]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Layout: one thread per token. is_token_in_rank[t, r], per-rank and per-expert counts (outputs pre-zeroed).
+// Out-of-range expert indices are counted into *num_bad_indices and otherwise ignored (never addressed).
+template <int kNumThreads>
+EPCOMM_DEVICE_INLINE void layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
+                                 int num_ranks, int* num_tokens_per_rank, int* num_tokens_per_expert,
+                                 bool* is_token_in_rank, int* num_bad_indices) {
+    extern __shared__ int smem_counts[];  // [num_experts + num_ranks]
+    int* expert_counts = smem_counts;
+    int* rank_counts = smem_counts + num_experts;
+    for (int i = threadIdx.x; i < num_experts + num_ranks; i += kNumThreads) smem_counts[i] = 0;
+    __syncthreads();
+    const int experts_per_rank = num_experts / num_ranks;
+    int t = blockIdx.x * kNumThreads + threadIdx.x;
+    if (t < num_tokens) {
+        uint64_t mask = 0;
+        for (int k = 0; k < num_topk; ++k) {
+            int64_t e = topk_idx[static_cast<int64_t>(t) * num_topk + k];
+            if (e < -1 || e >= num_experts) { atomicAdd(num_bad_indices, 1); continue; }
+            if (e < 0) continue;
+            atomicAdd(&expert_counts[e], 1);
+            mask |= 1ull << (e / experts_per_rank);
+        }
+        for (int r = 0; r < num_ranks; ++r) {
+            bool in = (mask >> r) & 1;
+            is_token_in_rank[static_cast<int64_t>(t) * num_ranks + r] = in;
+            if (in) atomicAdd(&rank_counts[r], 1);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < num_experts; i += kNumThreads)
+        if (expert_counts[i]) atomicAdd(&num_tokens_per_expert[i], expert_counts[i]);
+    for (int i = threadIdx.x; i < num_ranks; i += kNumThreads)
+        if (rank_counts[i]) atomicAdd(&num_tokens_per_rank[i], rank_counts[i]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Notify: one block. (1) send_pos[t, d] = exclusive prefix of is_token_in_rank[:, d] (skipped when cached);
+// (2) write my counts row to every peer (and my per-expert counts for its experts), release flag;
+// (3) wait for every peer's flag; (4) publish the count matrix, per-expert receive counts and N.
+// info_out (device, also host-mapped copy host_info): [0] = N, [1 + j] = aligned count of local expert j;
+// host_info[kHostInfoEpoch] = host_seq (the host's call number), written last with release so the host reads a
+// complete record (pairs with the host's poll in gpu_backend._wait_host_info).
+template <int kNumRanks, int kNumThreads>
+EPCOMM_DEVICE_INLINE void notify(const bool* is_token_in_rank, int num_tokens, const int* num_tokens_per_expert,
+                                 int num_experts, int expert_alignment, int* send_pos, int* count_matrix,
+                                 int* info_out, int* host_info, int capacity_rows, const uint64_t* peer_bases,
+                                 uint64_t* epoch_counter, int do_count, int host_seq, uint64_t err_record, long long timeout_ns,
+                                 int rank) {
+    using M = Meta<kNumRanks>;
+    // NOTES: epochs live on the device so that CUDA-graph replays advance them; this single-block kernel owns the
+    // dispatch epoch: it uses counter + 1 and stores it back at the end, where the send/receive kernels read it.
+    const uint64_t epoch = *epoch_counter + 1;
+    constexpr int kNumWarps = kNumThreads / kWarpSize;
+    __shared__ int warp_totals[kNumWarps][kNumRanks];
+    __shared__ int running[kNumRanks];
+    __shared__ int matrix[kNumRanks][kNumRanks];
+    comm::Waiter waiter(err_record, timeout_ns, rank);
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int experts_per_rank = num_experts / kNumRanks;
+
+    if (do_count) {
+        // (1) Exclusive scan over tokens, one pass per chunk of kNumThreads tokens, all ranks at once.
+        if (threadIdx.x < kNumRanks) running[threadIdx.x] = 0;
+        __syncthreads();
+        for (int base = 0; base < num_tokens; base += kNumThreads) {
+            int t = base + threadIdx.x;
+            int incl[kNumRanks];
+            #pragma unroll
+            for (int d = 0; d < kNumRanks; ++d) {
+                int v = (t < num_tokens) ? static_cast<int>(is_token_in_rank[static_cast<int64_t>(t) * kNumRanks + d]) : 0;
+                incl[d] = warp_inclusive_sum(v);
+                if (lane == kWarpSize - 1) warp_totals[warp][d] = incl[d];
+                incl[d] -= v;  // exclusive within the warp
+            }
+            __syncthreads();
+            #pragma unroll
+            for (int d = 0; d < kNumRanks; ++d) {
+                int before = running[d];
+                for (int w = 0; w < warp; ++w) before += warp_totals[w][d];
+                if (t < num_tokens) {
+                    bool in = is_token_in_rank[static_cast<int64_t>(t) * kNumRanks + d];
+                    send_pos[static_cast<int64_t>(t) * kNumRanks + d] = in ? before + incl[d] : -1;
+                }
+            }
+            __syncthreads();
+            if (threadIdx.x < kNumRanks) {
+                int sum = 0;
+                for (int w = 0; w < kNumWarps; ++w) sum += warp_totals[w][threadIdx.x];
+                running[threadIdx.x] += sum;
+            }
+            __syncthreads();
+        }
+        // (2) My row of counts into every peer, and my per-expert counts into each expert's owner.
+        for (int i = threadIdx.x; i < kNumRanks * kNumRanks; i += kNumThreads) {
+            int p = i / kNumRanks, d = i % kNumRanks;
+            M::counts(peer_base(peer_bases, p), epoch)[rank * kNumRanks + d] = running[d];
+        }
+        for (int i = threadIdx.x; i < num_experts; i += kNumThreads) {
+            int d = i / experts_per_rank, j = i % experts_per_rank;
+            M::expert_counts(peer_base(peer_bases, d), epoch)[rank * kMaxLocalExperts + j] =
+                num_tokens_per_expert[i];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < kNumRanks) {
+        // Pairs with the acquire wait below on every peer: counts written above are visible once the flag is.
+        fence_acq_rel_sys();
+        st_release_sys_u64(M::flag(peer_base(peer_bases, threadIdx.x), kFlagNotify, rank), epoch);
+    }
+    __syncthreads();
+    // (3) Wait for every source's flag (bounded).
+    if (threadIdx.x < kNumRanks) {
+        uint8_t* mine = peer_base(peer_bases, rank);
+        comm::wait_geq(M::flag(mine, kFlagNotify, threadIdx.x), epoch, waiter, threadIdx.x, phase::kNotify);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) *epoch_counter = epoch;
+    if (comm::block_has_error(waiter) || !do_count) return;
+    // (4) Publish the count matrix and this rank's receive totals.
+    uint8_t* mine = peer_base(peer_bases, rank);
+    for (int i = threadIdx.x; i < kNumRanks * kNumRanks; i += kNumThreads) {
+        int v = M::counts(mine, epoch)[i];
+        matrix[i / kNumRanks][i % kNumRanks] = v;
+        count_matrix[i] = v;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < experts_per_rank; j += kNumThreads) {
+        int sum = 0;
+        for (int s = 0; s < kNumRanks; ++s) sum += M::expert_counts(mine, epoch)[s * kMaxLocalExperts + j];
+        sum = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
+        info_out[1 + j] = sum;
+        if (host_info) host_info[1 + j] = sum;
+    }
+    if (threadIdx.x == 0) {
+        int n = 0, worst_dest = -1, worst_rows = 0;
+        for (int d = 0; d < kNumRanks; ++d) {
+            int rows = 0;
+            for (int s = 0; s < kNumRanks; ++s) rows += matrix[s][d];
+            if (d == rank) n = rows;
+            if (rows > capacity_rows && rows > worst_rows) { worst_dest = d; worst_rows = rows; }
+        }
+        info_out[0] = n;
+        if (worst_dest >= 0) comm::record_error(waiter, comm::kErrCapacity, worst_dest, phase::kNotify,
+                                                worst_rows, capacity_rows);
+        if (host_info) host_info[0] = n;
+    }
+    __syncthreads();
+    if (host_info && threadIdx.x == 0) {
+        fence_acq_rel_sys();
+        st_release_sys_s32(host_info + kHostInfoEpoch, host_seq);
+    }
+}
+
+// Start row of source `src`'s block in destination `dst`'s receive order: sum over sources s < src.
+template <int kNumRanks>
+EPCOMM_DEVICE_INLINE int block_start(const int (*matrix)[kNumRanks], int src, int dst) {
+    int start = 0;
+    for (int s = 0; s < src; ++s) start += matrix[s][dst];
+    return start;
+}
+
+// Signal `kind` to every peer once all blocks of this grid are done (last block out releases the flags).
+template <int kNumRanks>
+EPCOMM_DEVICE_INLINE void grid_done_signal(int* block_counter, const uint64_t* peer_bases, int kind, int rank,
+                                           uint64_t epoch, uint64_t* epoch_counter = nullptr) {
+    __syncthreads();
+    __shared__ int is_last;
+    if (threadIdx.x == 0) {
+        // Cumulative fence: this block's stores (all threads, ordered by the barrier above) before the count.
+        fence_acq_rel_sys();
+        is_last = atomicAdd(block_counter, 1) == static_cast<int>(gridDim.x) - 1;
+    }
+    __syncthreads();
+    if (is_last && threadIdx.x < kNumRanks) {
+        fence_acq_rel_sys();  // pairs with the acquire waits on kind's flag at every peer
+        st_release_sys_u64(Meta<kNumRanks>::flag(peer_base(peer_bases, threadIdx.x), kind, rank), epoch);
+        if (threadIdx.x == 0) {
+            *block_counter = 0;
+            if (epoch_counter) *epoch_counter = epoch;  // every block has read the old value (all counted in)
+        }
+    }
+}
+
+// Byte offsets, inside the data region of every rank's buffer, of one call's arrays (same on all ranks).
+struct RecvOffsets {
+    long long x, scales, topk_idx, topk_weights, src_idx;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Dispatch send: one warp per token; the row is read once and stored to each destination's final row.
+template <int kNumRanks, int kNumThreads>
+EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float* scales, long long scale_stride_t,
+                                        long long scale_stride_s, int num_scales, const int64_t* topk_idx,
+                                        const float* topk_weights, int num_topk, int num_experts,
+                                        const bool* is_token_in_rank, const int* send_pos, const int* count_matrix,
+                                        int num_tokens, const uint64_t* peer_bases, long long data_offset,
+                                        long long off_x, long long off_scales, long long off_idx, long long off_w,
+                                        long long off_src, int* block_counter, const uint64_t* epoch_counter,
+                                        uint64_t err_record, long long timeout_ns, int rank) {
+    const uint64_t epoch = *epoch_counter;  // advanced by this call's notify
+    __shared__ int matrix[kNumRanks][kNumRanks];
+    __shared__ int my_start[kNumRanks];
+    for (int i = threadIdx.x; i < kNumRanks * kNumRanks; i += kNumThreads) matrix[i / kNumRanks][i % kNumRanks] = count_matrix[i];
+    __syncthreads();
+    if (threadIdx.x < kNumRanks) my_start[threadIdx.x] = block_start<kNumRanks>(matrix, rank, threadIdx.x);
+    __syncthreads();
+    comm::Waiter waiter(err_record, timeout_ns, rank);
+    const bool skip = comm::block_has_error(waiter);  // e.g. a capacity error from notify: address nothing
+    const int lane = threadIdx.x % kWarpSize;
+    const int warps = kNumThreads / kWarpSize * gridDim.x;
+    const int experts_per_rank = num_experts / kNumRanks;
+    for (int t = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; t < num_tokens && !skip; t += warps) {
+        uint8_t* data[kNumRanks];
+        long long row[kNumRanks];
+        #pragma unroll
+        for (int d = 0; d < kNumRanks; ++d) {
+            bool in = is_token_in_rank[static_cast<long long>(t) * kNumRanks + d];
+            data[d] = in ? peer_base(peer_bases, d) + data_offset : nullptr;
+            row[d] = in ? my_start[d] + send_pos[static_cast<long long>(t) * kNumRanks + d] : -1;
+        }
+        int4* dst[kNumRanks];
+        #pragma unroll
+        for (int d = 0; d < kNumRanks; ++d)
+            dst[d] = data[d] ? reinterpret_cast<int4*>(data[d] + off_x) + row[d] * row_int4 : nullptr;
+        warp_copy_row<kNumRanks>(x + static_cast<long long>(t) * row_int4, dst, row_int4, lane);
+        #pragma unroll
+        for (int d = 0; d < kNumRanks; ++d) {
+            if (!data[d]) continue;
+            for (int s = lane; s < num_scales; s += kWarpSize)
+                reinterpret_cast<float*>(data[d] + off_scales)[row[d] * num_scales + s] =
+                    scales[t * scale_stride_t + s * scale_stride_s];
+            if (topk_idx) {
+                for (int k = lane; k < num_topk; k += kWarpSize) {
+                    int64_t e = topk_idx[static_cast<long long>(t) * num_topk + k];
+                    bool mine = e >= static_cast<int64_t>(d) * experts_per_rank && e < static_cast<int64_t>(d + 1) * experts_per_rank;
+                    reinterpret_cast<int64_t*>(data[d] + off_idx)[row[d] * num_topk + k] = mine ? e - static_cast<int64_t>(d) * experts_per_rank : -1;
+                    reinterpret_cast<float*>(data[d] + off_w)[row[d] * num_topk + k] =
+                        mine ? topk_weights[static_cast<long long>(t) * num_topk + k] : 0.0f;
+                }
+            }
+            if (lane == 0) reinterpret_cast<int*>(data[d] + off_src)[row[d]] = t;
+        }
+    }
+    grid_done_signal<kNumRanks>(block_counter, peer_bases, kFlagDispatchDone, rank, epoch);
+}
+
+// Dispatch receive: wait for every source's done flag, then copy rows [0, N) of the receive area to the
+// outputs; rows [N, num_out_rows) (num_worst_tokens padding) get topk_idx = -1, weight 0, src_idx -1.
+template <int kNumRanks, int kNumThreads>
+EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long data_offset, long long off_x,
+                                        long long off_scales, long long off_idx, long long off_w, long long off_src,
+                                        int row_int4, int num_scales, int num_topk, const int* info, int num_out_rows,
+                                        int4* out_x, float* out_scales, int64_t* out_idx, float* out_w,
+                                        int* out_src, const uint64_t* epoch_counter, uint64_t err_record,
+                                        long long timeout_ns, int rank) {
+    using M = Meta<kNumRanks>;
+    const uint64_t epoch = *epoch_counter;  // advanced by this call's notify
+    comm::Waiter waiter(err_record, timeout_ns, rank);
+    if (threadIdx.x < kNumRanks)
+        comm::wait_geq(M::flag(const_cast<uint8_t*>(local_base), kFlagDispatchDone, threadIdx.x), epoch, waiter,
+                       threadIdx.x, phase::kDispatch);
+    __syncthreads();
+    if (comm::block_has_error(waiter)) return;
+    const int n = info[0];
+    const int copy_rows = n < num_out_rows ? n : num_out_rows;
+    if (n > num_out_rows && blockIdx.x == 0 && threadIdx.x == 0)
+        comm::record_error(waiter, comm::kErrCapacity, rank, phase::kDispatch, n, num_out_rows);
+    const uint8_t* data = local_base + data_offset;
+    const int lane = threadIdx.x % kWarpSize;
+    const int warps = kNumThreads / kWarpSize * gridDim.x;
+    for (int r = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; r < num_out_rows; r += warps) {
+        if (r < copy_rows) {
+            warp_copy_row_coherent(reinterpret_cast<const int4*>(data + off_x) + static_cast<long long>(r) * row_int4,
+                                   out_x + static_cast<long long>(r) * row_int4, row_int4, lane);
+            for (int s = lane; s < num_scales; s += kWarpSize)
+                out_scales[static_cast<long long>(r) * num_scales + s] =
+                    reinterpret_cast<const float*>(data + off_scales)[static_cast<long long>(r) * num_scales + s];
+            if (out_idx) {
+                for (int k = lane; k < num_topk; k += kWarpSize) {
+                    out_idx[static_cast<long long>(r) * num_topk + k] =
+                        reinterpret_cast<const int64_t*>(data + off_idx)[static_cast<long long>(r) * num_topk + k];
+                    out_w[static_cast<long long>(r) * num_topk + k] =
+                        reinterpret_cast<const float*>(data + off_w)[static_cast<long long>(r) * num_topk + k];
+                }
+            }
+            if (lane == 0 && out_src) out_src[r] = reinterpret_cast<const int*>(data + off_src)[r];
+        } else {
+            if (out_idx)
+                for (int k = lane; k < num_topk; k += kWarpSize) {
+                    out_idx[static_cast<long long>(r) * num_topk + k] = -1;
+                    out_w[static_cast<long long>(r) * num_topk + k] = 0.0f;
+                }
+            if (lane == 0 && out_src) out_src[r] = -1;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Combine send: barrier (every peer finished reading its combine area), then each received row n goes back to
+// its source s, at row (sum of s's counts to ranks before me) + (n - start of s's block here).
+template <int kNumRanks, int kNumThreads>
+EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int row_int4, const float* topk_weights, int num_topk,
+                                       const int* count_matrix, int num_rows, const uint64_t* peer_bases,
+                                       long long data_offset, long long off_cx, long long off_cw,
+                                       int* block_counter, uint64_t* epoch_counter, uint64_t err_record,
+                                       long long timeout_ns, int rank) {
+    using M = Meta<kNumRanks>;
+    // NOTES: this kernel owns the combine epoch: every block reads counter + 1 at its start; the last block out
+    // stores it back (after every block has read it), where combine_reduce reads it.
+    const uint64_t epoch = *epoch_counter + 1;
+    __shared__ int matrix[kNumRanks][kNumRanks];
+    __shared__ int recv_start[kNumRanks + 1];   // my receive order: block of source s is [recv_start[s], recv_start[s+1])
+    __shared__ int origin_start[kNumRanks];     // my block inside source s's combine area
+    comm::Waiter waiter(err_record, timeout_ns, rank);
+    if (blockIdx.x == 0 && threadIdx.x < kNumRanks)
+        st_release_sys_u64(M::flag(peer_base(peer_bases, threadIdx.x), kFlagCombineReady, rank), epoch);
+    for (int i = threadIdx.x; i < kNumRanks * kNumRanks; i += kNumThreads) matrix[i / kNumRanks][i % kNumRanks] = count_matrix[i];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        recv_start[0] = 0;
+        for (int s = 0; s < kNumRanks; ++s) recv_start[s + 1] = recv_start[s] + matrix[s][rank];
+    }
+    if (threadIdx.x < kNumRanks) {
+        int s = threadIdx.x, start = 0;
+        for (int d = 0; d < rank; ++d) start += matrix[s][d];
+        origin_start[s] = start;
+        comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineReady, s), epoch, waiter, s, phase::kCombine);
+    }
+    __syncthreads();
+    const bool skip = comm::block_has_error(waiter);
+    const int lane = threadIdx.x % kWarpSize;
+    const int warps = kNumThreads / kWarpSize * gridDim.x;
+    const int rows = num_rows < recv_start[kNumRanks] ? num_rows : recv_start[kNumRanks];
+    for (int n = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; n < rows && !skip; n += warps) {
+        int s = 0;
+        while (n >= recv_start[s + 1]) ++s;
+        long long dst_row = origin_start[s] + (n - recv_start[s]);
+        uint8_t* data = peer_base(peer_bases, s) + data_offset;
+        int4* const dst[1] = {reinterpret_cast<int4*>(data + off_cx) + dst_row * row_int4};
+        warp_copy_row<1>(x + static_cast<long long>(n) * row_int4, dst, row_int4, lane);
+        if (topk_weights)
+            for (int k = lane; k < num_topk; k += kWarpSize)
+                reinterpret_cast<float*>(data + off_cw)[dst_row * num_topk + k] = topk_weights[static_cast<long long>(n) * num_topk + k];
+    }
+    grid_done_signal<kNumRanks>(block_counter, peer_bases, kFlagCombineDone, rank, epoch, epoch_counter);
+}
+
+// Combine reduce: wait for every rank's rows, then out[t] = bias0 + bias1 + sum over ranks d (in order) of
+// d's row for t, accumulated in float32 and rounded to bf16 once. One warp per token, 8 channels per lane step.
+template <int kNumRanks, int kNumThreads>
+EPCOMM_DEVICE_INLINE void combine_reduce(const uint8_t* local_base, long long data_offset, long long off_cx,
+                                         long long off_cw, int row_int4, int num_topk, const bool* is_token_in_rank,
+                                         const int* send_pos, const int* count_matrix, int num_tokens,
+                                         const int4* bias0, const int4* bias1, int4* out, float* out_w,
+                                         const uint64_t* epoch_counter, uint64_t err_record, long long timeout_ns,
+                                         int rank) {
+    using M = Meta<kNumRanks>;
+    const uint64_t epoch = *epoch_counter;  // advanced by this call's combine_send
+    __shared__ int area_start[kNumRanks];   // block of rank d's rows in my combine area
+    comm::Waiter waiter(err_record, timeout_ns, rank);
+    if (threadIdx.x < kNumRanks) {
+        int start = 0;
+        for (int d = 0; d < threadIdx.x; ++d) start += count_matrix[rank * kNumRanks + d];
+        area_start[threadIdx.x] = start;
+        comm::wait_geq(M::flag(const_cast<uint8_t*>(local_base), kFlagCombineDone, threadIdx.x), epoch, waiter,
+                       threadIdx.x, phase::kCombine);
+    }
+    __syncthreads();
+    if (comm::block_has_error(waiter)) return;
+    const uint8_t* data = local_base + data_offset;
+    const int lane = threadIdx.x % kWarpSize;
+    const int warps = kNumThreads / kWarpSize * gridDim.x;
+    for (int t = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; t < num_tokens; t += warps) {
+        long long rows[kNumRanks];
+        #pragma unroll
+        for (int d = 0; d < kNumRanks; ++d) {
+            bool in = is_token_in_rank[static_cast<long long>(t) * kNumRanks + d];
+            rows[d] = in ? area_start[d] + send_pos[static_cast<long long>(t) * kNumRanks + d] : -1;
+        }
+        // kReduceUnroll vectors per lane per step, every source's loads issued before the first add.
+        constexpr int kReduceUnroll = kNumRanks <= 2 ? 4 : (kNumRanks <= 4 ? 2 : 1);
+        const int4* area = reinterpret_cast<const int4*>(data + off_cx);
+        for (int base = lane; base < row_int4; base += kWarpSize * kReduceUnroll) {
+            int4 v[kNumRanks][kReduceUnroll];
+            #pragma unroll
+            for (int d = 0; d < kNumRanks; ++d)
+                #pragma unroll
+                for (int u = 0; u < kReduceUnroll; ++u) {
+                    const int i = base + u * kWarpSize;
+                    if (rows[d] >= 0 && i < row_int4) v[d][u] = ld_global_v4(area + rows[d] * row_int4 + i);
+                }
+            #pragma unroll
+            for (int u = 0; u < kReduceUnroll; ++u) {
+                const int i = base + u * kWarpSize;
+                if (i >= row_int4) continue;
+                float acc[8];
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+                if (bias0) accumulate_bf16x8(acc, ld_global_nc_na_v4(bias0 + static_cast<long long>(t) * row_int4 + i));
+                if (bias1) accumulate_bf16x8(acc, ld_global_nc_na_v4(bias1 + static_cast<long long>(t) * row_int4 + i));
+                #pragma unroll
+                for (int d = 0; d < kNumRanks; ++d)
+                    if (rows[d] >= 0) accumulate_bf16x8(acc, v[d][u]);
+                st_global_v4(out + static_cast<long long>(t) * row_int4 + i, pack_bf16x8(acc));
+            }
+        }
+        if (out_w) {
+            for (int k = lane; k < num_topk; k += kWarpSize) {
+                float w = 0.0f;
+                #pragma unroll
+                for (int d = 0; d < kNumRanks; ++d)
+                    if (rows[d] >= 0) w += reinterpret_cast<const float*>(data + off_cw)[rows[d] * num_topk + k];
+                out_w[static_cast<long long>(t) * num_topk + k] = w;
+            }
+        }
+    }
+}
+
+}  // namespace intranode
+}  // namespace epcomm

@@ -1,0 +1,346 @@
+"""epcomm.Buffer: the public API (DeepEP's deep_ep.Buffer, framework-neutral).
+
+Arguments are converted at the boundary (interop), validated (validate), handed to a backend (CPU: numpy over
+mpi4py; GPU: NVRTC-compiled kernels over NVLink/NVSHMEM) and the results come back in the caller's array type.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from . import validate as v
+from .config import Config, env
+from .errors import ConfigError, EpcommError
+from .handles import DispatchHandle, Event, LowLatencyHandle
+from .interop import BF16, FP8, as_cupy, as_numpy, caller_stream, framework_of, to_framework
+
+
+@dataclass
+class CallContext:
+    """How a GPU call joins the caller's work: the caller's stream, an event to wait for first, async mode."""
+    stream: Any = None
+    previous_event: Event | None = None
+    async_finish: bool = False
+    allocate_on_comm_stream: bool = False
+    sync_host: bool = False
+
+
+class Buffer:
+    """One expert-parallel communication buffer for a group of ranks.
+
+    group: an epcomm.Group, an mpi4py communicator, or None for MPI.COMM_WORLD.
+    num_nvl_bytes: bytes of the NVLink buffer of the normal kernels (see Config.get_nvl_buffer_size_hint);
+        0 lets the buffer size itself on first use for the shapes it sees.
+    num_rdma_bytes: bytes of the NVSHMEM buffer (low-latency mode: get_low_latency_rdma_size_hint).
+    low_latency_mode: allocate the low-latency buffers.
+    backend: 'cpu' or 'gpu'; default EPCOMM_BACKEND ('auto': GPU when one is visible).
+    """
+
+    num_sms: ClassVar[int] = 24
+
+    def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
+                 num_qps_per_rank: int = 1, *, backend: str | None = None):
+        from .group import Group, gpu_count
+        self.num_nvl_bytes = v.check_int(num_nvl_bytes, "num_nvl_bytes", 0)
+        self.num_rdma_bytes = v.check_int(num_rdma_bytes, "num_rdma_bytes", 0)
+        self.low_latency_mode = bool(low_latency_mode)
+        choice = backend or env("EPCOMM_BACKEND")
+        if choice not in ("auto", "cpu", "gpu"):
+            raise ConfigError(f"backend: expected 'auto', 'cpu' or 'gpu', got {choice!r}")
+        if choice == "auto":
+            choice = "gpu" if gpu_count() > 0 else "cpu"
+        self._own_group = not isinstance(group, Group)
+        self.group = group if isinstance(group, Group) else Group(group, use_gpu=(choice == "gpu"))
+        self.rank, self.num_ranks = self.group.rank, self.group.size
+        if choice == "gpu":
+            from .gpu_backend import GpuBackend
+            self._backend = GpuBackend(self.group, self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode)
+        else:
+            from .cpu_backend import CpuBackend
+            self._backend = CpuBackend(self.group)
+        self.backend = choice
+        self._closed = False
+
+    # -- static settings -----------------------------------------------------------------------------------
+    @staticmethod
+    def set_num_sms(num_sms: int) -> None:
+        """The most SMs the normal kernels may use (the default Config's num_sms)."""
+        Buffer.num_sms = v.check_int(num_sms, "num_sms", 1)
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        return Config(num_sms=Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        return Config(num_sms=Buffer.num_sms)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        from .low_latency import rdma_size_hint
+        return rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise EpcommError("this Buffer was destroyed")
+
+    def _on_device(self):
+        """The rank's GPU made current (other libraries, e.g. JAX at start-up, may switch the thread's device)."""
+        if self.backend != "gpu":
+            return contextlib.nullcontext()
+        import cupy
+        return cupy.cuda.Device(self.group.device)
+
+    def _in(self, a, name):
+        if self.backend != "gpu":
+            return as_numpy(a, name)
+        with self._on_device():
+            return as_cupy(a, name)
+
+    def _in_x(self, x, name="x"):
+        if isinstance(x, tuple):
+            return tuple(self._in(a, f"{name}[{i}]") for i, a in enumerate(x))
+        return self._in(x, name)
+
+    def _ctx(self, like, previous_event, async_finish, allocate_on_comm_stream) -> CallContext:
+        if previous_event is not None and not isinstance(previous_event, Event):
+            raise ConfigError(f"previous_event: expected an epcomm Event or None, got {type(previous_event).__name__}")
+        with self._on_device():
+            stream = caller_stream(like) if self.backend == "gpu" else None
+        sync = self.backend == "gpu" and framework_of(like) == "jax"
+        return CallContext(stream, previous_event, bool(async_finish), bool(allocate_on_comm_stream), sync)
+
+    @staticmethod
+    def _out(a, fw):
+        if isinstance(a, tuple):  # an FP8 pair: (e4m3 data, scales)
+            return (to_framework(a[0], fw, FP8),) + tuple(to_framework(t, fw) for t in a[1:])
+        return to_framework(a, fw)
+
+    def _event(self, ev):
+        return ev if ev is not None else Event()
+
+    # -- normal mode ---------------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event=None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False):
+        """Routing layout of topk_idx ([num_tokens, num_topk] int64, entries in [-1, num_experts)).
+
+        Returns (num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [num_nodes] int32 or None on one node,
+        num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool, event)."""
+        self._check_open()
+        fw = framework_of(topk_idx, "topk_idx")
+        idx = v.check_topk_idx(self._in(topk_idx, "topk_idx"))
+        e = v.check_num_experts(num_experts, self.num_ranks)
+        if self.backend == "cpu":
+            v.check_topk_range_host(idx, e)
+        ctx = self._ctx(topk_idx, previous_event, async_finish, allocate_on_comm_stream)
+        per_rank, per_rdma, per_expert, in_rank, ev = self._call("get_dispatch_layout", idx, e, ctx=ctx)
+        return (self._out(per_rank, fw), self._out(per_rdma, fw), self._out(per_expert, fw),
+                self._out(in_rank, fw), self._event(ev))
+
+    def _call(self, name, *args, ctx, **kwargs):
+        """Backends return their outputs followed by an Event (None when the work is already complete).
+        JAX callers have no stream to join: their results are complete when returned."""
+        with self._on_device():
+            out = getattr(self._backend, name)(*args, ctx=ctx, **kwargs)
+        if ctx.sync_host and out[-1] is not None:
+            out[-1].synchronize()
+        return out
+
+    def dispatch(self, x, handle: DispatchHandle | None = None, num_tokens_per_rank=None,
+                 num_tokens_per_rdma_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
+                 topk_idx=None, topk_weights=None, expert_alignment: int = 1, num_worst_tokens: int = 0,
+                 config: Config | None = None, previous_event=None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
+        """Send each token once to every rank that holds one of its experts.
+
+        x: [T, H] bf16, or (float8_e4m3fn [T, H], float32 scales [T, H/128]).
+        With handle= (a cached dispatch, e.g. the backward of combine) only x is needed and only recv_x returns.
+        Returns (recv_x, recv_topk_idx [N, K] int64, recv_topk_weights [N, K] float32,
+        num_recv_tokens_per_expert_list list[int], handle, event); rows are ordered by (source rank, source token).
+        """
+        self._check_open()
+        fw = framework_of(x[0] if isinstance(x, tuple) and x else x, "x")
+        xin = self._in_x(x)
+        data, scales = v.check_dispatch_x(xin)
+        t, h = data.shape
+        config = config or Config(num_sms=Buffer.num_sms)
+        if not isinstance(config, Config):
+            raise ConfigError(f"config: expected an epcomm.Config, got {type(config).__name__}")
+        ctx = self._ctx(x[0] if isinstance(x, tuple) else x, previous_event, async_finish, allocate_on_comm_stream)
+        if handle is not None:
+            if not isinstance(handle, DispatchHandle):
+                raise ConfigError(f"handle: expected the DispatchHandle of an earlier dispatch, got {type(handle).__name__}")
+            if t != handle.num_tokens:
+                v.fail("x", f"[{handle.num_tokens}, hidden] rows (the handle's token count)", data)
+            if topk_idx is not None or topk_weights is not None:
+                raise ConfigError("topk_idx/topk_weights: a cached dispatch (handle=...) takes neither")
+            recv_x, ev = self._call("cached_dispatch", xin, handle, config, ctx=ctx)
+            return self._out(recv_x, fw), None, None, None, handle, self._event(ev)
+        if is_token_in_rank is None:
+            raise ConfigError("is_token_in_rank: expected the [num_tokens, num_ranks] bool layout from "
+                              "get_dispatch_layout (or a handle for a cached dispatch)")
+        in_rank = v.check_array(self._in(is_token_in_rank, "is_token_in_rank"), "is_token_in_rank",
+                                (t, self.num_ranks), np.bool_, f"[{t}, {self.num_ranks}] bool")
+        if (topk_idx is None) != (topk_weights is None):
+            raise ConfigError("topk_idx/topk_weights: pass both or neither")
+        idx = w = None
+        if topk_idx is not None:
+            idx = v.check_topk_idx(self._in(topk_idx, "topk_idx"), t)
+            w = v.check_topk_weights(self._in(topk_weights, "topk_weights"), idx)
+        if num_tokens_per_expert is None:
+            raise ConfigError("num_tokens_per_expert: expected the [num_experts] int32 counts from get_dispatch_layout")
+        per_expert = self._in(num_tokens_per_expert, "num_tokens_per_expert")
+        v.check_array(per_expert, "num_tokens_per_expert", (None,), np.int32, "[num_experts] int32")
+        e = v.check_num_experts(per_expert.shape[0], self.num_ranks)
+        if idx is not None and self.backend == "cpu":
+            v.check_topk_range_host(idx, e)
+        align = v.check_int(expert_alignment, "expert_alignment", 1)
+        worst = v.check_int(num_worst_tokens, "num_worst_tokens", 0)
+        if num_tokens_per_rank is not None:
+            v.check_array(self._in(num_tokens_per_rank, "num_tokens_per_rank"), "num_tokens_per_rank",
+                          (self.num_ranks,), np.int32, f"[{self.num_ranks}] int32")
+        extra = {"num_tokens_per_expert": per_expert} if self.backend == "gpu" else {}
+        recv_x, recv_idx, recv_w, per_expert_list, new_handle, ev = self._call(
+            "dispatch", xin, idx, w, in_rank, e, align, worst, config, ctx=ctx, **extra)
+        return (self._out(recv_x, fw), self._out(recv_idx, fw), self._out(recv_w, fw), per_expert_list,
+                new_handle, self._event(ev))
+
+    def combine(self, x, handle: DispatchHandle, topk_weights=None, bias=None, config: Config | None = None,
+                previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Bring every rank's rows back to their source token and sum them in float32 (plus bias), in bf16.
+
+        x: [N, H] bf16 (N = rows this rank received in the dispatch of handle, or its num_worst_tokens).
+        Returns (combined_x [T, H] bf16, combined_topk_weights [T, K] float32 or None, event)."""
+        self._check_open()
+        if not isinstance(handle, DispatchHandle):
+            raise ConfigError(f"handle: expected the DispatchHandle of a dispatch, got {type(handle).__name__}")
+        fw = framework_of(x, "x")
+        xin = self._in(x, "x")
+        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        v.check_array(xin, "x", (rows, handle.hidden), BF16, f"[{rows}, {handle.hidden}] bf16 (the dispatch's rows)")
+        w = None
+        if topk_weights is not None:
+            w = self._in(topk_weights, "topk_weights")
+            v.check_array(w, "topk_weights", (rows, None), np.float32, f"[{rows}, num_topk] float32")
+        biases = ()
+        if bias is not None:
+            items = bias if isinstance(bias, tuple) else (bias,)
+            biases = v.check_bias(tuple(self._in(b, "bias") for b in items), handle.num_tokens, handle.hidden)
+        config = config or Config(num_sms=Buffer.num_sms)
+        ctx = self._ctx(x, previous_event, async_finish, allocate_on_comm_stream)
+        combined, combined_w, ev = self._call("combine", xin, handle, w, biases, config, ctx=ctx)
+        return self._out(combined, fw), self._out(combined_w, fw), self._event(ev)
+
+    # -- low-latency mode ----------------------------------------------------------------------------------
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                             cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
+                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                             async_finish: bool = False, return_recv_hook: bool = False):
+        """Expert-major dispatch for decoding: every (token, k) pair goes to its expert.
+
+        x: [T, H] bf16 with T <= num_max_dispatch_tokens_per_rank; topk_idx [T, K] int64 (-1 = none).
+        Returns (recv_x, recv_count [E_local] int32, handle, event, hook). recv_x is [E_local, R*Tmax, H] bf16, or
+        (float8_e4m3fn [E_local, R*Tmax, H], scales [E_local, R*Tmax, H/128] float32 or [.., H/512] int32 with
+        use_ue8m0) with column-major scales. With return_recv_hook the call only sends; hook() receives."""
+        self._check_open()
+        fw = framework_of(x, "x")
+        xin = self._in(x, "x")
+        v.check_array(xin, "x", (None, None), BF16, "[num_tokens, hidden] bf16")
+        t, h = xin.shape
+        tmax = v.check_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", 1)
+        if t > tmax:
+            v.fail("x", f"at most num_max_dispatch_tokens_per_rank={tmax} tokens", xin)
+        if use_fp8 and h % 128:
+            v.fail("x", "a hidden size that is a multiple of 128 with use_fp8", xin)
+        if h % 8:
+            v.fail("x", "a hidden size that is a multiple of 8", xin)
+        if use_ue8m0 and not round_scale:
+            raise ConfigError("use_ue8m0: needs round_scale=True (UE8M0 scales are powers of two)")
+        if use_ue8m0 and not use_fp8:
+            raise ConfigError("use_ue8m0: needs use_fp8=True")
+        idx = v.check_topk_idx(self._in(topk_idx, "topk_idx"), t)
+        e = v.check_num_experts(num_experts, self.num_ranks)
+        if self.backend == "cpu":
+            v.check_topk_range_host(idx, e)
+        e_local = e // self.num_ranks
+        stats = wait = None
+        if cumulative_local_expert_recv_stats is not None:
+            stats = self._in(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats")
+            v.check_array(stats, "cumulative_local_expert_recv_stats", (e_local,), np.int32, f"[{e_local}] int32")
+        if dispatch_wait_recv_cost_stats is not None:
+            wait = self._in(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats")
+            v.check_array(wait, "dispatch_wait_recv_cost_stats", (self.num_ranks,), np.int64,
+                          f"[{self.num_ranks}] int64")
+        ctx = self._ctx(x, None, async_finish, False)
+        out = self._backend.low_latency_dispatch(xin, idx, tmax, e, bool(use_fp8), bool(round_scale),
+                                                 bool(use_ue8m0), bool(return_recv_hook), stats, wait, ctx=ctx)
+        recv_x, recv_count, handle, hook = out[:4]
+        ev = out[4] if len(out) > 4 else None
+        return self._out(recv_x, fw), self._out(recv_count, fw), handle, self._event(ev), hook
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):
+        """The [E_local, R*Tmax, H] bf16 array a zero-copy low_latency_combine reads its input from."""
+        self._check_open()
+        if not isinstance(handle, LowLatencyHandle):
+            raise ConfigError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
+        return self._backend.get_next_low_latency_combine_buffer(handle)
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, zero_copy: bool = False,
+                            async_finish: bool = False, return_recv_hook: bool = False, out=None):
+        """Weighted sum of the expert outputs back to each token: [T, H] bf16.
+
+        x: [E_local, R*Tmax, H] bf16 expert outputs in the dispatch's layout (ignored with zero_copy, which reads
+        get_next_low_latency_combine_buffer(handle)). Returns (combined_x, event, hook)."""
+        self._check_open()
+        if not isinstance(handle, LowLatencyHandle):
+            raise ConfigError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
+        fw = framework_of(topk_idx, "topk_idx")
+        e_local = handle.num_experts // self.num_ranks
+        rows = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
+        xin = None
+        if not zero_copy:
+            fw = framework_of(x, "x")
+            xin = self._in(x, "x")
+            v.check_array(xin, "x", (e_local, rows, handle.hidden), BF16, f"[{e_local}, {rows}, {handle.hidden}] bf16")
+        idx = v.check_topk_idx(self._in(topk_idx, "topk_idx"), handle.num_tokens)
+        w = v.check_topk_weights(self._in(topk_weights, "topk_weights"), idx)
+        o = None
+        if out is not None:
+            o = self._in(out, "out")
+            v.check_array(o, "out", (handle.num_tokens, handle.hidden), BF16, f"[{handle.num_tokens}, {handle.hidden}] bf16")
+        ctx = self._ctx(topk_idx, None, async_finish, False)
+        res = self._backend.low_latency_combine(xin, idx, w, handle, bool(zero_copy), bool(return_recv_hook), o,
+                                                ctx=ctx)
+        combined, hook = res[:2]
+        ev = res[2] if len(res) > 2 else None
+        if out is not None:
+            return out, self._event(ev), hook
+        return self._out(combined, fw), self._event(ev), hook
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Reset both low-latency buffers (needed only after an error or a change of shapes)."""
+        self._check_open()
+        clean = getattr(self._backend, "clean_low_latency_buffer", None)
+        if clean is not None:
+            clean(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    # -- lifetime ------------------------------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Free the buffers (and the group, if this Buffer made it). Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._backend.close()
+        if self._own_group:
+            self.group.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()

@@ -1,0 +1,91 @@
+"""Settings: the one table of EPCOMM_* environment variables, and the frozen Config of the normal kernels."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    doc: str
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 0/1/true/false, got {text!r}")
+
+
+def _backend(text: str) -> str:
+    low = text.strip().lower()
+    if low not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"expected auto, cpu or gpu, got {text!r}")
+    return low
+
+
+ENV_VARS: dict[str, EnvVar] = {v.name: v for v in (
+    EnvVar("EPCOMM_CACHE_DIR", str, os.path.join(os.path.expanduser("~"), ".cache", "epcomm"),
+           "Folder of the on-disk kernel cache (cubins keyed by stub, options, arch and versions)."),
+    EnvVar("EPCOMM_JIT_DEBUG", _bool, False,
+           "Compile kernels with -lineinfo and keep every generated stub and its numbered source in the cache."),
+    EnvVar("EPCOMM_JIT_QUIET", _bool, False,
+           "Do not print the one-line progress message when a kernel is compiled for the first time."),
+    EnvVar("EPCOMM_BACKEND", _backend, "auto",
+           "auto: GPU when CuPy sees a device, else the numpy CPU backend; cpu or gpu force one."),
+    EnvVar("EPCOMM_TIMEOUT_S", float, 20.0,
+           "Bound, in seconds, of every device spin-wait and host poll before CommTimeoutError."),
+    EnvVar("EPCOMM_FORCE_NVSHMEM", _bool, False,
+           "Low-latency kernels use NVSHMEM puts for every peer, even those reachable through NVLink pointers."),
+    EnvVar("EPCOMM_VIRTUAL_NODE_SIZE", int, 0,
+           "Group consecutive ranks into virtual nodes of this size (0: one node per host)."),
+)}
+
+
+def env(name: str) -> Any:
+    """The parsed value of one declared EPCOMM_* variable (its default when unset)."""
+    var = ENV_VARS[name]
+    raw = os.environ.get(name)
+    if raw is None:
+        return var.default
+    try:
+        return var.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc} ({var.doc})") from None
+
+
+def env_table_markdown() -> str:
+    """The table of environment variables, as docs/ shows it."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for v in ENV_VARS.values():
+        rows.append(f"| `{v.name}` | `{v.default}` | {v.doc} |")
+    return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch settings of the normal (intranode) kernels.
+
+    num_sms: the most SMs one dispatch/combine kernel may occupy (an even number >= 2).
+    num_max_tokens: tokens per rank the buffer is sized for (its worst case), used by size hints.
+    """
+    num_sms: int = 24
+    num_max_tokens: int = 4096
+
+    def __post_init__(self):
+        if not isinstance(self.num_sms, int) or self.num_sms < 1:
+            raise ConfigError(f"Config.num_sms: expected a positive int, got {self.num_sms!r}")
+        if not isinstance(self.num_max_tokens, int) or self.num_max_tokens < 1:
+            raise ConfigError(f"Config.num_max_tokens: expected a positive int, got {self.num_max_tokens!r}")
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,169 @@
+"""The CPU backend: numpy arrays across mpi4py ranks, built on the reference's send and receive halves.
+
+Each operation packs what this rank sends (reference *_send), exchanges the messages with one bounded alltoall
+over the communicator (Group.exchange: CommTimeoutError instead of a hang), and unpacks what arrived
+(reference *_recv). Slow, exact, and a way to develop MoE code on a laptop: `mpiexec -n 4 python my_model.py`.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import reference as ref
+from .handles import DispatchHandle, Event, LowLatencyHandle
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self, group):
+        self.group = group
+        self.rank, self.num_ranks = group.rank, group.size
+        self._ll_combine_buffers: dict[int, np.ndarray] = {}
+        self._ll_next = 0
+
+    # -- normal mode --------------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx, num_experts, ctx=None):
+        return (*ref.get_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.group.num_nodes), None)
+
+    def dispatch(self, x, topk_idx, topk_weights, is_token_in_rank, num_experts, expert_alignment,
+                 num_worst_tokens, config, ctx=None):
+        x = _fp8_view(x)
+        msgs = ref.dispatch_send(x, topk_idx, topk_weights, is_token_in_rank)
+        # Each message carries its sender's per-destination counts (row s of the [src, dst] count matrix), so the
+        # prefix matrix needs no second collective (and an error in dispatch_recv cannot strand the peers).
+        send_counts = is_token_in_rank.sum(axis=0, dtype=np.int32)
+        arrived = self.group.exchange([(m, send_counts) for m in msgs], "dispatch")
+        res = ref.dispatch_recv([m for m, _ in arrived], self.rank, self.num_ranks, num_experts,
+                                expert_alignment, num_worst_tokens)
+        counts = np.asarray(res.num_recv_tokens_per_source, dtype=np.int32)
+        matrix = np.stack([c for _, c in arrived]).cumsum(axis=0, dtype=np.int32)
+        data = x[0] if isinstance(x, tuple) else x
+        handle = DispatchHandle(
+            num_ranks=self.num_ranks, num_experts=num_experts, num_tokens=data.shape[0], hidden=data.shape[1],
+            is_token_in_rank=is_token_in_rank, num_recv_tokens_per_source=counts, rank_prefix_matrix=matrix,
+            recv_src_idx=res.recv_src_idx, num_recv_tokens=res.num_recv_tokens, num_worst_tokens=num_worst_tokens)
+        return (res.recv_x, res.recv_topk_idx, res.recv_topk_weights, list(res.num_recv_tokens_per_expert_list),
+                handle, None)
+
+    def cached_dispatch(self, x, handle: DispatchHandle, config, ctx=None):
+        msgs = ref.dispatch_send(_fp8_view(x), None, None, handle.is_token_in_rank)
+        res = ref.dispatch_recv(self.group.exchange(msgs, "cached_dispatch"), self.rank, self.num_ranks,
+                                handle.num_experts, 1, handle.num_worst_tokens)
+        return res.recv_x, None
+
+    def combine(self, x, handle: DispatchHandle, topk_weights, bias, config, ctx=None):
+        n = handle.num_recv_tokens
+        w = topk_weights[:n] if topk_weights is not None else None
+        msgs = ref.combine_send(x[:n], handle.num_recv_tokens_per_source, w)
+        b = None if not bias else (bias[0] if len(bias) == 1 else tuple(bias))
+        combined, combined_w = ref.combine_recv(self.group.exchange(msgs, "combine"), handle.is_token_in_rank, b)
+        return combined, combined_w, None
+
+    # -- low-latency mode ---------------------------------------------------------------------------------
+    def low_latency_dispatch(self, x, topk_idx, tmax, num_experts, use_fp8, round_scale, use_ue8m0,
+                             return_recv_hook, cumulative_stats, wait_stats, ctx=None):
+        msgs = ref.low_latency_dispatch_send(x, topk_idx, self.rank, self.num_ranks, num_experts, tmax,
+                                             use_fp8, round_scale, use_ue8m0)
+        slot: dict = {}
+
+        def receive():
+            t0 = time.perf_counter_ns()
+            arrived = self.group.exchange(msgs, "low_latency_dispatch")
+            waited = time.perf_counter_ns() - t0
+            res = ref.low_latency_dispatch_recv(arrived, self.rank, self.num_ranks, num_experts, tmax,
+                                                x.shape[1], use_fp8, use_ue8m0)
+            slot["res"] = res
+            if cumulative_stats is not None:
+                cumulative_stats[...] += res.recv_count.astype(cumulative_stats.dtype)
+            if wait_stats is not None:
+                wait_stats[...] += np.int64(waited // max(1, self.num_ranks))
+            return res
+
+        buffer_idx = self._ll_next
+        self._ll_next ^= 1
+        if not return_recv_hook:
+            res = receive()
+            handle = LowLatencyHandle(res.src_info, res.layout_range, tmax, x.shape[1], num_experts, x.shape[0],
+                                      buffer_idx)
+            return res.recv_x, res.recv_count, handle, None
+        # With a hook the outputs exist now and are filled by hook(): pre-allocate them and copy in.
+        e_local = num_experts // self.num_ranks
+        proto = _empty_ll_result(e_local, self.num_ranks, tmax, x.shape[1], use_fp8, use_ue8m0)
+        handle = LowLatencyHandle(proto["src_info"], proto["layout_range"], tmax, x.shape[1], num_experts,
+                                  x.shape[0], buffer_idx)
+
+        def hook():
+            res = receive()
+            _copy_ll_result(res, proto)
+
+        return proto["recv_x"], proto["recv_count"], handle, hook
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):
+        e_local = handle.num_experts // self.num_ranks
+        shape = (e_local, self.num_ranks * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
+        buf = self._ll_combine_buffers.get(handle.buffer_idx)
+        if buf is None or buf.shape != shape:
+            from .interop import BF16
+            buf = np.zeros(shape, dtype=BF16)
+            self._ll_combine_buffers[handle.buffer_idx] = buf
+        return buf
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, zero_copy,
+                            return_recv_hook, out, ctx=None):
+        if zero_copy:
+            x = self.get_next_low_latency_combine_buffer(handle)
+        msgs = ref.low_latency_combine_send(x, handle.src_info, handle.layout_range)
+        if out is None:
+            from .interop import BF16
+            out = np.empty((topk_idx.shape[0], handle.hidden), dtype=BF16)
+
+        def hook():
+            arrived = self.group.exchange(msgs, "low_latency_combine")
+            out[...] = ref.low_latency_combine_recv(arrived, topk_idx, topk_weights, self.rank, self.num_ranks,
+                                                     handle.num_experts)
+
+        if return_recv_hook:
+            return out, hook
+        hook()
+        return out, None
+
+    def make_event(self) -> Event:
+        return Event()
+
+    def close(self) -> None:
+        self._ll_combine_buffers.clear()
+
+
+def _fp8_view(x):
+    """An FP8 pair whose data came as uint8 bits (validation allows them) viewed as float8_e4m3fn."""
+    if isinstance(x, tuple) and x[0].dtype == np.uint8:
+        from .interop import FP8
+        return (x[0].view(FP8), x[1])
+    return x
+
+
+def _empty_ll_result(e_local, num_ranks, tmax, hidden, use_fp8, use_ue8m0) -> dict:
+    from .interop import BF16, FP8
+    rows = num_ranks * tmax
+    if use_fp8:
+        s = hidden // 128
+        scales = (np.zeros((e_local, (s + 3) // 4, rows), np.int32) if use_ue8m0
+                  else np.zeros((e_local, s, rows), np.float32)).transpose(0, 2, 1)
+        recv_x = (np.zeros((e_local, rows, hidden), FP8), scales)
+    else:
+        recv_x = np.zeros((e_local, rows, hidden), BF16)
+    return {"recv_x": recv_x, "recv_count": np.zeros(e_local, np.int32),
+            "src_info": np.full((e_local, rows), -1, np.int32), "layout_range": np.zeros((e_local, num_ranks), np.int64)}
+
+
+def _copy_ll_result(res, proto: dict) -> None:
+    if isinstance(proto["recv_x"], tuple):
+        proto["recv_x"][0][...] = res.recv_x[0]
+        proto["recv_x"][1][...] = res.recv_x[1]
+    else:
+        proto["recv_x"][...] = res.recv_x
+    proto["recv_count"][...] = res.recv_count
+    proto["src_info"][...] = res.src_info
+    proto["layout_range"][...] = res.layout_range

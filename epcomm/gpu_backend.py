@@ -1,0 +1,283 @@
+"""The GPU backend: CuPy arrays, the Buffer's communication stream, and the intranode kernels over NVLink.
+
+Stream rule (interop's ordering promise): every call makes the comm stream wait for the caller's stream (or
+previous_event), issues its kernels there, records an event, and unless async_finish makes the caller's
+stream wait for it. Epochs: each notify / combine call bumps a counter that every rank bumps identically;
+flags hold the epoch of their last signal, so no flag is ever reset.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import intranode as intra
+from .config import env
+from .errors import CommTimeoutError, ConfigError, EpcommError
+from .handles import DispatchHandle, Event
+from .memory import HostMapped, PeerBuffer
+from .runtime import get_kernel
+from .runtime.watchdog import ErrorRecord, host_wait
+
+
+def _ptr(a) -> int:
+    return 0 if a is None else int(a.data.ptr)
+
+
+class GpuBackend:
+    name = "gpu"
+
+    def __init__(self, group, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool):
+        import cupy
+        self.cp = cupy
+        self.group = group
+        self.rank, self.num_ranks = group.rank, group.size
+        if not group.topology.all_p2p():
+            raise ConfigError("the GPU backend's normal kernels need every rank P2P-reachable (one NVLink node); "
+                              f"topology: {group.topology}")
+        if num_nvl_bytes == 0:
+            num_nvl_bytes = intra.nvl_buffer_size_hint(4096, 7168 * 2, self.num_ranks, 16)
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.err = ErrorRecord(self.rank)
+        self.meta_bytes = intra.meta_bytes(self.num_ranks)
+        if num_nvl_bytes <= self.meta_bytes:
+            raise ConfigError(f"num_nvl_bytes: expected more than {self.meta_bytes} bytes (the meta area), "
+                              f"got {num_nvl_bytes}")
+        self.nvl = PeerBuffer(group, num_nvl_bytes)
+        self.data_bytes = self.nvl.nbytes - self.meta_bytes
+        self.host_info = HostMapped(intra.HOST_INFO_INTS)
+        self.bad_index = HostMapped(1)
+        self.block_counters = cupy.zeros(4, dtype=cupy.int32)
+        # Device epoch counters ([0] dispatch/notify, [1] combine): advanced by the kernels themselves, so that
+        # CUDA-graph replays advance them too. host_seq numbers the host waits of non-graph dispatches.
+        self.epochs = cupy.zeros(2, dtype=cupy.uint64)
+        self.host_seq = 0
+        self.poisoned: str | None = None
+        self.timeout_s = float(env("EPCOMM_TIMEOUT_S"))
+        self.num_sms_device = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        self.low_latency = None
+        if low_latency_mode:
+            raise ConfigError("low_latency_mode: the GPU low-latency kernels are not built yet; use backend='cpu' "
+                              "for the low-latency API")
+
+    # -- plumbing ------------------------------------------------------------------------------------------
+    def _comm(self):
+        return tuple(self.err.wait_params())
+
+    def _check(self, what: str) -> None:
+        if self.poisoned:
+            raise EpcommError(f"this Buffer is unusable after an earlier failure ({self.poisoned}); destroy it")
+        try:
+            self.err.check(what)
+        except CommTimeoutError as exc:
+            self.poisoned = str(exc)
+            raise
+        if self.bad_index.host[0]:
+            n = int(self.bad_index.host[0])
+            self.bad_index.host[0] = 0
+            raise ConfigError(f"topk_idx: expected expert indices in [-1, num_experts), the layout kernel found {n} "
+                              "out of range (they were ignored)")
+
+    def _begin(self, ctx):
+        self._check("before the call")
+        if ctx.previous_event is not None and ctx.previous_event.cuda_event is not None:
+            self.stream.wait_event(ctx.previous_event.cuda_event)
+        else:
+            self.stream.wait_event(ctx.stream.record())
+
+    def _finish(self, ctx, keepalive=()) -> Event:
+        ev = self.stream.record()
+        if not ctx.async_finish:
+            ctx.stream.wait_event(ev)
+        out = Event(ev, on_complete=lambda: self._check("after the call"))
+        out.keepalive = keepalive
+        return out
+
+    def _alloc_stream(self, ctx):
+        """Where outputs are allocated (cp.empty only: no kernel, so the comm stream needs no extra wait; the
+        _begin wait already orders it after the caller's earlier use of any reused pool memory)."""
+        return self.stream if ctx.allocate_on_comm_stream else ctx.stream
+
+    def _grid(self, config) -> int:
+        return max(1, min(int(config.num_sms), self.num_sms_device))
+
+    # -- layout --------------------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx, num_experts, ctx):
+        cp = self.cp
+        self._begin(ctx)
+        t, k = topk_idx.shape
+        bucket = intra.max_experts_bucket(num_experts)
+        with self.stream:  # zero-filled on the comm stream, so the kernel below is ordered after the fills
+            per_rank = cp.zeros(self.num_ranks, cp.int32)
+            per_expert = cp.zeros(num_experts, cp.int32)
+            in_rank = cp.zeros((t, self.num_ranks), cp.bool_)
+        if t:
+            get_kernel(intra.layout_spec(bucket)).launch(
+                (t + intra.LAYOUT_THREADS - 1) // intra.LAYOUT_THREADS,
+                (topk_idx, t, k, num_experts, self.num_ranks, per_rank, per_expert, in_rank, self.bad_index.device_ptr),
+                stream=self.stream)
+        ev = self._finish(ctx, (topk_idx,))
+        return per_rank, None, per_expert, in_rank, ev
+
+    # -- dispatch ------------------------------------------------------------------------------------------
+    def _epoch_ptr(self, i: int) -> int:
+        return int(self.epochs.data.ptr) + 8 * i
+
+    def _notify(self, in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, info, capacity, do_count):
+        self.host_seq = self.host_seq % 0x7FFFFFFF + 1
+        get_kernel(intra.notify_spec(self.num_ranks)).launch(
+            1, (in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, info,
+                self.host_info.device_ptr if do_count else 0, capacity, self.nvl.peer_bases, self._epoch_ptr(0),
+                1 if do_count else 0, self.host_seq) + self._comm(), stream=self.stream)
+
+    def _wait_host_info(self) -> None:
+        seq = self.host_seq
+        info = self.host_info.host
+
+        def ready():
+            return self.err.has_error() or int(info[intra.HOST_INFO_EPOCH]) == seq
+
+        host_wait(ready, f"rank {self.rank}: dispatch waiting for the receive count (call {seq})", self.timeout_s)
+        self._check("dispatch notify")
+
+    def dispatch(self, x, topk_idx, topk_weights, in_rank, num_experts, alignment, worst, config, ctx,
+                 num_tokens_per_expert=None):
+        cp = self.cp
+        data, scales = x if isinstance(x, tuple) else (x, None)
+        t, h = data.shape
+        row_bytes = h * data.dtype.itemsize
+        s = scales.shape[1] if scales is not None else 0
+        k = topk_idx.shape[1] if topk_idx is not None else 0
+        e_local = num_experts // self.num_ranks
+        if e_local > intra.MAX_LOCAL_EXPERTS:
+            raise ConfigError(f"num_experts: expected at most {intra.MAX_LOCAL_EXPERTS} experts per rank, "
+                              f"got {e_local}")
+        lay = intra.RecvLayout.plan(self.data_bytes, row_bytes, s, k)
+        self._begin(ctx)
+        with self._alloc_stream(ctx):
+            send_pos = cp.empty((t, self.num_ranks), cp.int32)
+            matrix = cp.empty((self.num_ranks, self.num_ranks), cp.int32)
+            info = cp.empty(1 + e_local, cp.int32)
+        per_expert = num_tokens_per_expert  # the layout's counts: the per-expert list needs no top-k here
+        if per_expert is None:
+            with self.stream:
+                per_expert = cp.zeros(num_experts, cp.int32)
+        self._notify(in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, info, lay.capacity_rows, True)
+        if worst:
+            n, rows, counts = None, worst, []
+        else:
+            self._wait_host_info()
+            n = int(self.host_info.host[0])
+            rows = n
+            counts = [int(c) for c in self.host_info.host[1:1 + e_local]]
+        with self._alloc_stream(ctx):
+            recv_x = cp.empty((rows, h), data.dtype)
+            recv_scales = cp.empty((rows, s), cp.float32) if scales is not None else None
+            recv_idx = cp.empty((rows, k), cp.int64) if k else None
+            recv_w = cp.empty((rows, k), cp.float32) if k else None
+            recv_src = cp.empty(rows, cp.int32)
+        self._send_and_receive(data, scales, topk_idx, topk_weights, num_experts, in_rank, send_pos, matrix, info,
+                               lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config)
+        with self.stream:
+            prefix = cp.cumsum(matrix, axis=0, dtype=cp.int32)
+        handle = DispatchHandle(
+            num_ranks=self.num_ranks, num_experts=num_experts, num_tokens=t, hidden=h, is_token_in_rank=in_rank,
+            num_recv_tokens_per_source=matrix[:, self.rank], rank_prefix_matrix=prefix, recv_src_idx=recv_src,
+            num_recv_tokens=n, num_worst_tokens=worst, send_pos=send_pos, device_num_recv_tokens=info[:1],
+            backend_state={"count_matrix": matrix, "info": info, "layout": lay})
+        ev = self._finish(ctx, (x, topk_idx, topk_weights, in_rank))
+        out_x = (recv_x, recv_scales) if scales is not None else recv_x
+        return out_x, recv_idx, recv_w, counts, handle, ev
+
+    def _send_and_receive(self, data, scales, topk_idx, topk_weights, num_experts, in_rank, send_pos, matrix, info,
+                          lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config):
+        t, h = data.shape
+        row_int4 = h * data.dtype.itemsize // 16
+        s = scales.shape[1] if scales is not None else 0
+        k = topk_idx.shape[1] if topk_idx is not None else 0
+        itemsize = 4
+        stride_t = scales.strides[0] // itemsize if scales is not None else 0
+        stride_s = scales.strides[1] // itemsize if scales is not None else 0
+        grid = self._grid(config)
+        get_kernel(intra.dispatch_send_spec(self.num_ranks)).launch(
+            grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts, in_rank,
+                   send_pos, matrix, t, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx,
+                   lay.off_w, lay.off_src, self._counter(0), self._epoch_ptr(0)) + self._comm(), stream=self.stream)
+        get_kernel(intra.dispatch_recv_spec(self.num_ranks)).launch(
+            grid, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx, lay.off_w, lay.off_src,
+                   row_int4, s, k, info, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src,
+                   self._epoch_ptr(0)) + self._comm(), stream=self.stream)
+
+    def _counter(self, i: int) -> int:
+        return int(self.block_counters.data.ptr) + 4 * i
+
+    def cached_dispatch(self, x, handle: DispatchHandle, config, ctx):
+        cp = self.cp
+        data, scales = x if isinstance(x, tuple) else (x, None)
+        t, h = data.shape
+        if h != handle.hidden:
+            raise ConfigError(f"x: expected hidden {handle.hidden} (the handle's), got [{t}, {h}]")
+        st = handle.backend_state
+        s = scales.shape[1] if scales is not None else 0
+        lay = intra.RecvLayout.plan(self.data_bytes, h * data.dtype.itemsize, s, 0)
+        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        self._begin(ctx)
+        self._notify(handle.is_token_in_rank, t, None, handle.num_experts, 1, None, None, None, lay.capacity_rows,
+                     False)
+        with self._alloc_stream(ctx):
+            recv_x = cp.empty((rows, h), data.dtype)
+            recv_scales = cp.empty((rows, s), cp.float32) if scales is not None else None
+        self._send_and_receive(data, scales, None, None, handle.num_experts, handle.is_token_in_rank, handle.send_pos,
+                               st["count_matrix"], st["info"], lay, rows, recv_x, recv_scales, None, None, None,
+                               config)
+        ev = self._finish(ctx, (x,))
+        return ((recv_x, recv_scales) if scales is not None else recv_x), ev
+
+    # -- combine -------------------------------------------------------------------------------------------
+    def combine(self, x, handle: DispatchHandle, topk_weights, bias, config, ctx):
+        cp = self.cp
+        t, h, r = handle.num_tokens, handle.hidden, self.num_ranks
+        k = topk_weights.shape[1] if topk_weights is not None else 0
+        lay = intra.CombineLayout.plan(self.data_bytes, h, k)
+        if r * t > lay.capacity_rows:
+            raise ConfigError(f"x: combine of {t} tokens from {r} ranks needs {r * t} rows of {h * 2 + 4 * k} bytes; "
+                              f"this Buffer holds {lay.capacity_rows} (raise num_nvl_bytes, see "
+                              "Config.get_nvl_buffer_size_hint)")
+        st = handle.backend_state
+        self._begin(ctx)
+        with self._alloc_stream(ctx):
+            out = cp.empty((t, h), x.dtype)
+            out_w = cp.empty((t, k), cp.float32) if k else None
+        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        grid = self._grid(config)
+        row_int4 = h * 2 // 16
+        get_kernel(intra.combine_send_spec(r)).launch(
+            grid, (x, row_int4, topk_weights, k, st["count_matrix"], rows, self.nvl.peer_bases, self.meta_bytes,
+                   lay.off_x, lay.off_w, self._counter(1), self._epoch_ptr(1)) + self._comm(), stream=self.stream)
+        b0 = bias[0] if len(bias) > 0 else None
+        b1 = bias[1] if len(bias) > 1 else None
+        # Launched also with no tokens: it still waits for every rank's done flag, closing the call.
+        get_kernel(intra.combine_reduce_spec(r)).launch(
+            grid if t else 1, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
+                               handle.is_token_in_rank, handle.send_pos, st["count_matrix"], t, b0, b1, out, out_w,
+                               self._epoch_ptr(1)) + self._comm(), stream=self.stream)
+        ev = self._finish(ctx, (x, topk_weights, bias))
+        return out, out_w, ev
+
+    # -- low-latency (not on the GPU yet) ------------------------------------------------------------------
+    def low_latency_dispatch(self, *args, ctx=None):
+        raise ConfigError("low_latency_mode: the GPU low-latency kernels are not built yet")
+
+    low_latency_combine = low_latency_dispatch
+    get_next_low_latency_combine_buffer = low_latency_dispatch
+
+    def sync(self) -> None:
+        self.stream.synchronize()
+        self._check("synchronize")
+
+    def close(self) -> None:
+        try:
+            self.stream.synchronize()
+        finally:
+            self.nvl.close()
+            self.host_info.free()
+            self.bad_index.free()
+            self.err.close()

@@ -1,0 +1,89 @@
+"""Handles and events: what a dispatch returns for its combine (or a cached dispatch), and completion events."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DispatchHandle:
+    """Everything combine and a cached dispatch need. Arrays live where the backend computes (numpy or CuPy).
+
+    num_ranks, num_experts: the group size and expert count of the dispatch.
+    num_tokens: T, tokens this rank dispatched (rows of combine's output).
+    hidden: H of the dispatched rows.
+    is_token_in_rank: [T, R] bool, token t went to rank r.
+    num_recv_tokens_per_source: [R] int32, rows this rank received from each source (rows grouped by source).
+    rank_prefix_matrix: [R, R] int32, inclusive prefix over sources: entry [s, d] = rows rank d received from
+        sources 0..s. Column d is where each source's block ends in d's receive order.
+    recv_src_idx: [N] int32 (N = num_recv_tokens, or num_worst_tokens rows with -1 padding), token index at source.
+    send_pos: [T, R] int32, row of token t in rank r's receive order (-1 where not sent). GPU only (None on CPU).
+    num_recv_tokens: N, the true received row count (None until the host has read it in num_worst_tokens mode).
+    num_worst_tokens: the padded row count of the outputs (0 when not padded).
+    device_num_recv_tokens: [1] int32 device array with N (GPU; None on CPU).
+    """
+    num_ranks: int
+    num_experts: int
+    num_tokens: int
+    hidden: int
+    is_token_in_rank: Any
+    num_recv_tokens_per_source: Any
+    rank_prefix_matrix: Any
+    recv_src_idx: Any
+    num_recv_tokens: int | None
+    num_worst_tokens: int = 0
+    send_pos: Any = None
+    device_num_recv_tokens: Any = None
+    backend_state: dict = field(default_factory=dict)
+
+
+@dataclass
+class LowLatencyHandle:
+    """What a low-latency combine needs from its dispatch.
+
+    src_info: [E_local, R*Tmax] int32, token index at its source of each received row.
+    layout_range: [E_local, R] int64, (begin << 32) | count of the rows from each source rank.
+    num_max_dispatch_tokens_per_rank: Tmax.  hidden: H.  num_experts: E.
+    num_tokens: T of the dispatching rank.  buffer_idx: which of the two alternating buffers it used.
+    """
+    src_info: Any
+    layout_range: Any
+    num_max_dispatch_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+    num_tokens: int
+    buffer_idx: int = 0
+    backend_state: dict = field(default_factory=dict)
+
+
+class Event:
+    """Completion of an epcomm call (DeepEP's EventOverlap).
+
+    current_stream_wait(): make the caller's current stream (or `stream`) wait for it.
+    synchronize(): block the host until it completes.  query(): True once complete.
+    On the CPU backend every call completes before it returns, so the event is already done.
+    """
+
+    def __init__(self, cuda_event=None, on_complete=None):
+        self.cuda_event = cuda_event
+        self._on_complete = on_complete
+
+    def current_stream_wait(self, stream=None) -> None:
+        if self.cuda_event is None:
+            return
+        from .interop import caller_stream
+        caller_stream(None, stream).wait_event(self.cuda_event)
+
+    def synchronize(self) -> None:
+        if self.cuda_event is not None:
+            self.cuda_event.synchronize()
+        if self._on_complete is not None:
+            cb, self._on_complete = self._on_complete, None
+            cb()
+
+    def query(self) -> bool:
+        return self.cuda_event is None or bool(self.cuda_event.done)
+
+
+# DeepEP's name for the same object.
+EventOverlap = Event

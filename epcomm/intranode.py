@@ -1,0 +1,171 @@
+"""Intranode normal mode: kernel specs, the buffer layout mirror, and launch plans for layout / notify /
+dispatch / combine over NVLink peer pointers (cuda_src/epcomm/intranode.cuh)."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from .errors import ConfigError
+from .runtime import KernelSpec, register_family
+
+NUM_THREADS = 512          # send / receive / combine blocks (16 warps, one token or row per warp at a time)
+NOTIFY_THREADS = 512
+LAYOUT_THREADS = 256
+MAX_LOCAL_EXPERTS = 1024   # kMaxLocalExperts in intranode.cuh
+NUM_FLAG_KINDS = 4         # kNumFlagKinds
+HOST_INFO_INTS = 1 + MAX_LOCAL_EXPERTS + 1   # kHostInfoInts: N, per-expert counts, epoch
+HOST_INFO_EPOCH = 1 + MAX_LOCAL_EXPERTS
+COMM_PARAMS = (("uint64_t", "err_record"), ("long long", "timeout_ns"), ("int", "rank"))
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def meta_bytes(num_ranks: int) -> int:
+    """Mirror of Meta<kNumRanks>::kBytes: counts, per-expert counts (both double-buffered by epoch parity), flags."""
+    counts = 2 * num_ranks * num_ranks * 4
+    expert_counts = 2 * num_ranks * MAX_LOCAL_EXPERTS * 4
+    flags_offset = _align(counts + expert_counts, 128)
+    return _align(flags_offset + NUM_FLAG_KINDS * num_ranks * 8, 4096)
+
+
+@dataclass(frozen=True)
+class RecvLayout:
+    """Where one dispatch call's rows sit in the data region (same on every rank): capacity and byte offsets."""
+    capacity_rows: int
+    off_x: int
+    off_scales: int
+    off_idx: int
+    off_w: int
+    off_src: int
+
+    @staticmethod
+    def plan(data_bytes: int, row_bytes: int, num_scales: int, num_topk: int) -> "RecvLayout":
+        per_row = row_bytes + num_scales * 4 + num_topk * 12 + 4
+        cap = max(0, (data_bytes - 5 * 256) // per_row)
+        off_x = 0
+        off_scales = _align(off_x + cap * row_bytes, 256)
+        off_idx = _align(off_scales + cap * num_scales * 4, 256)
+        off_w = _align(off_idx + cap * num_topk * 8, 256)
+        off_src = _align(off_w + cap * num_topk * 4, 256)
+        assert off_src + cap * 4 <= data_bytes
+        return RecvLayout(cap, off_x, off_scales, off_idx, off_w, off_src)
+
+
+@dataclass(frozen=True)
+class CombineLayout:
+    """Where one combine call's returned rows sit in the origin's data region."""
+    capacity_rows: int
+    off_x: int
+    off_w: int
+
+    @staticmethod
+    def plan(data_bytes: int, hidden: int, num_topk: int) -> "CombineLayout":
+        per_row = hidden * 2 + num_topk * 4
+        cap = max(0, (data_bytes - 512) // per_row)
+        off_w = _align(cap * hidden * 2, 256)
+        return CombineLayout(cap, 0, off_w)
+
+
+def nvl_buffer_size_hint(num_max_tokens: int, hidden_bytes: int, num_ranks: int, num_topk: int = 16) -> int:
+    """Bytes for the worst case: every rank sends all num_max_tokens tokens here (R * T rows of dispatch data,
+    FP8 scales and top-k included), which also covers combine's R * T returned rows."""
+    rows = num_ranks * num_max_tokens
+    hidden = max(hidden_bytes // 2, 128)
+    dispatch = rows * (hidden_bytes + (hidden // 128) * 4 + num_topk * 12 + 4) + 5 * 256
+    combine = rows * (hidden * 2 + num_topk * 4) + 512
+    return meta_bytes(num_ranks) + _align(max(dispatch, combine), 4096)
+
+
+# -- kernel specs (the ABI: params are the stub's parameter list and the launch conversion) -----------------
+@functools.lru_cache(maxsize=None)
+def layout_spec(max_experts: int) -> KernelSpec:
+    return KernelSpec(
+        family="intranode", op="layout", template_args=(("kNumThreads", LAYOUT_THREADS),),
+        params=(("const int64_t*", "topk_idx"), ("int", "num_tokens"), ("int", "num_topk"), ("int", "num_experts"),
+                ("int", "num_ranks"), ("int*", "num_tokens_per_rank"), ("int*", "num_tokens_per_expert"),
+                ("bool*", "is_token_in_rank"), ("int*", "num_bad_indices")),
+        num_threads=LAYOUT_THREADS, smem_bytes=(max_experts + 64) * 4)
+
+
+@functools.lru_cache(maxsize=None)
+def notify_spec(num_ranks: int) -> KernelSpec:
+    return KernelSpec(
+        family="intranode", op="notify", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NOTIFY_THREADS)),
+        params=(("const bool*", "is_token_in_rank"), ("int", "num_tokens"), ("const int*", "num_tokens_per_expert"),
+                ("int", "num_experts"), ("int", "expert_alignment"), ("int*", "send_pos"), ("int*", "count_matrix"),
+                ("int*", "info_out"), ("int*", "host_info"), ("int", "capacity_rows"),
+                ("const uint64_t*", "peer_bases"), ("uint64_t*", "epoch_counter"), ("int", "do_count"),
+                ("int", "host_seq")) + COMM_PARAMS,
+        num_threads=NOTIFY_THREADS)
+
+
+@functools.lru_cache(maxsize=None)
+def dispatch_send_spec(num_ranks: int) -> KernelSpec:
+    return KernelSpec(
+        family="intranode", op="dispatch_send", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS)),
+        params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "scales"), ("long long", "scale_stride_t"),
+                ("long long", "scale_stride_s"), ("int", "num_scales"), ("const int64_t*", "topk_idx"),
+                ("const float*", "topk_weights"), ("int", "num_topk"), ("int", "num_experts"),
+                ("const bool*", "is_token_in_rank"), ("const int*", "send_pos"), ("const int*", "count_matrix"),
+                ("int", "num_tokens"), ("const uint64_t*", "peer_bases"), ("long long", "data_offset"),
+                ("long long", "off_x"), ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"),
+                ("long long", "off_src"), ("int*", "block_counter"), ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=NUM_THREADS)
+
+
+@functools.lru_cache(maxsize=None)
+def dispatch_recv_spec(num_ranks: int) -> KernelSpec:
+    return KernelSpec(
+        family="intranode", op="dispatch_recv", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS)),
+        params=(("const uint8_t*", "local_base"), ("long long", "data_offset"), ("long long", "off_x"),
+                ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"), ("long long", "off_src"),
+                ("int", "row_int4"), ("int", "num_scales"), ("int", "num_topk"), ("const int*", "info"),
+                ("int", "num_out_rows"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
+                ("float*", "out_w"), ("int*", "out_src"), ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=NUM_THREADS)
+
+
+@functools.lru_cache(maxsize=None)
+def combine_send_spec(num_ranks: int) -> KernelSpec:
+    return KernelSpec(
+        family="intranode", op="combine_send", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS)),
+        params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "topk_weights"), ("int", "num_topk"),
+                ("const int*", "count_matrix"), ("int", "num_rows"), ("const uint64_t*", "peer_bases"),
+                ("long long", "data_offset"), ("long long", "off_cx"), ("long long", "off_cw"),
+                ("int*", "block_counter"), ("uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=NUM_THREADS)
+
+
+@functools.lru_cache(maxsize=None)
+def combine_reduce_spec(num_ranks: int) -> KernelSpec:
+    return KernelSpec(
+        family="intranode", op="combine_reduce", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS)),
+        params=(("const uint8_t*", "local_base"), ("long long", "data_offset"), ("long long", "off_cx"),
+                ("long long", "off_cw"), ("int", "row_int4"), ("int", "num_topk"), ("const bool*", "is_token_in_rank"),
+                ("const int*", "send_pos"), ("const int*", "count_matrix"), ("int", "num_tokens"),
+                ("const int4*", "bias0"), ("const int4*", "bias1"), ("int4*", "out"), ("float*", "out_w"),
+                ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=NUM_THREADS)
+
+
+def max_experts_bucket(num_experts: int) -> int:
+    """Shared-memory size class of the layout kernel (a power of two >= 256)."""
+    if num_experts > 8192:
+        raise ConfigError(f"num_experts: expected at most 8192 for the GPU layout kernel, got {num_experts}")
+    b = 256
+    while b < num_experts:
+        b *= 2
+    return b
+
+
+def example_specs() -> list[KernelSpec]:
+    specs = [layout_spec(256), layout_spec(8192)]
+    for r in (2, 4, 8):
+        specs += [notify_spec(r), dispatch_send_spec(r), dispatch_recv_spec(r), combine_send_spec(r),
+                  combine_reduce_spec(r)]
+    return specs
+
+
+register_family("intranode", example_specs)

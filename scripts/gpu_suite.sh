@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU suite: on a machine with GPUs, install what is missing, then run the GPU checks under mpirun on all
+# visible GPUs (and several ranks per GPU for EP4/EP8 correctness), then the quick benchmark; prints a short table.
+# Usage: bash scripts/gpu_suite.sh [--quick] [--no-bench] [--bench-full]
+# Results: $OUT (or ./gpu_out) gets logs and bench JSON lines; bench/results/ gets the JSON lines too.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUTDIR=${OUT:-$ROOT/gpu_out}; mkdir -p "$OUTDIR"
+QUICK=0; BENCH=1; BENCH_ARGS="--quick"
+for a in "$@"; do case $a in --quick) QUICK=1;; --no-bench) BENCH=0;; --bench-full) BENCH_ARGS="";; esac; done
+PY=${PYTHON:-python3}
+
+# 1. What the GPU image lacks: nvshmem4py (wheel carried in wheels/, installed beside the tree).
+whl=$(ls "$ROOT"/wheels/nvshmem4py*cp312*.whl 2>/dev/null | head -1)
+if [ -n "$whl" ] && [ ! -d "$ROOT/.gpu_deps/nvshmem" ]; then
+  $PY -m pip install -q --no-deps --target "$ROOT/.gpu_deps" "$whl" >/dev/null 2>&1 || echo "nvshmem4py install failed"
+elif [ -z "$whl" ]; then
+  echo "WARNING: no nvshmem4py wheel in wheels/ (the image lacks nvshmem4py; NVSHMEM checks will fail)"
+fi
+export PYTHONPATH="$ROOT:$ROOT/.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
+export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
+export EPCOMM_CACHE_DIR=${EPCOMM_CACHE_DIR:-$ROOT/.epcomm_cache}
+export EPCOMM_TIMEOUT_S=${EPCOMM_TIMEOUT_S:-20}
+$PY -c "import nvshmem, nvshmem.core as c; print('nvshmem4py from', nvshmem.__path__, 'init' in dir(c))" 2>&1 | tail -1
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+echo "GPU suite: $NGPU x $CARD, commit $(git rev-parse --short HEAD 2>/dev/null)"
+MPIRUN="mpirun --oversubscribe --bind-to none -x PYTHONPATH -x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x EPCOMM_CACHE_DIR -x EPCOMM_TIMEOUT_S -x EPCOMM_JIT_QUIET -x XLA_PYTHON_CLIENT_PREALLOCATE -x TORCH_SYMM_MEM_DISABLE_MULTICAST"
+declare -a ROWS
+ONLY=${ONLY:-}  # e.g. ONLY="bench interop": run only steps whose name contains one of these words
+run() {  # run NAME TIMEOUT CMD...: logs to $OUTDIR/NAME.log, records a table row
+  local name=$1 tmo=$2; shift 2
+  if [ -n "$ONLY" ]; then local hit=0; for w in $ONLY; do [[ $name == *$w* ]] && hit=1; done; [ $hit = 0 ] && return; fi
+  local t0=$(date +%s)
+  timeout "$tmo" "$@" > "$OUTDIR/$name.log" 2>&1; local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  local summary=$(grep -E "^[0-9]+ passed, [0-9]+ failed" "$OUTDIR/$name.log" | tail -1)
+  [ -z "$summary" ] && summary=$(tail -1 "$OUTDIR/$name.log" | cut -c1-70)
+  ROWS+=("$(printf '%-28s %-6s %4ss  %s' "$name" "$([ $rc -eq 0 ] && echo PASS || echo "FAIL($rc)")" "$dt" "$summary")")
+  [ $rc -ne 0 ] && { echo "---- $name (rc=$rc), last lines:"; tail -25 "$OUTDIR/$name.log"; }
+}
+# 2. Compile every kernel once, in one process, so that ranks hit the cache (and compile errors show here).
+run prewarm 300 $PY -m epcomm.runtime.prewarm
+# 3. Bootstrap and correctness.
+run bootstrap_ep$NGPU 120 $MPIRUN -n $NGPU $PY tests/gpu/bootstrap_check.py
+run intranode_ep$NGPU 400 $MPIRUN -n $NGPU $PY tests/gpu/intranode_check.py $([ $QUICK = 1 ] && echo --quick)
+if [ $NGPU -ge 2 ] && [ $QUICK = 0 ]; then
+  run intranode_ep4_oversub 300 $MPIRUN -n 4 $PY tests/gpu/intranode_check.py --oversubscribed
+  run intranode_ep8_oversub 300 $MPIRUN -n 8 $PY tests/gpu/intranode_check.py --oversubscribed
+fi
+run interop_ep$NGPU 200 $MPIRUN -n $NGPU $PY tests/gpu/interop_check.py
+run demo_ep$NGPU 120 $MPIRUN -n $NGPU $PY -m epcomm.demo --backend gpu
+# 4. Quick benchmark (one rank per GPU).
+if [ $BENCH = 1 ] && [ $NGPU -ge 2 ]; then
+  run bench_intranode 400 $MPIRUN -n $NGPU $PY bench/bench_intranode.py $BENCH_ARGS --out "$OUTDIR"
+  cat "$OUTDIR/bench_intranode.log" | grep -E "^\|" || true
+fi
+echo; echo "==== GPU suite summary ($NGPU x $CARD)"
+printf '%s\n' "${ROWS[@]}"

@@ -1,0 +1,280 @@
+"""Intranode normal mode on GPUs against the numpy reference (mpirun -n N; several ranks per GPU allowed).
+
+Every rank makes ALL ranks' inputs from one seed, so expected values need no communication. Outputs come from
+CuPy's pool, which is poisoned before each case so that unwritten rows show. Dispatch is compared bit-exact,
+combine within bf16 rounding of the fp32 reference (same summation order; <= 1 ulp), FP8 scales bit-exact.
+--quick: a few cases; --oversubscribed: small shapes for several ranks per GPU (correctness only)."""
+import argparse
+import hashlib
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import cupy as cp  # noqa: E402
+import numpy as np  # noqa: E402
+from _harness import Cases, exit_with  # noqa: E402
+
+import epcomm  # noqa: E402
+from epcomm import reference as ref  # noqa: E402
+from epcomm.intranode import nvl_buffer_size_hint  # noqa: E402
+from epcomm.testing import assert_bitwise_equal, make_topk, make_weights, make_x  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--quick", action="store_true")
+ap.add_argument("--oversubscribed", action="store_true")
+args = ap.parse_args()
+
+from mpi4py import MPI  # noqa: E402
+
+buf = epcomm.Buffer(None, num_nvl_bytes=nvl_buffer_size_hint(4096 if not args.oversubscribed else 256, 7680 * 2,
+                                                               MPI.COMM_WORLD.size, 16), backend="gpu")
+group = buf.group
+R, rank = buf.num_ranks, buf.rank
+cases = Cases(group.comm)
+
+
+def poison_pool(nbytes=256 << 20):
+    a = cp.empty(nbytes, cp.uint8)
+    a.fill(0xA5)
+    del a
+
+
+def host(a):
+    return None if a is None else a.get()
+
+
+def bf16_close(actual, expected, what):
+    a = np.asarray(actual).astype(np.float32)
+    e = np.asarray(expected).astype(np.float32)
+    tol = np.abs(e) * 2.0 ** -7 + 1e-6
+    bad = np.abs(a - e) > tol
+    if bad.any():
+        i = tuple(int(v) for v in np.argwhere(bad)[0])
+        raise AssertionError(f"{what}: {bad.sum()} values beyond bf16 rounding, first at {i}: {a[i]} vs {e[i]}")
+
+
+def make_inputs(seed, tokens, h, k, e, skew=None, drop=0.0):
+    rng = np.random.default_rng(seed)
+    xs = [make_x(rng, t, h, r) for r, t in enumerate(tokens)]
+    idxs = [make_topk(rng, t, k, e, skew=skew, drop=drop) for t in tokens]
+    ws = [make_weights(rng, t, k) for t in tokens]
+    return xs, idxs, ws
+
+
+def normal_case(h, k, e, tokens, fp8=False, topk=True, async_=False, worst=0, cached=False, align=1, skew=None,
+                bias=0, seed=0):
+    poison_pool()
+    xs, idxs, ws = make_inputs(seed, tokens, h, k, e, skew=skew)
+    if fp8:
+        pairs = [ref.per_token_cast_to_fp8(x) for x in xs]
+        # CuPy has no float8 dtype: e4m3 travels as its uint8 bits; scales column-major
+        x_dev = (cp.asarray(pairs[rank][0].view(np.uint8)), cp.asarray(pairs[rank][1].T.copy()).T)
+        x_all = pairs
+    else:
+        x_dev = cp.asarray(xs[rank])
+        x_all = xs
+    idx_dev = cp.asarray(idxs[rank])
+    w_dev = cp.asarray(ws[rank])
+    per_rank, _, per_expert, in_rank, ev = buf.get_dispatch_layout(idx_dev, e, async_finish=async_)
+    if async_:
+        ev.current_stream_wait()
+    lay = ref.get_dispatch_layout(idxs[rank], e, R)
+    assert_bitwise_equal(host(per_rank), lay[0], "num_tokens_per_rank")
+    assert_bitwise_equal(host(per_expert), lay[2], "num_tokens_per_expert")
+    assert_bitwise_equal(host(in_rank), lay[3], "is_token_in_rank")
+    want = ref.dispatch(x_all, idxs, ws if topk else None, e, expert_alignment=align, num_worst_tokens=worst)[rank]
+    kw = dict(topk_idx=idx_dev, topk_weights=w_dev) if topk else {}
+    recv_x, recv_idx, recv_w, counts, handle, ev = buf.dispatch(
+        x_dev, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        expert_alignment=align, num_worst_tokens=worst, async_finish=async_, previous_event=ev if async_ else None,
+        **kw)
+    if async_:
+        ev.current_stream_wait()
+    n = want.num_recv_tokens
+    rows = worst or n
+    if worst:
+        assert int(handle.device_num_recv_tokens.get()[0]) == n, "device true count"
+        assert counts == [], "num_worst_tokens: the per-expert list is empty"
+    else:
+        assert handle.num_recv_tokens == n, f"N {handle.num_recv_tokens} != {n}"
+        assert counts == list(want.num_recv_tokens_per_expert_list), f"counts {counts} != {want.num_recv_tokens_per_expert_list}"
+    data = recv_x[0] if fp8 else recv_x
+    assert data.shape == (rows, h), f"recv_x shape {data.shape}"
+    wx = want.recv_x[0].view(np.uint8) if fp8 else want.recv_x
+    assert_bitwise_equal(host(data)[:n], wx[:n], "recv_x")
+    if fp8:
+        assert_bitwise_equal(host(recv_x[1])[:n], want.recv_x[1][:n], "recv_x scales")
+    if topk:
+        assert_bitwise_equal(host(recv_idx)[:n], want.recv_topk_idx[:n], "recv_topk_idx")
+        assert_bitwise_equal(host(recv_w)[:n], want.recv_topk_weights[:n], "recv_topk_weights")
+        if worst:
+            assert (host(recv_idx)[n:] == -1).all(), "padding rows must have recv_topk_idx -1"
+    assert_bitwise_equal(host(handle.recv_src_idx)[:n], want.recv_src_idx[:n], "recv_src_idx")
+    if cached:
+        rng = np.random.default_rng(seed + 1000)
+        xs2 = [make_x(rng, t, h, r) for r, t in enumerate(tokens)]
+        in_ranks = [ref.get_dispatch_layout(i, e, R)[3] for i in idxs]
+        if fp8:
+            p2 = [ref.per_token_cast_to_fp8(x) for x in xs2]
+            x2 = (cp.asarray(p2[rank][0].view(np.uint8)), cp.asarray(p2[rank][1]))
+            want2 = ref.dispatch(p2, idxs, None, e, num_worst_tokens=worst)[rank].recv_x
+        else:
+            x2 = cp.asarray(xs2[rank])
+            want2 = ref.dispatch(xs2, idxs, None, e, num_worst_tokens=worst)[rank].recv_x
+        got2, _, _, _, _, _ = buf.dispatch(x2, handle=handle)
+        g = got2[0] if fp8 else got2
+        w2 = want2[0].view(np.uint8) if fp8 else want2
+        assert_bitwise_equal(host(g)[:n], w2[:n], "cached recv_x")
+        del in_ranks
+    if not fp8:
+        # combine the received rows (as the expert output) back; reference from all ranks' dispatch results
+        results = ref.dispatch(xs, idxs, ws if topk else None, e, num_worst_tokens=worst)
+        in_ranks = [ref.get_dispatch_layout(i, e, R)[3] for i in idxs]
+        rng = np.random.default_rng(seed + 7)
+        biases = None
+        bias_dev = None
+        if bias:
+            bl = [[make_x(rng, t, h, r) for _ in range(bias)] for r, t in enumerate(tokens)]
+            biases = [tuple(b) if bias == 2 else b[0] for b in bl]
+            bias_dev = tuple(cp.asarray(b) for b in bl[rank]) if bias == 2 else cp.asarray(bl[rank][0])
+        want_c = ref.combine([rr.recv_x for rr in results], results, in_ranks,
+                             [rr.recv_topk_weights for rr in results] if topk else None, biases)[rank]
+        combined, combined_w, ev = buf.combine(recv_x, handle, topk_weights=recv_w if topk else None, bias=bias_dev,
+                                               async_finish=async_)
+        if async_:
+            ev.current_stream_wait()
+        bf16_close(host(combined), want_c[0], "combined_x")
+        if topk:
+            np.testing.assert_allclose(host(combined_w), want_c[1], rtol=1e-6, atol=1e-6)
+
+
+def determinism(iters):
+    h, k, e = 2048, 8, 64
+    tokens = [128 + 8 * r for r in range(R)]
+    xs, idxs, ws = make_inputs(123, tokens, h, k, e)
+    x, idx, w = cp.asarray(xs[rank]), cp.asarray(idxs[rank]), cp.asarray(ws[rank])
+    first = None
+    for i in range(iters):
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
+        recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=idx, topk_weights=w)
+        combined, cw, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+        digest = hashlib.sha256(recv_x.get().tobytes() + combined.get().tobytes() + cw.get().tobytes()).hexdigest()
+        if first is None:
+            first = digest
+            want = ref.dispatch(xs, idxs, ws, e)[rank]
+            assert_bitwise_equal(recv_x.get(), want.recv_x, "recv_x (iteration 0)")
+        elif digest != first:
+            raise AssertionError(f"iteration {i}: results drifted (hash {digest[:12]} != {first[:12]})")
+
+
+def cuda_graph():
+    h, k, e, worst_rows = 2048, 8, 64, 0
+    tokens = [96] * R
+    worst_rows = sum(tokens)
+    s = cp.cuda.Stream(non_blocking=True)
+    xs, idxs, ws = make_inputs(5, tokens, h, k, e)
+    x, idx, w = cp.asarray(xs[rank]), cp.asarray(idxs[rank]), cp.asarray(ws[rank])
+    out = {}
+
+    def step():
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
+        rx, ri, rw, _, hd, _ = buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                            num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,
+                                            num_worst_tokens=worst_rows)
+        c, _, _ = buf.combine(rx, hd)
+        out.update(recv_x=rx, recv_idx=ri, combined=c, handle=hd)
+
+    with s:
+        step()  # eager warm-up: compiles kernels and fills the memory pool
+        s.synchronize()
+        group.barrier()
+        s.begin_capture()
+        step()
+        graph = s.end_capture()
+    for rep in range(3):
+        xs, idxs, ws = make_inputs(50 + rep, tokens, h, k, e)
+        x[...] = cp.asarray(xs[rank])
+        idx[...] = cp.asarray(idxs[rank])
+        w[...] = cp.asarray(ws[rank])
+        s.synchronize()
+        group.barrier()
+        graph.launch(s)
+        s.synchronize()
+        want = ref.dispatch(xs, idxs, ws, e, num_worst_tokens=worst_rows)[rank]
+        n = want.num_recv_tokens
+        assert int(out["handle"].device_num_recv_tokens.get()[0]) == n
+        assert_bitwise_equal(out["recv_x"].get()[:n], want.recv_x[:n], f"graph replay {rep} recv_x")
+        results = ref.dispatch(xs, idxs, ws, e, num_worst_tokens=worst_rows)
+        in_ranks = [ref.get_dispatch_layout(i, e, R)[3] for i in idxs]
+        want_c = ref.combine([r_.recv_x for r_ in results], results, in_ranks)[rank][0]
+        bf16_close(out["combined"].get(), want_c, f"graph replay {rep} combined")
+
+
+def timeout_case():
+    os.environ["EPCOMM_TIMEOUT_S"] = "2"
+    h, k, e = 512, 4, 16
+    tokens = [32] * R
+    xs, idxs, ws = make_inputs(9, tokens, h, k, e)
+    idx = cp.asarray(idxs[rank])
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
+    cp.cuda.Device().synchronize()
+    group.barrier()
+    t0 = time.time()
+    if rank == R - 1:
+        time.sleep(6)  # this rank skips the dispatch
+        return
+    try:
+        buf.dispatch(cp.asarray(xs[rank]), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                     num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=cp.asarray(ws[rank]))
+    except epcomm.CommTimeoutError as exc:
+        dt = time.time() - t0
+        assert exc.peer == R - 1 or R - 1 == 0 or exc.peer >= 0, f"peer {exc.peer}"
+        assert "notify" in str(exc), str(exc)
+        assert dt < 10, f"took {dt:.1f} s"
+        print(f"rank {rank}: CommTimeoutError after {dt:.1f} s: {str(exc)[:160]}", flush=True)
+        return
+    raise AssertionError("dispatch did not time out although a rank skipped it")
+
+
+H = [2048, 4096, 7168, 7680]
+if args.oversubscribed:
+    plan = [
+        ("bf16_h2048_k8_e64", dict(h=2048, k=8, e=64, tokens=[40 + r for r in range(R)])),
+        ("fp8_h4096_k6_e16_zero_one", dict(h=4096, k=6, e=16, tokens=[0 if r == 0 else (1 if r == 1 else 17) for r in range(R)], fp8=True)),
+        ("bf16_async_cached_worst", dict(h=2048, k=8, e=64, tokens=[17] * R, async_=True, cached=True, worst=17 * R)),
+        ("bf16_skew_one_expert_bias2", dict(h=2048, k=1, e=16, tokens=[20] * R, skew="one_expert", bias=2)),
+        ("bf16_notopk_align4", dict(h=2048, k=8, e=256, tokens=[33] * R, topk=False)),
+    ]
+else:
+    plan = [
+        ("bf16_h7168_k8_e256_t4096", dict(h=7168, k=8, e=256, tokens=[4096] * R)),
+        ("fp8_h7168_k8_e256_t4096", dict(h=7168, k=8, e=256, tokens=[4096] * R, fp8=True)),
+        ("bf16_h2048_k1_e16_t0_1", dict(h=2048, k=1, e=16, tokens=[0, 1] + [17] * (R - 2))),
+        ("fp8_h4096_k6_e64_t17_async", dict(h=4096, k=6, e=64, tokens=[17] * R, fp8=True, async_=True)),
+        ("bf16_h7680_k6_e64_align8_bias1", dict(h=7680, k=6, e=64, tokens=[300, 257] + [64] * (R - 2), align=8, bias=1)),
+        ("bf16_h4096_k8_e256_bias2_cached", dict(h=4096, k=8, e=256, tokens=[513] * R, bias=2, cached=True)),
+        ("fp8_h7680_k8_e16_cached_worst", dict(h=7680, k=8, e=16, tokens=[100] * R, fp8=True, cached=True, worst=100 * R)),
+        ("bf16_h2048_k8_e64_worst_async", dict(h=2048, k=8, e=64, tokens=[255] * R, worst=255 * R + 5, async_=True)),
+        ("bf16_notopk_h4096", dict(h=4096, k=8, e=64, tokens=[200] * R, topk=False)),
+        ("fp8_notopk_h2048", dict(h=2048, k=8, e=64, tokens=[77] * R, topk=False, fp8=True)),
+        ("bf16_skew_one_expert", dict(h=2048, k=6, e=64, tokens=[128] * R, skew="one_expert")),
+        ("bf16_skew_rank_gets_nothing", dict(h=2048, k=6, e=64, tokens=[128] * R, skew=f"avoid_rank:{R}:{R - 1}")),
+        ("bf16_k16_e256", dict(h=2048, k=16, e=256, tokens=[64] * R)),
+    ]
+    if args.quick:
+        plan = plan[:4]
+for i, (name, kw) in enumerate(plan):
+    cases.run(name, normal_case, seed=i, **kw)
+cases.run("determinism_x1000" if not args.oversubscribed else "determinism_x20", determinism,
+          20 if (args.oversubscribed or args.quick) else 1000)
+cases.run("cuda_graph_worst_tokens", cuda_graph)
+cases.run("timeout_names_rank_peer_phase", timeout_case)
+code = cases.finish()
+try:
+    buf.destroy()
+except Exception as exc:  # after the timeout case the buffer is poisoned; teardown must still work
+    print(f"rank {rank}: destroy raised {exc}")
+exit_with(code)
