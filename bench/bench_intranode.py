@@ -30,6 +30,8 @@ ap.add_argument("--experts", type=int, default=256)
 ap.add_argument("--iters", type=int, default=30)
 ap.add_argument("--quick", action="store_true", help="fewer iterations")
 ap.add_argument("--out", default=None)
+ap.add_argument("--trace", action="store_true", help="also split calls into per-kernel device times and profile "
+                "the host side (rank 0)")
 args = ap.parse_args()
 iters = 15 if args.quick else args.iters
 T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
@@ -57,21 +59,45 @@ w = cp.asarray(np.random.default_rng(7 + rank).random((T, K), dtype=np.float32))
 
 
 def timed(fn, n=iters, warmup=3):
-    """Median of per-call times: device events around each call, ranks released together by a barrier."""
+    """Median per-call time of n back-to-back calls: an event on the caller's stream before each call and one after
+    the last; call i's time is the gap between its event and the next. Ranks are released together once (a
+    barrier) and then keep in step through the calls' own synchronisation, as in a model's layer loop; the GPU
+    never idles between calls (idle gaps would let its clocks drop and time the ramp, not the call)."""
     for _ in range(warmup):
         fn()
     cp.cuda.Device().synchronize()
-    out = []
+    g.barrier()
     s = cp.cuda.get_current_stream()
-    for _ in range(n):
-        g.barrier()
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        e0.record(s)
+    evs = [cp.cuda.Event() for _ in range(n + 1)]
+    for i in range(n):
+        evs[i].record(s)
         fn()
-        e1.record(s)
-        e1.synchronize()
-        out.append(cp.cuda.get_elapsed_time(e0, e1))
-    return median_us(out)
+    evs[n].record(s)
+    evs[n].synchronize()
+    return median_us([cp.cuda.get_elapsed_time(evs[i], evs[i + 1]) for i in range(n)])
+
+
+def timed_graph(fn, n=iters):
+    """Median device time of fn captured once into a CUDA graph and replayed back-to-back: no host work per call
+    (what a graph-captured layer loop sees). fn must need no host sync (cached or num_worst_tokens calls)."""
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        fn()  # warm-up: kernels loaded, pool filled
+        s.synchronize()
+        g.barrier()
+        s.begin_capture()
+        fn()
+        graph = s.end_capture()
+        graph.launch(s)
+        s.synchronize()
+        g.barrier()
+        evs = [cp.cuda.Event() for _ in range(n + 1)]
+        for i in range(n):
+            evs[i].record(s)
+            graph.launch(s)
+        evs[n].record(s)
+        evs[n].synchronize()
+    return median_us([cp.cuda.get_elapsed_time(evs[i], evs[i + 1]) for i in range(n)])
 
 
 def agree(v):  # the slowest rank's median is the call's time
@@ -158,7 +184,8 @@ try:
     baseline["bf16_combine"] = agree(timed(t_combine))
     dist.destroy_process_group()
 except Exception as exc:  # torch missing or NCCL unusable: say so in the table
-    log(f"baseline skipped: {type(exc).__name__}: {exc}")
+    import traceback
+    log(f"baseline skipped: {type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}")
 
 # -- epcomm ---------------------------------------------------------------------------------------------------
 rows = []
@@ -173,7 +200,12 @@ for sms in sweep:
     d16 = agree(timed(lambda: buf.dispatch(x_bf16, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                                            num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, config=cfg)))
     c16 = agree(timed(lambda: buf.combine(recv_bf16, handle, config=cfg)))
-    for op, dt, us, base, extra in (("dispatch", "fp8", disp8, baseline.get("fp8_dispatch"), {}),
+    f8g = agree(timed_graph(lambda: buf.dispatch((x_fp8, scales_cm), handle=handle, config=cfg)))
+    d16g = agree(timed_graph(lambda: buf.dispatch(x_bf16, handle=handle, config=cfg)))
+    c16g = agree(timed_graph(lambda: buf.combine(recv_bf16, handle, config=cfg)))
+    for op, dt, us, base, extra in (("dispatch", "fp8", f8g, baseline.get("fp8_dispatch"), {"variant": "cached-graph"}),
+                                    ("dispatch", "bf16", d16g, baseline.get("bf16_dispatch"), {"variant": "cached-graph"}),
+                                    ("combine", "bf16", c16g, baseline.get("bf16_combine"), {"variant": "graph"}),("dispatch", "fp8", disp8, baseline.get("fp8_dispatch"), {}),
                                     ("dispatch", "fp8", f8, baseline.get("fp8_dispatch"), {"variant": "cached"}),
                                     ("dispatch", "bf16", d16, baseline.get("bf16_dispatch"), {}),
                                     ("combine", "bf16", c16, baseline.get("bf16_combine"), {})):
@@ -181,6 +213,48 @@ for sms in sweep:
         b = {"name": "torch NCCL all_to_all_single + index_select/index_add", "median_us": round(base, 1)} if base else None
         rows.append(record(op, dt, R, gpus, T, H, K, E, sms, us, lb, pb, card, b,
                            ceiling_one_way_gbps=round(ceiling_one_way, 1), **extra))
+
+def trace_split(name, fn, n=10):
+    """Per-kernel device time (events between launches) and host time per call, medians over n calls."""
+    be = buf._backend
+    fn()
+    cp.cuda.Device().synchronize()
+    segs, host = {}, []
+    for _ in range(n):
+        g.barrier()
+        be.trace = []
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e6)
+        cp.cuda.Device().synchronize()
+        marks = be.trace
+        be.trace = None
+        for (a, ea), (b, eb) in zip(marks, marks[1:]):
+            segs.setdefault(b if b != "start" else a + "->next", []).append(cp.cuda.get_elapsed_time(ea, eb) * 1e3)
+    parts = ", ".join(f"{k} {np.median(v):.0f}" for k, v in segs.items())
+    log(f"trace {name}: host {np.median(host):.0f} us per call; device us: {parts}")
+
+
+if args.trace:
+    cfg24 = epcomm.Config(num_sms=24)
+    trace_split("fp8 cached dispatch", lambda: buf.dispatch((x_fp8, scales_cm), handle=handle, config=cfg24))
+    trace_split("bf16 dispatch", lambda: buf.dispatch(x_bf16, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                      num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,
+                                                      config=cfg24))
+    trace_split("bf16 combine", lambda: buf.combine(recv_bf16, handle, config=cfg24))
+    import cProfile
+    import pstats
+    prof = cProfile.Profile() if rank == 0 else None
+    if prof:
+        prof.enable()
+    for _ in range(20):
+        buf.dispatch((x_fp8, scales_cm), handle=handle, config=cfg24)
+        buf.combine(recv_bf16, handle, config=cfg24)
+    if prof:
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    cp.cuda.Device().synchronize()
+    g.barrier()
 
 if rank == 0:
     print(f"\n{card} x{gpus}, EP{R}, {T} tokens/rank, hidden {H}, top-{K} of {E}; received rows {rows_total} "

@@ -54,11 +54,19 @@ class GpuBackend:
         self.timeout_s = float(env("EPCOMM_TIMEOUT_S"))
         self.num_sms_device = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.low_latency = None
+        self.trace: list | None = None  # set to [] to record per-kernel events (bench --trace)
         if low_latency_mode:
             raise ConfigError("low_latency_mode: the GPU low-latency kernels are not built yet; use backend='cpu' "
                               "for the low-latency API")
 
     # -- plumbing ------------------------------------------------------------------------------------------
+    def _mark(self, name: str) -> None:
+        """Diagnostics (bench --trace): an event on the comm stream between kernels, to split a call's time."""
+        if self.trace is not None:
+            ev = self.cp.cuda.Event()
+            ev.record(self.stream)
+            self.trace.append((name, ev))
+
     def _comm(self):
         return tuple(self.err.wait_params())
 
@@ -123,10 +131,12 @@ class GpuBackend:
 
     def _notify(self, in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, info, capacity, do_count):
         self.host_seq = self.host_seq % 0x7FFFFFFF + 1
+        self._mark("start")
         get_kernel(intra.notify_spec(self.num_ranks)).launch(
             1, (in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, info,
                 self.host_info.device_ptr if do_count else 0, capacity, self.nvl.peer_bases, self._epoch_ptr(0),
                 1 if do_count else 0, self.host_seq) + self._comm(), stream=self.stream)
+        self._mark("notify")
 
     def _wait_host_info(self) -> None:
         seq = self.host_seq
@@ -200,11 +210,14 @@ class GpuBackend:
         get_kernel(intra.dispatch_send_spec(self.num_ranks)).launch(
             grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts, in_rank,
                    send_pos, matrix, t, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx,
-                   lay.off_w, lay.off_src, self._counter(0), self._epoch_ptr(0)) + self._comm(), stream=self.stream)
+                   lay.off_w, lay.off_src, recv_x, recv_scales, recv_idx, recv_w, recv_src, rows, self._counter(0),
+                   self._epoch_ptr(0)) + self._comm(), stream=self.stream)
+        self._mark("dispatch_send")
         get_kernel(intra.dispatch_recv_spec(self.num_ranks)).launch(
             grid, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx, lay.off_w, lay.off_src,
-                   row_int4, s, k, info, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src,
+                   row_int4, s, k, info, matrix, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src,
                    self._epoch_ptr(0)) + self._comm(), stream=self.stream)
+        self._mark("dispatch_recv")
 
     def _counter(self, i: int) -> int:
         return int(self.block_counters.data.ptr) + 4 * i
@@ -249,16 +262,20 @@ class GpuBackend:
         rows = handle.num_worst_tokens or handle.num_recv_tokens
         grid = self._grid(config)
         row_int4 = h * 2 // 16
+        self._mark("start")
         get_kernel(intra.combine_send_spec(r)).launch(
             grid, (x, row_int4, topk_weights, k, st["count_matrix"], rows, self.nvl.peer_bases, self.meta_bytes,
                    lay.off_x, lay.off_w, self._counter(1), self._epoch_ptr(1)) + self._comm(), stream=self.stream)
+        self._mark("combine_send")
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
         # Launched also with no tokens: it still waits for every rank's done flag, closing the call.
         get_kernel(intra.combine_reduce_spec(r)).launch(
             grid if t else 1, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
-                               handle.is_token_in_rank, handle.send_pos, st["count_matrix"], t, b0, b1, out, out_w,
+                               handle.is_token_in_rank, handle.send_pos, st["count_matrix"], t, b0, b1, x, topk_weights,
+                               out, out_w,
                                self._epoch_ptr(1)) + self._comm(), stream=self.stream)
+        self._mark("combine_reduce")
         ev = self._finish(ctx, (x, topk_weights, bias))
         return out, out_w, ev
 

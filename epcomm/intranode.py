@@ -111,7 +111,9 @@ def dispatch_send_spec(num_ranks: int) -> KernelSpec:
                 ("const bool*", "is_token_in_rank"), ("const int*", "send_pos"), ("const int*", "count_matrix"),
                 ("int", "num_tokens"), ("const uint64_t*", "peer_bases"), ("long long", "data_offset"),
                 ("long long", "off_x"), ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"),
-                ("long long", "off_src"), ("int*", "block_counter"), ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
+                ("long long", "off_src"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
+                ("float*", "out_w"), ("int*", "out_src"), ("int", "num_out_rows"), ("int*", "block_counter"),
+                ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
         num_threads=NUM_THREADS)
 
 
@@ -122,7 +124,7 @@ def dispatch_recv_spec(num_ranks: int) -> KernelSpec:
         params=(("const uint8_t*", "local_base"), ("long long", "data_offset"), ("long long", "off_x"),
                 ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"), ("long long", "off_src"),
                 ("int", "row_int4"), ("int", "num_scales"), ("int", "num_topk"), ("const int*", "info"),
-                ("int", "num_out_rows"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
+                ("const int*", "count_matrix"), ("int", "num_out_rows"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
                 ("float*", "out_w"), ("int*", "out_src"), ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
         num_threads=NUM_THREADS)
 
@@ -145,7 +147,8 @@ def combine_reduce_spec(num_ranks: int) -> KernelSpec:
         params=(("const uint8_t*", "local_base"), ("long long", "data_offset"), ("long long", "off_cx"),
                 ("long long", "off_cw"), ("int", "row_int4"), ("int", "num_topk"), ("const bool*", "is_token_in_rank"),
                 ("const int*", "send_pos"), ("const int*", "count_matrix"), ("int", "num_tokens"),
-                ("const int4*", "bias0"), ("const int4*", "bias1"), ("int4*", "out"), ("float*", "out_w"),
+                ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
+                ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"),
                 ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
         num_threads=NUM_THREADS)
 

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUTDIR=${OUT:-$ROOT/gpu_out}; mkdir -p "$OUTDIR"
 QUICK=0; BENCH=1; BENCH_ARGS="--quick"
-for a in "$@"; do case $a in --quick) QUICK=1;; --no-bench) BENCH=0;; --bench-full) BENCH_ARGS="";; esac; done
+for a in "$@"; do case $a in --quick) QUICK=1;; --no-bench) BENCH=0;; --bench-full) BENCH_ARGS="";; --trace) BENCH_ARGS="$BENCH_ARGS --trace";; esac; done
 PY=${PYTHON:-python3}
 
 # 1. What the GPU image lacks: nvshmem4py (wheel carried in wheels/, installed beside the tree).

@@ -317,7 +317,19 @@ struct RecvOffsets {
 };
 
 // ---------------------------------------------------------------------------------------------------------
+// Where one destination's copy of the dispatched rows goes: a peer's receive area, or, for this rank's own
+// rows, straight into the caller's output arrays (the same row numbers: outputs are in receive order).
+struct RowSink {
+    int4* x;
+    float* scales;
+    int64_t* idx;
+    float* w;
+    int* src;
+};
+
 // Dispatch send: one warp per token; the row is read once and stored to each destination's final row.
+// Rows for this rank itself go directly to the outputs (out_*; rows >= num_out_rows are dropped: dispatch_recv
+// reports that case as a capacity error), so the receive kernel copies only other ranks' rows.
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float* scales, long long scale_stride_t,
                                         long long scale_stride_s, int num_scales, const int64_t* topk_idx,
@@ -325,8 +337,10 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
                                         const bool* is_token_in_rank, const int* send_pos, const int* count_matrix,
                                         int num_tokens, const uint64_t* peer_bases, long long data_offset,
                                         long long off_x, long long off_scales, long long off_idx, long long off_w,
-                                        long long off_src, int* block_counter, const uint64_t* epoch_counter,
-                                        uint64_t err_record, long long timeout_ns, int rank) {
+                                        long long off_src, int4* out_x, float* out_scales, int64_t* out_idx,
+                                        float* out_w, int* out_src, int num_out_rows, int* block_counter,
+                                        const uint64_t* epoch_counter, uint64_t err_record, long long timeout_ns,
+                                        int rank) {
     const uint64_t epoch = *epoch_counter;  // advanced by this call's notify
     __shared__ int matrix[kNumRanks][kNumRanks];
     __shared__ int my_start[kNumRanks];
@@ -336,53 +350,61 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
     __syncthreads();
     comm::Waiter waiter(err_record, timeout_ns, rank);
     const bool skip = comm::block_has_error(waiter);  // e.g. a capacity error from notify: address nothing
+    RowSink sink[kNumRanks];
+    #pragma unroll
+    for (int d = 0; d < kNumRanks; ++d) {
+        if (d == rank) {
+            sink[d] = RowSink{out_x, out_scales, out_idx, out_w, out_src};
+        } else {
+            uint8_t* data = peer_base(peer_bases, d) + data_offset;
+            sink[d] = RowSink{reinterpret_cast<int4*>(data + off_x), reinterpret_cast<float*>(data + off_scales),
+                              reinterpret_cast<int64_t*>(data + off_idx), reinterpret_cast<float*>(data + off_w),
+                              reinterpret_cast<int*>(data + off_src)};
+        }
+    }
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
     const int experts_per_rank = num_experts / kNumRanks;
     for (int t = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; t < num_tokens && !skip; t += warps) {
-        uint8_t* data[kNumRanks];
         long long row[kNumRanks];
+        int4* dst[kNumRanks];
         #pragma unroll
         for (int d = 0; d < kNumRanks; ++d) {
             bool in = is_token_in_rank[static_cast<long long>(t) * kNumRanks + d];
-            data[d] = in ? peer_base(peer_bases, d) + data_offset : nullptr;
             row[d] = in ? my_start[d] + send_pos[static_cast<long long>(t) * kNumRanks + d] : -1;
+            if (d == rank && row[d] >= num_out_rows) row[d] = -1;
+            dst[d] = row[d] >= 0 ? sink[d].x + row[d] * row_int4 : nullptr;
         }
-        int4* dst[kNumRanks];
-        #pragma unroll
-        for (int d = 0; d < kNumRanks; ++d)
-            dst[d] = data[d] ? reinterpret_cast<int4*>(data[d] + off_x) + row[d] * row_int4 : nullptr;
         warp_copy_row<kNumRanks>(x + static_cast<long long>(t) * row_int4, dst, row_int4, lane);
         #pragma unroll
         for (int d = 0; d < kNumRanks; ++d) {
-            if (!data[d]) continue;
+            if (row[d] < 0) continue;
             for (int s = lane; s < num_scales; s += kWarpSize)
-                reinterpret_cast<float*>(data[d] + off_scales)[row[d] * num_scales + s] =
-                    scales[t * scale_stride_t + s * scale_stride_s];
+                sink[d].scales[row[d] * num_scales + s] = scales[t * scale_stride_t + s * scale_stride_s];
             if (topk_idx) {
                 for (int k = lane; k < num_topk; k += kWarpSize) {
                     int64_t e = topk_idx[static_cast<long long>(t) * num_topk + k];
                     bool mine = e >= static_cast<int64_t>(d) * experts_per_rank && e < static_cast<int64_t>(d + 1) * experts_per_rank;
-                    reinterpret_cast<int64_t*>(data[d] + off_idx)[row[d] * num_topk + k] = mine ? e - static_cast<int64_t>(d) * experts_per_rank : -1;
-                    reinterpret_cast<float*>(data[d] + off_w)[row[d] * num_topk + k] =
-                        mine ? topk_weights[static_cast<long long>(t) * num_topk + k] : 0.0f;
+                    sink[d].idx[row[d] * num_topk + k] = mine ? e - static_cast<int64_t>(d) * experts_per_rank : -1;
+                    sink[d].w[row[d] * num_topk + k] = mine ? topk_weights[static_cast<long long>(t) * num_topk + k] : 0.0f;
                 }
             }
-            if (lane == 0) reinterpret_cast<int*>(data[d] + off_src)[row[d]] = t;
+            if (lane == 0 && sink[d].src) sink[d].src[row[d]] = t;
         }
     }
     grid_done_signal<kNumRanks>(block_counter, peer_bases, kFlagDispatchDone, rank, epoch);
 }
 
-// Dispatch receive: wait for every source's done flag, then copy rows [0, N) of the receive area to the
-// outputs; rows [N, num_out_rows) (num_worst_tokens padding) get topk_idx = -1, weight 0, src_idx -1.
+// Dispatch receive: wait for every source's done flag, then copy other sources' rows of [0, N) from the receive
+// area to the outputs (this rank's own block was written there by dispatch_send); rows [N, num_out_rows)
+// (num_worst_tokens padding) get topk_idx = -1, weight 0, src_idx -1.
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long data_offset, long long off_x,
                                         long long off_scales, long long off_idx, long long off_w, long long off_src,
-                                        int row_int4, int num_scales, int num_topk, const int* info, int num_out_rows,
-                                        int4* out_x, float* out_scales, int64_t* out_idx, float* out_w,
-                                        int* out_src, const uint64_t* epoch_counter, uint64_t err_record,
-                                        long long timeout_ns, int rank) {
+                                        int row_int4, int num_scales, int num_topk, const int* info,
+                                        const int* count_matrix, int num_out_rows, int4* out_x, float* out_scales,
+                                        int64_t* out_idx, float* out_w, int* out_src, const uint64_t* epoch_counter,
+                                        uint64_t err_record, long long timeout_ns, int rank) {
     using M = Meta<kNumRanks>;
     const uint64_t epoch = *epoch_counter;  // advanced by this call's notify
     comm::Waiter waiter(err_record, timeout_ns, rank);
@@ -393,12 +415,16 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
     if (comm::block_has_error(waiter)) return;
     const int n = info[0];
     const int copy_rows = n < num_out_rows ? n : num_out_rows;
+    int self_begin = 0;
+    for (int s = 0; s < rank; ++s) self_begin += count_matrix[s * kNumRanks + rank];
+    const int self_end = self_begin + count_matrix[rank * kNumRanks + rank];
     if (n > num_out_rows && blockIdx.x == 0 && threadIdx.x == 0)
         comm::record_error(waiter, comm::kErrCapacity, rank, phase::kDispatch, n, num_out_rows);
     const uint8_t* data = local_base + data_offset;
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
     for (int r = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; r < num_out_rows; r += warps) {
+        if (r >= self_begin && r < self_end) continue;  // written directly by dispatch_send
         if (r < copy_rows) {
             warp_copy_row_coherent(reinterpret_cast<const int4*>(data + off_x) + static_cast<long long>(r) * row_int4,
                                    out_x + static_cast<long long>(r) * row_int4, row_int4, lane);
@@ -427,7 +453,8 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
 
 // ---------------------------------------------------------------------------------------------------------
 // Combine send: barrier (every peer finished reading its combine area), then each received row n goes back to
-// its source s, at row (sum of s's counts to ranks before me) + (n - start of s's block here).
+// its source s, at row (sum of s's counts to ranks before me) + (n - start of s's block here). Rows whose
+// source is this rank stay where they are: combine_reduce reads them from x.
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int row_int4, const float* topk_weights, int num_topk,
                                        const int* count_matrix, int num_rows, const uint64_t* peer_bases,
@@ -464,6 +491,7 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int row_int4, const float*
     for (int n = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; n < rows && !skip; n += warps) {
         int s = 0;
         while (n >= recv_start[s + 1]) ++s;
+        if (s == rank) continue;  // my own tokens' rows: combine_reduce reads them from x directly
         long long dst_row = origin_start[s] + (n - recv_start[s]);
         uint8_t* data = peer_base(peer_bases, s) + data_offset;
         int4* const dst[1] = {reinterpret_cast<int4*>(data + off_cx) + dst_row * row_int4};
@@ -481,16 +509,21 @@ template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_reduce(const uint8_t* local_base, long long data_offset, long long off_cx,
                                          long long off_cw, int row_int4, int num_topk, const bool* is_token_in_rank,
                                          const int* send_pos, const int* count_matrix, int num_tokens,
-                                         const int4* bias0, const int4* bias1, int4* out, float* out_w,
+                                         const int4* bias0, const int4* bias1, const int4* x_local,
+                                         const float* w_local, int4* out, float* out_w,
                                          const uint64_t* epoch_counter, uint64_t err_record, long long timeout_ns,
                                          int rank) {
     using M = Meta<kNumRanks>;
     const uint64_t epoch = *epoch_counter;  // advanced by this call's combine_send
-    __shared__ int area_start[kNumRanks];   // block of rank d's rows in my combine area
+    __shared__ int area_start[kNumRanks];   // block of rank d's rows in my combine area (own block: in x_local)
     comm::Waiter waiter(err_record, timeout_ns, rank);
     if (threadIdx.x < kNumRanks) {
         int start = 0;
-        for (int d = 0; d < threadIdx.x; ++d) start += count_matrix[rank * kNumRanks + d];
+        if (threadIdx.x == rank) {  // my own rows: where my block starts in my receive order, i.e. in x_local
+            for (int s = 0; s < rank; ++s) start += count_matrix[s * kNumRanks + rank];
+        } else {
+            for (int d = 0; d < threadIdx.x; ++d) start += count_matrix[rank * kNumRanks + d];
+        }
         area_start[threadIdx.x] = start;
         comm::wait_geq(M::flag(const_cast<uint8_t*>(local_base), kFlagCombineDone, threadIdx.x), epoch, waiter,
                        threadIdx.x, phase::kCombine);
@@ -517,7 +550,9 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint8_t* local_base, long long da
                 #pragma unroll
                 for (int u = 0; u < kReduceUnroll; ++u) {
                     const int i = base + u * kWarpSize;
-                    if (rows[d] >= 0 && i < row_int4) v[d][u] = ld_global_v4(area + rows[d] * row_int4 + i);
+                    if (rows[d] >= 0 && i < row_int4)
+                        v[d][u] = d == rank ? ld_global_nc_na_v4(x_local + rows[d] * row_int4 + i)
+                                            : ld_global_v4(area + rows[d] * row_int4 + i);
                 }
             #pragma unroll
             for (int u = 0; u < kReduceUnroll; ++u) {
@@ -539,7 +574,9 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint8_t* local_base, long long da
                 float w = 0.0f;
                 #pragma unroll
                 for (int d = 0; d < kNumRanks; ++d)
-                    if (rows[d] >= 0) w += reinterpret_cast<const float*>(data + off_cw)[rows[d] * num_topk + k];
+                    if (rows[d] >= 0)
+                        w += d == rank ? w_local[rows[d] * num_topk + k]
+                                       : reinterpret_cast<const float*>(data + off_cw)[rows[d] * num_topk + k];
                 out_w[static_cast<long long>(t) * num_topk + k] = w;
             }
         }

@@ -5,6 +5,8 @@ A spec is pure data: no CUDA, no CuPy. The stub instantiates ``epcomm::<family>:
 """
 from __future__ import annotations
 
+import functools
+
 import operator
 import re
 from dataclasses import dataclass
@@ -146,10 +148,16 @@ class KernelSpec:
     def convert_args(self, args: Sequence[Any]) -> tuple:
         """Kernel arguments as the numpy scalars CuPy passes by value, one per ``params`` entry."""
         args = tuple(args)
-        if len(args) != len(self.params):
+        converters = self._converters
+        if len(args) != len(converters):
             names = ", ".join(name for _, name in self.params)
             raise TypeError(f"{self.entry_name}: expected {len(self.params)} arguments ({names}), got {len(args)}")
-        return tuple(_convert(self.entry_name, ctype, name, arg) for (ctype, name), arg in zip(self.params, args))
+        return tuple(conv(arg) for conv, arg in zip(converters, args))
+
+    @functools.cached_property
+    def _converters(self) -> tuple:
+        """One converter per parameter, built once per spec (launches are on the hot path of every call)."""
+        return tuple(_make_converter(self.entry_name, ctype, name) for ctype, name in self.params)
 
 
 def _template_value_text(value: int | bool) -> str:
@@ -179,6 +187,34 @@ def _pointer_value(arg: Any) -> int | None:
     if isinstance(cai, dict) and "data" in cai:
         return int(cai["data"][0])
     return None
+
+
+def _make_converter(kernel: str, ctype: str, name: str):
+    """A fast converter for one parameter: the common cases (CuPy array / int / None) first, _convert for the
+    rest (and for every error message)."""
+    if is_pointer_ctype(ctype):
+        def pointer(arg, _u64=np.uint64):
+            if arg is None:
+                return _u64(0)
+            if type(arg) is int and 0 <= arg < 2**64:
+                return _u64(arg)
+            data = getattr(arg, "data", None)
+            ptr = getattr(data, "ptr", None)
+            if type(ptr) is int:
+                return _u64(ptr)
+            return _convert(kernel, ctype, name, arg)
+        return pointer
+    np_type = SCALAR_CTYPES[_normalise_ctype(ctype)]
+    if np_type is np.float32:
+        return lambda arg: _convert(kernel, ctype, name, arg)
+    info = np.iinfo(np_type)
+    lo, hi = int(info.min), int(info.max)
+
+    def integer(arg):
+        if type(arg) is int and lo <= arg <= hi:
+            return np_type(arg)
+        return _convert(kernel, ctype, name, arg)
+    return integer
 
 
 def _convert(kernel: str, ctype: str, name: str, arg: Any):
