@@ -56,8 +56,8 @@ class GpuBackend:
         self.low_latency = None
         self.trace: list | None = None  # set to [] to record per-kernel events (bench --trace)
         if low_latency_mode:
-            from .low_latency import LowLatencyGpu
-            self.low_latency = LowLatencyGpu(self, num_rdma_bytes)
+            raise ConfigError("low_latency_mode: the GPU low-latency kernels are not built yet; use backend='cpu' "
+                              "for the low-latency API")
 
     # -- plumbing ------------------------------------------------------------------------------------------
     def _mark(self, name: str) -> None:
@@ -129,12 +129,11 @@ class GpuBackend:
     def _epoch_ptr(self, i: int) -> int:
         return int(self.epochs.data.ptr) + 8 * i
 
-    def _notify(self, in_rank, t, per_expert, num_experts, alignment, send_pos, chunk_end, matrix, info, capacity,
-                do_count):
+    def _notify(self, in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, info, capacity, do_count):
         self.host_seq = self.host_seq % 0x7FFFFFFF + 1
         self._mark("start")
         get_kernel(intra.notify_spec(self.num_ranks)).launch(
-            1, (in_rank, t, per_expert, num_experts, alignment, send_pos, chunk_end, matrix, info,
+            1, (in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, info,
                 self.host_info.device_ptr if do_count else 0, capacity, self.nvl.peer_bases, self._epoch_ptr(0),
                 1 if do_count else 0, self.host_seq) + self._comm(), stream=self.stream)
         self._mark("notify")
@@ -161,23 +160,17 @@ class GpuBackend:
         if e_local > intra.MAX_LOCAL_EXPERTS:
             raise ConfigError(f"num_experts: expected at most {intra.MAX_LOCAL_EXPERTS} experts per rank, "
                               f"got {e_local}")
-        if t > intra.MAX_TOKENS:
-            raise ConfigError(f"x: expected at most {intra.MAX_TOKENS} tokens per rank on the GPU, got {t}")
         lay = intra.RecvLayout.plan(self.data_bytes, row_bytes, s, k)
         self._begin(ctx)
-        r = self.num_ranks
         with self._alloc_stream(ctx):
-            send_pos = cp.empty((t, r), cp.int32)
-            chunk_end = cp.empty((max(1, -(-t // intra.CHUNK_TOKENS)), r), cp.int32)
-            matrix = cp.empty((r, r + 1), cp.int32)  # [s, d] rows s sends d; [s, r] = tokens of s
-            recv_chunk_end = cp.empty((r, intra.MAX_CHUNKS), cp.int32)
+            send_pos = cp.empty((t, self.num_ranks), cp.int32)
+            matrix = cp.empty((self.num_ranks, self.num_ranks), cp.int32)
             info = cp.empty(1 + e_local, cp.int32)
         per_expert = num_tokens_per_expert  # the layout's counts: the per-expert list needs no top-k here
         if per_expert is None:
             with self.stream:
                 per_expert = cp.zeros(num_experts, cp.int32)
-        self._notify(in_rank, t, per_expert, num_experts, alignment, send_pos, chunk_end, matrix, info,
-                     lay.capacity_rows, True)
+        self._notify(in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, info, lay.capacity_rows, True)
         if worst:
             n, rows, counts = None, worst, []
         else:
@@ -191,23 +184,21 @@ class GpuBackend:
             recv_idx = cp.empty((rows, k), cp.int64) if k else None
             recv_w = cp.empty((rows, k), cp.float32) if k else None
             recv_src = cp.empty(rows, cp.int32)
-        self._send_and_receive(data, scales, topk_idx, topk_weights, num_experts, in_rank, send_pos, chunk_end,
-                               matrix, recv_chunk_end, lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src,
-                               config)
+        self._send_and_receive(data, scales, topk_idx, topk_weights, num_experts, in_rank, send_pos, matrix, info,
+                               lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config)
         with self.stream:
-            prefix = cp.cumsum(matrix[:, :r], axis=0, dtype=cp.int32)
+            prefix = cp.cumsum(matrix, axis=0, dtype=cp.int32)
         handle = DispatchHandle(
             num_ranks=self.num_ranks, num_experts=num_experts, num_tokens=t, hidden=h, is_token_in_rank=in_rank,
             num_recv_tokens_per_source=matrix[:, self.rank], rank_prefix_matrix=prefix, recv_src_idx=recv_src,
             num_recv_tokens=n, num_worst_tokens=worst, send_pos=send_pos, device_num_recv_tokens=info[:1],
-            backend_state={"count_matrix": matrix, "info": info, "chunk_end": chunk_end,
-                           "recv_chunk_end": recv_chunk_end})
+            backend_state={"count_matrix": matrix, "info": info, "layout": lay})
         ev = self._finish(ctx, (x, topk_idx, topk_weights, in_rank))
         out_x = (recv_x, recv_scales) if scales is not None else recv_x
         return out_x, recv_idx, recv_w, counts, handle, ev
 
-    def _send_and_receive(self, data, scales, topk_idx, topk_weights, num_experts, in_rank, send_pos, chunk_end,
-                          matrix, recv_chunk_end, lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config):
+    def _send_and_receive(self, data, scales, topk_idx, topk_weights, num_experts, in_rank, send_pos, matrix, info,
+                          lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config):
         t, h = data.shape
         row_int4 = h * data.dtype.itemsize // 16
         s = scales.shape[1] if scales is not None else 0
@@ -215,13 +206,18 @@ class GpuBackend:
         itemsize = 4
         stride_t = scales.strides[0] // itemsize if scales is not None else 0
         stride_s = scales.strides[1] // itemsize if scales is not None else 0
-        get_kernel(intra.dispatch_spec(self.num_ranks)).launch(
-            self._grid(config),
-            (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts, in_rank, send_pos,
-             chunk_end, matrix, t, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx,
-             lay.off_w, lay.off_src, recv_x, recv_scales, recv_idx, recv_w, recv_src, rows, recv_chunk_end,
-             self._epoch_ptr(0)) + self._comm(), stream=self.stream)
-        self._mark("dispatch")
+        grid = self._grid(config)
+        get_kernel(intra.dispatch_send_spec(self.num_ranks)).launch(
+            grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts, in_rank,
+                   send_pos, matrix, t, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx,
+                   lay.off_w, lay.off_src, recv_x, recv_scales, recv_idx, recv_w, recv_src, rows, self._counter(0),
+                   self._epoch_ptr(0)) + self._comm(), stream=self.stream)
+        self._mark("dispatch_send")
+        get_kernel(intra.dispatch_recv_spec(self.num_ranks)).launch(
+            grid, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx, lay.off_w, lay.off_src,
+                   row_int4, s, k, info, matrix, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src,
+                   self._epoch_ptr(0)) + self._comm(), stream=self.stream)
+        self._mark("dispatch_recv")
 
     def _counter(self, i: int) -> int:
         return int(self.block_counters.data.ptr) + 4 * i
@@ -237,14 +233,14 @@ class GpuBackend:
         lay = intra.RecvLayout.plan(self.data_bytes, h * data.dtype.itemsize, s, 0)
         rows = handle.num_worst_tokens or handle.num_recv_tokens
         self._begin(ctx)
-        self._notify(handle.is_token_in_rank, t, None, handle.num_experts, 1, None, None, None, None,
-                     lay.capacity_rows, False)
+        self._notify(handle.is_token_in_rank, t, None, handle.num_experts, 1, None, None, None, lay.capacity_rows,
+                     False)
         with self._alloc_stream(ctx):
             recv_x = cp.empty((rows, h), data.dtype)
             recv_scales = cp.empty((rows, s), cp.float32) if scales is not None else None
         self._send_and_receive(data, scales, None, None, handle.num_experts, handle.is_token_in_rank, handle.send_pos,
-                               st["chunk_end"], st["count_matrix"], st["recv_chunk_end"], lay, rows, recv_x,
-                               recv_scales, None, None, None, config)
+                               st["count_matrix"], st["info"], lay, rows, recv_x, recv_scales, None, None, None,
+                               config)
         ev = self._finish(ctx, (x,))
         return ((recv_x, recv_scales) if scales is not None else recv_x), ev
 
@@ -263,37 +259,32 @@ class GpuBackend:
         with self._alloc_stream(ctx):
             out = cp.empty((t, h), x.dtype)
             out_w = cp.empty((t, k), cp.float32) if k else None
+        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        grid = self._grid(config)
+        row_int4 = h * 2 // 16
+        self._mark("start")
+        get_kernel(intra.combine_send_spec(r)).launch(
+            grid, (x, row_int4, topk_weights, k, st["count_matrix"], rows, self.nvl.peer_bases, self.meta_bytes,
+                   lay.off_x, lay.off_w, self._counter(1), self._epoch_ptr(1)) + self._comm(), stream=self.stream)
+        self._mark("combine_send")
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
-        self._mark("start")
-        get_kernel(intra.combine_spec(r)).launch(
-            self._grid(config),
-            (x, h * 2 // 16, topk_weights, k, st["count_matrix"], st["recv_chunk_end"], handle.is_token_in_rank,
-             handle.send_pos, t, b0, b1, out, out_w, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_w,
-             self._counter(1), self._epoch_ptr(1)) + self._comm(), stream=self.stream)
-        self._mark("combine")
+        # Launched also with no tokens: it still waits for every rank's done flag, closing the call.
+        get_kernel(intra.combine_reduce_spec(r)).launch(
+            grid if t else 1, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
+                               handle.is_token_in_rank, handle.send_pos, st["count_matrix"], t, b0, b1, x, topk_weights,
+                               out, out_w,
+                               self._epoch_ptr(1)) + self._comm(), stream=self.stream)
+        self._mark("combine_reduce")
         ev = self._finish(ctx, (x, topk_weights, bias))
         return out, out_w, ev
 
-    # -- low-latency (epcomm/low_latency.py: LowLatencyGpu) ------------------------------------------------
-    def _ll(self):
-        if self.low_latency is None:
-            raise ConfigError("low_latency_mode: this Buffer was made without low_latency_mode=True")
-        return self.low_latency
+    # -- low-latency (not on the GPU yet) ------------------------------------------------------------------
+    def low_latency_dispatch(self, *args, ctx=None):
+        raise ConfigError("low_latency_mode: the GPU low-latency kernels are not built yet")
 
-    def low_latency_dispatch(self, x, topk_idx, tmax, num_experts, use_fp8, round_scale, use_ue8m0,
-                             return_recv_hook, cumulative_stats, wait_stats, ctx):
-        return self._ll().dispatch(x, topk_idx, tmax, num_experts, use_fp8, round_scale, use_ue8m0,
-                                   return_recv_hook, cumulative_stats, wait_stats, ctx)
-
-    def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out, ctx):
-        return self._ll().combine(x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out, ctx)
-
-    def get_next_low_latency_combine_buffer(self, handle):
-        return self._ll().next_combine_buffer(handle)
-
-    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts) -> None:
-        self._ll().clean(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+    low_latency_combine = low_latency_dispatch
+    get_next_low_latency_combine_buffer = low_latency_dispatch
 
     def sync(self) -> None:
         self.stream.synchronize()
@@ -303,8 +294,6 @@ class GpuBackend:
         try:
             self.stream.synchronize()
         finally:
-            if self.low_latency is not None:
-                self.low_latency.close()  # collective: frees the NVSHMEM buffer
             self.nvl.close()
             self.host_info.free()
             self.bad_index.free()

@@ -8,17 +8,12 @@ from dataclasses import dataclass
 from .errors import ConfigError
 from .runtime import KernelSpec, register_family
 
-NUM_THREADS = 512          # dispatch / combine blocks: 16 warps, split into sender and receiver roles (1024 spills)
-DISPATCH_RECV_WARPS = 4    # of 16: copy arrived chunks out while the other 12 send
-COMBINE_RECV_WARPS = 8     # of 16: reduce arrived chunks while the other 8 push rows back
+NUM_THREADS = 512          # send / receive / combine blocks (16 warps, one token or row per warp at a time)
 NOTIFY_THREADS = 512
 LAYOUT_THREADS = 256
 MAX_LOCAL_EXPERTS = 1024   # kMaxLocalExperts in intranode.cuh
-NUM_FLAG_KINDS = 2         # kNumFlagKinds
-CHUNK_TOKENS = 16          # kChunkTokens
-MAX_CHUNKS = 2048          # kMaxChunks
-MAX_TOKENS = CHUNK_TOKENS * MAX_CHUNKS
-HOST_INFO_INTS = 1 + MAX_LOCAL_EXPERTS + 1   # kHostInfoInts: N, per-expert counts, host_seq
+NUM_FLAG_KINDS = 4         # kNumFlagKinds
+HOST_INFO_INTS = 1 + MAX_LOCAL_EXPERTS + 1   # kHostInfoInts: N, per-expert counts, epoch
 HOST_INFO_EPOCH = 1 + MAX_LOCAL_EXPERTS
 COMM_PARAMS = (("uint64_t", "err_record"), ("long long", "timeout_ns"), ("int", "rank"))
 
@@ -28,13 +23,11 @@ def _align(n: int, a: int) -> int:
 
 
 def meta_bytes(num_ranks: int) -> int:
-    """Mirror of Meta<kNumRanks>::kBytes: counts [2][R][R+1], per-expert counts (both double-buffered by epoch
-    parity), flags [kinds][R], dispatch and combine chunk flags [R][kMaxChunks] each."""
-    counts = 2 * num_ranks * (num_ranks + 1) * 4
+    """Mirror of Meta<kNumRanks>::kBytes: counts, per-expert counts (both double-buffered by epoch parity), flags."""
+    counts = 2 * num_ranks * num_ranks * 4
     expert_counts = 2 * num_ranks * MAX_LOCAL_EXPERTS * 4
     flags_offset = _align(counts + expert_counts, 128)
-    chunks_offset = _align(flags_offset + NUM_FLAG_KINDS * num_ranks * 8, 128)
-    return _align(chunks_offset + 2 * num_ranks * MAX_CHUNKS * 8, 4096)
+    return _align(flags_offset + NUM_FLAG_KINDS * num_ranks * 8, 4096)
 
 
 @dataclass(frozen=True)
@@ -101,42 +94,62 @@ def notify_spec(num_ranks: int) -> KernelSpec:
     return KernelSpec(
         family="intranode", op="notify", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NOTIFY_THREADS)),
         params=(("const bool*", "is_token_in_rank"), ("int", "num_tokens"), ("const int*", "num_tokens_per_expert"),
-                ("int", "num_experts"), ("int", "expert_alignment"), ("int*", "send_pos"), ("int*", "chunk_end"),
-                ("int*", "count_matrix"), ("int*", "info_out"), ("int*", "host_info"), ("int", "capacity_rows"),
+                ("int", "num_experts"), ("int", "expert_alignment"), ("int*", "send_pos"), ("int*", "count_matrix"),
+                ("int*", "info_out"), ("int*", "host_info"), ("int", "capacity_rows"),
                 ("const uint64_t*", "peer_bases"), ("uint64_t*", "epoch_counter"), ("int", "do_count"),
                 ("int", "host_seq")) + COMM_PARAMS,
         num_threads=NOTIFY_THREADS)
 
 
 @functools.lru_cache(maxsize=None)
-def dispatch_spec(num_ranks: int) -> KernelSpec:
+def dispatch_send_spec(num_ranks: int) -> KernelSpec:
     return KernelSpec(
-        family="intranode", op="dispatch",
-        template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS), ("kRecvWarps", DISPATCH_RECV_WARPS)),
+        family="intranode", op="dispatch_send", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS)),
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "scales"), ("long long", "scale_stride_t"),
                 ("long long", "scale_stride_s"), ("int", "num_scales"), ("const int64_t*", "topk_idx"),
                 ("const float*", "topk_weights"), ("int", "num_topk"), ("int", "num_experts"),
-                ("const bool*", "is_token_in_rank"), ("const int*", "send_pos"), ("const int*", "chunk_end"),
-                ("const int*", "count_matrix"), ("int", "num_tokens"), ("const uint64_t*", "peer_bases"),
-                ("long long", "data_offset"), ("long long", "off_x"), ("long long", "off_scales"),
-                ("long long", "off_idx"), ("long long", "off_w"), ("long long", "off_src"), ("int4*", "out_x"),
-                ("float*", "out_scales"), ("int64_t*", "out_idx"), ("float*", "out_w"), ("int*", "out_src"),
-                ("int", "num_out_rows"), ("int*", "recv_chunk_end"), ("const uint64_t*", "epoch_counter"))
-        + COMM_PARAMS,
+                ("const bool*", "is_token_in_rank"), ("const int*", "send_pos"), ("const int*", "count_matrix"),
+                ("int", "num_tokens"), ("const uint64_t*", "peer_bases"), ("long long", "data_offset"),
+                ("long long", "off_x"), ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"),
+                ("long long", "off_src"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
+                ("float*", "out_w"), ("int*", "out_src"), ("int", "num_out_rows"), ("int*", "block_counter"),
+                ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
         num_threads=NUM_THREADS)
 
 
 @functools.lru_cache(maxsize=None)
-def combine_spec(num_ranks: int) -> KernelSpec:
+def dispatch_recv_spec(num_ranks: int) -> KernelSpec:
     return KernelSpec(
-        family="intranode", op="combine",
-        template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS), ("kRecvWarps", COMBINE_RECV_WARPS)),
+        family="intranode", op="dispatch_recv", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS)),
+        params=(("const uint8_t*", "local_base"), ("long long", "data_offset"), ("long long", "off_x"),
+                ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"), ("long long", "off_src"),
+                ("int", "row_int4"), ("int", "num_scales"), ("int", "num_topk"), ("const int*", "info"),
+                ("const int*", "count_matrix"), ("int", "num_out_rows"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
+                ("float*", "out_w"), ("int*", "out_src"), ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=NUM_THREADS)
+
+
+@functools.lru_cache(maxsize=None)
+def combine_send_spec(num_ranks: int) -> KernelSpec:
+    return KernelSpec(
+        family="intranode", op="combine_send", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS)),
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "topk_weights"), ("int", "num_topk"),
-                ("const int*", "count_matrix"), ("const int*", "recv_chunk_end"), ("const bool*", "is_token_in_rank"),
-                ("const int*", "send_pos"), ("int", "num_tokens"), ("const int4*", "bias0"), ("const int4*", "bias1"),
-                ("int4*", "out"), ("float*", "out_w"), ("const uint64_t*", "peer_bases"), ("long long", "data_offset"),
-                ("long long", "off_cx"), ("long long", "off_cw"), ("int*", "block_counter"),
-                ("uint64_t*", "epoch_counter")) + COMM_PARAMS,
+                ("const int*", "count_matrix"), ("int", "num_rows"), ("const uint64_t*", "peer_bases"),
+                ("long long", "data_offset"), ("long long", "off_cx"), ("long long", "off_cw"),
+                ("int*", "block_counter"), ("uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=NUM_THREADS)
+
+
+@functools.lru_cache(maxsize=None)
+def combine_reduce_spec(num_ranks: int) -> KernelSpec:
+    return KernelSpec(
+        family="intranode", op="combine_reduce", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS)),
+        params=(("const uint8_t*", "local_base"), ("long long", "data_offset"), ("long long", "off_cx"),
+                ("long long", "off_cw"), ("int", "row_int4"), ("int", "num_topk"), ("const bool*", "is_token_in_rank"),
+                ("const int*", "send_pos"), ("const int*", "count_matrix"), ("int", "num_tokens"),
+                ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
+                ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"),
+                ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
         num_threads=NUM_THREADS)
 
 
@@ -153,7 +166,8 @@ def max_experts_bucket(num_experts: int) -> int:
 def example_specs() -> list[KernelSpec]:
     specs = [layout_spec(256), layout_spec(8192)]
     for r in (2, 4, 8):
-        specs += [notify_spec(r), dispatch_spec(r), combine_spec(r)]
+        specs += [notify_spec(r), dispatch_send_spec(r), dispatch_recv_spec(r), combine_send_spec(r),
+                  combine_reduce_spec(r)]
     return specs
 
 
