@@ -10,6 +10,11 @@ import socket
 import sys
 import time
 
+try:  # import torch (the baseline) before anything puts bench/ on sys.path: once it failed to import after
+    import torch  # noqa: F401  (a custom-op schema parse error inside torch, 2026-11-28, H200 image)
+except Exception:
+    torch = None
+
 import cupy as cp
 import numpy as np
 
@@ -146,7 +151,8 @@ log(f"peer-store ceiling: " + ", ".join(f"{b} blocks: one-way {c[0]:.0f} GB/s, b
 # -- baseline: the PyTorch path (NCCL all_to_all_single + index_select / index_add) ---------------------------
 baseline = {}
 try:
-    import torch
+    if torch is None:
+        raise ImportError("torch is not installed")
     import torch.distributed as dist
     host0 = g.bcast(socket.gethostname())
     port = g.bcast(29500 + os.getpid() % 1000)
