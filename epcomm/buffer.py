@@ -26,6 +26,7 @@ class CallContext:
     async_finish: bool = False
     allocate_on_comm_stream: bool = False
     sync_host: bool = False
+    framework: str = "cupy"
 
 
 class Buffer:
@@ -113,7 +114,8 @@ class Buffer:
         with self._on_device():
             stream = caller_stream(like) if self.backend == "gpu" else None
         sync = self.backend == "gpu" and framework_of(like) == "jax"
-        return CallContext(stream, previous_event, bool(async_finish), bool(allocate_on_comm_stream), sync)
+        return CallContext(stream, previous_event, bool(async_finish), bool(allocate_on_comm_stream), sync,
+                           framework_of(like))
 
     @staticmethod
     def _out(a, fw):
@@ -147,6 +149,8 @@ class Buffer:
         JAX callers have no stream to join: their results are complete when returned."""
         with self._on_device():
             out = getattr(self._backend, name)(*args, ctx=ctx, **kwargs)
+        if out[-1] is not None:
+            out[-1].framework = ctx.framework
         if ctx.sync_host and out[-1] is not None:
             out[-1].synchronize()
         return out

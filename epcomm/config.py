@@ -66,8 +66,12 @@ def env(name: str) -> Any:
 def env_table_markdown() -> str:
     """The table of environment variables, as docs/ shows it."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    home = os.path.expanduser("~")
     for v in ENV_VARS.values():
-        rows.append(f"| `{v.name}` | `{v.default}` | {v.doc} |")
+        default = str(v.default)
+        if default.startswith(home + os.sep):
+            default = "~" + default[len(home):]
+        rows.append(f"| `{v.name}` | `{default}` | {v.doc} |")
     return "\n".join(rows)
 
 
@@ -75,11 +79,20 @@ def env_table_markdown() -> str:
 class Config:
     """Launch settings of the normal (intranode) kernels.
 
-    num_sms: the most SMs one dispatch/combine kernel may occupy (an even number >= 2).
+    num_sms: the most SMs one dispatch/combine kernel may occupy (a positive int; the kernels use min(num_sms, SMs)).
     num_max_tokens: tokens per rank the buffer is sized for (its worst case), used by size hints.
     """
     num_sms: int = 24
     num_max_tokens: int = 4096
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of NVLink buffer for num_max_tokens tokens per rank of hidden_bytes per row (DeepEP's name)."""
+        from .intranode import nvl_buffer_size_hint
+        return nvl_buffer_size_hint(self.num_max_tokens, int(hidden_bytes), int(num_ranks))
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of RDMA buffer the normal kernels need: 0 (epcomm's normal kernels are intranode only so far)."""
+        return 0
 
     def __post_init__(self):
         if not isinstance(self.num_sms, int) or self.num_sms < 1:

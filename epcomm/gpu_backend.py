@@ -113,10 +113,10 @@ class GpuBackend:
         self._begin(ctx)
         t, k = topk_idx.shape
         bucket = intra.max_experts_bucket(num_experts)
-        with self.stream:  # zero-filled on the comm stream, so the kernel below is ordered after the fills
-            per_rank = cp.zeros(self.num_ranks, cp.int32)
-            per_expert = cp.zeros(num_experts, cp.int32)
-            in_rank = cp.zeros((t, self.num_ranks), cp.bool_)
+        with self.stream:  # zero-filled on the comm stream, so the kernel below is ordered after the fill
+            counts = cp.zeros(self.num_ranks + num_experts, cp.int32)  # one fill for both count arrays
+            per_rank, per_expert = counts[:self.num_ranks], counts[self.num_ranks:]
+            in_rank = cp.empty((t, self.num_ranks), cp.bool_)  # every entry written by the kernel
         if t:
             get_kernel(intra.layout_spec(bucket)).launch(
                 (t + intra.LAYOUT_THREADS - 1) // intra.LAYOUT_THREADS,
@@ -129,11 +129,12 @@ class GpuBackend:
     def _epoch_ptr(self, i: int) -> int:
         return int(self.epochs.data.ptr) + 8 * i
 
-    def _notify(self, in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, info, capacity, do_count):
+    def _notify(self, in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, prefix, info, capacity,
+                do_count):
         self.host_seq = self.host_seq % 0x7FFFFFFF + 1
         self._mark("start")
         get_kernel(intra.notify_spec(self.num_ranks)).launch(
-            1, (in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, info,
+            1, (in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, prefix, info,
                 self.host_info.device_ptr if do_count else 0, capacity, self.nvl.peer_bases, self._epoch_ptr(0),
                 1 if do_count else 0, self.host_seq) + self._comm(), stream=self.stream)
         self._mark("notify")
@@ -165,12 +166,14 @@ class GpuBackend:
         with self._alloc_stream(ctx):
             send_pos = cp.empty((t, self.num_ranks), cp.int32)
             matrix = cp.empty((self.num_ranks, self.num_ranks), cp.int32)
+            prefix = cp.empty((self.num_ranks, self.num_ranks), cp.int32)
             info = cp.empty(1 + e_local, cp.int32)
         per_expert = num_tokens_per_expert  # the layout's counts: the per-expert list needs no top-k here
         if per_expert is None:
             with self.stream:
                 per_expert = cp.zeros(num_experts, cp.int32)
-        self._notify(in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, info, lay.capacity_rows, True)
+        self._notify(in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, prefix, info,
+                     lay.capacity_rows, True)
         if worst:
             n, rows, counts = None, worst, []
         else:
@@ -186,8 +189,6 @@ class GpuBackend:
             recv_src = cp.empty(rows, cp.int32)
         self._send_and_receive(data, scales, topk_idx, topk_weights, num_experts, in_rank, send_pos, matrix, info,
                                lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config)
-        with self.stream:
-            prefix = cp.cumsum(matrix, axis=0, dtype=cp.int32)
         handle = DispatchHandle(
             num_ranks=self.num_ranks, num_experts=num_experts, num_tokens=t, hidden=h, is_token_in_rank=in_rank,
             num_recv_tokens_per_source=matrix[:, self.rank], rank_prefix_matrix=prefix, recv_src_idx=recv_src,
@@ -233,8 +234,8 @@ class GpuBackend:
         lay = intra.RecvLayout.plan(self.data_bytes, h * data.dtype.itemsize, s, 0)
         rows = handle.num_worst_tokens or handle.num_recv_tokens
         self._begin(ctx)
-        self._notify(handle.is_token_in_rank, t, None, handle.num_experts, 1, None, None, None, lay.capacity_rows,
-                     False)
+        self._notify(handle.is_token_in_rank, t, None, handle.num_experts, 1, None, None, None, None,
+                     lay.capacity_rows, False)
         with self._alloc_stream(ctx):
             recv_x = cp.empty((rows, h), data.dtype)
             recv_scales = cp.empty((rows, s), cp.float32) if scales is not None else None

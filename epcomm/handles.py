@@ -64,15 +64,16 @@ class Event:
     On the CPU backend every call completes before it returns, so the event is already done.
     """
 
-    def __init__(self, cuda_event=None, on_complete=None):
+    def __init__(self, cuda_event=None, on_complete=None, framework: str = "cupy"):
         self.cuda_event = cuda_event
         self._on_complete = on_complete
+        self.framework = framework  # whose "current stream" current_stream_wait() means (set by the Buffer)
 
     def current_stream_wait(self, stream=None) -> None:
         if self.cuda_event is None:
             return
         from .interop import caller_stream
-        caller_stream(None, stream).wait_event(self.cuda_event)
+        caller_stream(None, stream, framework=self.framework).wait_event(self.cuda_event)
 
     def synchronize(self) -> None:
         if self.cuda_event is not None:

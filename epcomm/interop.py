@@ -137,9 +137,10 @@ def to_framework(arr, framework: str, logical=None):
     raise ConfigError(f"unknown framework {framework!r}")
 
 
-def caller_stream(a=None, stream=None):
+def caller_stream(a=None, stream=None, framework: str | None = None):
     """The CuPy stream the caller's work runs on: an explicit stream (CuPy Stream, torch Stream, an object
-    with __cuda_stream__, or a raw handle int), else the stream of a's framework, else CuPy's current stream."""
+    with __cuda_stream__, or a raw handle int), else the current stream of a's framework (or of `framework`
+    when no array is given), else CuPy's current stream."""
     import cupy
     if stream is not None:
         if isinstance(stream, (cupy.cuda.Stream, cupy.cuda.ExternalStream)):
@@ -151,8 +152,9 @@ def caller_stream(a=None, stream=None):
         if isinstance(stream, int):
             return cupy.cuda.ExternalStream(stream)
         raise ConfigError(f"stream: expected a CuPy/torch stream, a __cuda_stream__ object or a handle, got {stream!r}")
-    fw = framework_of(a) if a is not None else "cupy"
+    fw = framework_of(a) if a is not None else (framework or "cupy")
     if fw == "torch" and "torch" in sys.modules:
         import torch
-        return cupy.cuda.ExternalStream(int(torch.cuda.current_stream(a.device).cuda_stream))
+        device = a.device if a is not None else torch.device("cuda", cupy.cuda.Device().id)
+        return cupy.cuda.ExternalStream(int(torch.cuda.current_stream(device).cuda_stream))
     return cupy.cuda.get_current_stream()

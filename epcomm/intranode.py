@@ -95,7 +95,7 @@ def notify_spec(num_ranks: int) -> KernelSpec:
         family="intranode", op="notify", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NOTIFY_THREADS)),
         params=(("const bool*", "is_token_in_rank"), ("int", "num_tokens"), ("const int*", "num_tokens_per_expert"),
                 ("int", "num_experts"), ("int", "expert_alignment"), ("int*", "send_pos"), ("int*", "count_matrix"),
-                ("int*", "info_out"), ("int*", "host_info"), ("int", "capacity_rows"),
+                ("int*", "prefix_matrix"), ("int*", "info_out"), ("int*", "host_info"), ("int", "capacity_rows"),
                 ("const uint64_t*", "peer_bases"), ("uint64_t*", "epoch_counter"), ("int", "do_count"),
                 ("int", "host_seq")) + COMM_PARAMS,
         num_threads=NOTIFY_THREADS)

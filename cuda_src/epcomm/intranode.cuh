@@ -173,7 +173,8 @@ EPCOMM_DEVICE_INLINE void layout(const int64_t* topk_idx, int num_tokens, int nu
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void notify(const bool* is_token_in_rank, int num_tokens, const int* num_tokens_per_expert,
                                  int num_experts, int expert_alignment, int* send_pos, int* count_matrix,
-                                 int* info_out, int* host_info, int capacity_rows, const uint64_t* peer_bases,
+                                 int* prefix_matrix, int* info_out, int* host_info, int capacity_rows,
+                                 const uint64_t* peer_bases,
                                  uint64_t* epoch_counter, int do_count, int host_seq, uint64_t err_record, long long timeout_ns,
                                  int rank) {
     using M = Meta<kNumRanks>;
@@ -254,6 +255,14 @@ EPCOMM_DEVICE_INLINE void notify(const bool* is_token_in_rank, int num_tokens, c
         count_matrix[i] = v;
     }
     __syncthreads();
+    // The handle's rank_prefix_matrix: [s, d] = rows d receives from sources 0..s (inclusive prefix over sources).
+    for (int d = threadIdx.x; d < kNumRanks; d += kNumThreads) {
+        int sum = 0;
+        for (int src = 0; src < kNumRanks; ++src) {
+            sum += matrix[src][d];
+            prefix_matrix[src * kNumRanks + d] = sum;
+        }
+    }
     for (int j = threadIdx.x; j < experts_per_rank; j += kNumThreads) {
         int sum = 0;
         for (int s = 0; s < kNumRanks; ++s) sum += M::expert_counts(mine, epoch)[s * kMaxLocalExperts + j];
