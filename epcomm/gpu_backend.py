@@ -56,8 +56,8 @@ class GpuBackend:
         self.low_latency = None
         self.trace: list | None = None  # set to [] to record per-kernel events (bench --trace)
         if low_latency_mode:
-            raise ConfigError("low_latency_mode: the GPU low-latency kernels are not built yet; use backend='cpu' "
-                              "for the low-latency API")
+            from .low_latency import LowLatencyGpu
+            self.low_latency = LowLatencyGpu(self, num_rdma_bytes)
 
     # -- plumbing ------------------------------------------------------------------------------------------
     def _mark(self, name: str) -> None:
@@ -280,12 +280,25 @@ class GpuBackend:
         ev = self._finish(ctx, (x, topk_weights, bias))
         return out, out_w, ev
 
-    # -- low-latency (not on the GPU yet) ------------------------------------------------------------------
-    def low_latency_dispatch(self, *args, ctx=None):
-        raise ConfigError("low_latency_mode: the GPU low-latency kernels are not built yet")
+    # -- low-latency (epcomm/low_latency.py: LowLatencyGpu) ------------------------------------------------
+    def _ll(self):
+        if self.low_latency is None:
+            raise ConfigError("low_latency_mode: this Buffer was made without low_latency_mode=True")
+        return self.low_latency
 
-    low_latency_combine = low_latency_dispatch
-    get_next_low_latency_combine_buffer = low_latency_dispatch
+    def low_latency_dispatch(self, x, topk_idx, tmax, num_experts, use_fp8, round_scale, use_ue8m0,
+                             return_recv_hook, cumulative_stats, wait_stats, ctx):
+        return self._ll().dispatch(x, topk_idx, tmax, num_experts, use_fp8, round_scale, use_ue8m0,
+                                   return_recv_hook, cumulative_stats, wait_stats, ctx)
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out, ctx):
+        return self._ll().combine(x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out, ctx)
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        return self._ll().next_combine_buffer(handle)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts) -> None:
+        self._ll().clean(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     def sync(self) -> None:
         self.stream.synchronize()
@@ -295,6 +308,8 @@ class GpuBackend:
         try:
             self.stream.synchronize()
         finally:
+            if self.low_latency is not None:
+                self.low_latency.close()  # collective: frees the NVSHMEM buffer
             self.nvl.close()
             self.host_info.free()
             self.bad_index.free()

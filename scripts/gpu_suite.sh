@@ -50,12 +50,18 @@ if [ $NGPU -ge 2 ] && [ $QUICK = 0 ]; then
   run intranode_ep4_oversub 300 $MPIRUN -n 4 $PY tests/gpu/intranode_check.py --oversubscribed
   run intranode_ep8_oversub 300 $MPIRUN -n 8 $PY tests/gpu/intranode_check.py --oversubscribed
 fi
+run low_latency_ep$NGPU 300 $MPIRUN -n $NGPU $PY tests/gpu/low_latency_check.py $([ $QUICK = 1 ] && echo --quick)
+if [ $NGPU -ge 2 ] && [ $QUICK = 0 ]; then
+  run low_latency_ep4_oversub 300 $MPIRUN -n 4 $PY tests/gpu/low_latency_check.py --oversubscribed
+fi
 run interop_ep$NGPU 200 $MPIRUN -n $NGPU $PY tests/gpu/interop_check.py
 run demo_ep$NGPU 120 $MPIRUN -n $NGPU $PY -m epcomm.demo --backend gpu
 # 4. Quick benchmark (one rank per GPU).
 if [ $BENCH = 1 ] && [ $NGPU -ge 2 ]; then
   run bench_intranode 400 $MPIRUN -n $NGPU $PY bench/bench_intranode.py $BENCH_ARGS --out "$OUTDIR"
   cat "$OUTDIR/bench_intranode.log" | grep -E "^\|" || true
+  run bench_low_latency 300 $MPIRUN -n $NGPU $PY bench/bench_low_latency.py $BENCH_ARGS --out "$OUTDIR"
+  cat "$OUTDIR/bench_low_latency.log" | grep -E "^\|" || true
 fi
 echo; echo "==== GPU suite summary ($NGPU x $CARD)"
 printf '%s\n' "${ROWS[@]}"

@@ -1,0 +1,513 @@
+// Low-latency (decoding) mode: expert-major dispatch with an on-the-fly FP8 cast, and the weighted combine back, over
+// an NVSHMEM symmetric buffer (direct 16-byte stores to NVLink peers through nvshmem_ptr, NVSHMEM puts otherwise).
+// Each operation is a send kernel (never waits) and a receive kernel (bounded waits), so a hook can run the receive.
+//
+// Buffer (offsets from epcomm/low_latency.py, LowLatencyLayout, passed in as kernel arguments; two halves):
+//   dispatch_signals [E_local][R] u64      [j][s] = (epoch << 32) | (count + 1): source s sent `count` messages to
+//                                           my local expert j in the dispatch numbered `epoch` on this half
+//   combine_signals  [E] u64               [e] = epoch: the owner of global expert e sent back all its rows for me
+//   dispatch_recv    [E_local][R][Tmax] messages of msg_stride bytes: [j][s][slot]
+//                    message = 16-byte header (int32 source token index, 12 bytes unused) + payload
+//                    payload = bf16 [H], or e4m3 [H] followed by float32 scale_inv [H / 128]
+//   combine_recv     [E][Tmax] bf16 [H] rows: [e][t] = expert e's output for my token t
+//   combine_send     [E_local][R * Tmax] bf16 [H]: the zero-copy combine input (and NVSHMEM-path staging)
+//   dispatch_send    [Tmax] messages: staging of the NVSHMEM path (a put's source must stay put until quiet)
+//
+// Flag pairs (every acquire names its release):
+//   dispatch_send (last block out, after every block's data)  --release-->  dispatch_recv's wait on dispatch_signals
+//   combine_send  (last block out, after every block's rows)  --release-->  combine_recv's wait on combine_signals
+// Epochs: epoch_counter[kind][half] counts the calls of that kind on that half. The send kernel uses counter + 1 in
+// every block and its last block stores it back; the receive kernel (same half, later on the stream) reads it. The
+// kernels advance the counters themselves, so CUDA-graph replays advance them too; no signal is ever reset except by
+// clean_low_latency_buffer (a collective memset with barriers around it).
+// Reuse: a half's slots are next written by the call after next of the same kind. That write cannot start before
+// every rank finished reading: the writer first received the previous call (or the paired combine), which needed the
+// reader's later send, which the reader's stream issues only after its receive (see LowLatencyGpu's docstring).
+#pragma once
+
+#include "epcomm/comm.cuh"
+#include "epcomm/common.cuh"
+#include "epcomm/fp8.cuh"
+#include "epcomm/phases.cuh"
+#include "epcomm/ptx.cuh"
+#if defined(EPCOMM_NVSHMEM)
+#include "epcomm/nvshmem.cuh"
+#endif
+
+namespace epcomm::low_latency {
+
+// NOTES: mirrored by MAX_RANKS / MAX_TOPK / MSG_HEADER_BYTES in epcomm/low_latency.py (checked before launching).
+constexpr int kMaxRanks = 256;        // shared-memory tables are sized for this many ranks
+constexpr int kMaxTopk = 256;         // and this many top-k entries per token
+constexpr int kMsgHeaderBytes = 16;   // header in front of every dispatch message
+constexpr int kCopyUnroll = 4;        // 16-byte loads in flight per lane in the row copies
+
+// The dispatch signal value: which call (epoch) and how many messages (count + 1, so that 0 means "nothing yet").
+EPCOMM_DEVICE_INLINE uint64_t dispatch_signal_value(uint64_t epoch, int count) {
+    return (epoch << 32) | static_cast<uint64_t>(static_cast<uint32_t>(count + 1));
+}
+
+// n 16-byte vectors from src to dst, lanes strided, kCopyUnroll loads issued before the first store. kNc: src is
+// read-only for the whole kernel (non-coherent path); else plain loads (data another GPU wrote before our acquire).
+template <bool kNc>
+EPCOMM_DEVICE_INLINE void warp_copy_v4(const int4* src, int4* dst, int n, int lane) {
+    for (int base = lane; base < n; base += kWarpSize * kCopyUnroll) {
+        int4 v[kCopyUnroll];
+#pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+            const int i = base + u * kWarpSize;
+            if (i < n) v[u] = kNc ? ld_global_nc_na_v4(src + i) : ld_global_v4(src + i);
+        }
+#pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+            const int i = base + u * kWarpSize;
+            if (i < n) st_global_na_v4(dst + i, v[u]);
+        }
+    }
+}
+
+// Index r of the block holding item m among blocks [begins[r], begins[r + 1]), r in [0, n): the last r with
+// begins[r] <= m (empty blocks are skipped because their begin equals the next one's). begins is ascending.
+EPCOMM_DEVICE_INLINE int find_block(const int* begins, int n, int m) {
+    int lo = 0, hi = n;  // answer in [lo, hi)
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (begins[mid] <= m) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
+// The last block of the grid to get here returns true (all blocks must call it, once, after their work). Every
+// block's earlier stores (all its threads) happen before whatever the last block does afterwards.
+EPCOMM_DEVICE_INLINE bool last_block_out(int* block_counter) {
+    __shared__ int is_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        // Release pattern (cumulative over the block's stores, ordered by the barrier above); pairs with the fence
+        // after the barrier below in the last block.
+        fence_acq_rel_sys();
+        is_last = atomicAdd(block_counter, 1) == static_cast<int>(gridDim.x) - 1;
+    }
+    __syncthreads();
+    if (!is_last) return false;
+    fence_acq_rel_sys();  // acquire pattern of every thread of the last block: pairs with the fence above
+    return true;
+}
+
+#if defined(EPCOMM_NVSHMEM)
+
+// This block's view of every rank's copy of the symmetric buffer: the NVLink / same-GPU address (nvshmem_ptr), or
+// nullptr where only NVSHMEM puts reach it (another node, or force_nvshmem). Barrier afterwards before use.
+EPCOMM_DEVICE_INLINE void load_peer_bases(uint8_t** peer_bases, uint8_t* sym_base, int num_ranks, int force_nvshmem,
+                                          int num_threads) {
+    for (int r = threadIdx.x; r < num_ranks; r += num_threads)
+        peer_bases[r] = force_nvshmem ? nullptr : nvshmem::peer_ptr(sym_base, r);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Dispatch send: one block per token (grid-stride). Each valid (t, k) takes the next slot of expert topk_idx[t, k]
+// for this source (a per-expert atomic counter), the block casts the row once (FP8: per 128 channels) and stores the
+// message straight into every NVLink-reachable destination slot (other destinations get an NVSHMEM put of a staged
+// copy). The last block out sends every expert's count signal and advances the epoch. Never waits.
+// Grid: any number of blocks >= 1 (also with num_tokens == 0: the counts, all zero, must still be signalled).
+template <int kNumThreads, bool kUseFp8, bool kRoundScale>
+EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, int num_tokens, int num_topk,
+                                        int hidden, int num_experts, int num_ranks, int tmax, uint8_t* sym_base,
+                                        long long off_signals, long long off_recv, long long off_staging,
+                                        int msg_stride, int msg_bytes, int* expert_counters, int* block_counter,
+                                        uint64_t* epoch_counter, int force_nvshmem, int* num_bad_indices,
+                                        uint64_t err_record, long long timeout_ns, int rank) {
+    static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
+    constexpr int kNumWarps = kNumThreads / kWarpSize;
+    constexpr int kGroupChannels = kWarpSize * 16;  // FP8: a warp casts 512 channels (4 scale blocks) per step
+    // NOTES: every block reads the epoch before it counts itself out in last_block_out; the last block stores it.
+    const uint64_t epoch = *epoch_counter + 1;
+    __shared__ uint8_t* peer_bases[kMaxRanks];
+    __shared__ uint8_t* dst_ptr[kMaxTopk];     // direct address of (t, k)'s message slot, nullptr if none / remote
+    __shared__ long long dst_off[kMaxTopk];    // its offset in the symmetric buffer, -1 if (t, k) sends nothing
+    __shared__ int dst_pe[kMaxTopk];           // the owner rank
+    const comm::Waiter waiter(err_record, timeout_ns, rank);
+    const int num_local_experts = num_experts / num_ranks;
+    const int warp = warp_id(), lane = lane_id();
+    load_peer_bases(peer_bases, sym_base, num_ranks, force_nvshmem, kNumThreads);
+    bool issued = false;  // this warp issued NVSHMEM puts: it must quiet them before the block counts itself out
+
+    for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+        __syncthreads();  // peer_bases written (first pass); the previous token's dst_* no longer read
+        // 1. Routing: a slot per valid (t, k) at its expert's owner.
+        bool remote = false;
+        for (int k = threadIdx.x; k < num_topk; k += kNumThreads) {
+            const int64_t e = topk_idx[static_cast<long long>(t) * num_topk + k];
+            long long off = -1;
+            int pe = -1;
+            if (e < -1 || e >= num_experts) {
+                if (num_bad_indices != nullptr) atomicAdd(num_bad_indices, 1);  // never addressed; the host raises
+            } else if (e >= 0) {
+                const int owner = static_cast<int>(e / num_local_experts);
+                const int j = static_cast<int>(e % num_local_experts);
+                const int slot = atomicAdd(&expert_counters[e], 1);
+                if (slot < tmax) {
+                    off = off_recv + (static_cast<long long>(j * num_ranks + rank) * tmax + slot) * msg_stride;
+                    pe = owner;
+                    remote = remote || peer_bases[owner] == nullptr;
+                } else {
+                    // Only possible when a token names one expert twice (num_tokens <= tmax is checked).
+                    comm::record_error(waiter, comm::kErrCapacity, owner, phase::kLlDispatchRecv, slot + 1, tmax);
+                }
+            }
+            dst_off[k] = off;
+            dst_pe[k] = pe;
+            dst_ptr[k] = (off >= 0 && peer_bases[pe] != nullptr) ? peer_bases[pe] + off : nullptr;
+        }
+        // Publishes dst_*; any_remote is block-uniform.
+        const bool any_remote = __syncthreads_or(remote ? 1 : 0) != 0;
+        uint8_t* staging = sym_base + off_staging + static_cast<long long>(t) * msg_stride;
+        const int4* row = x + static_cast<long long>(t) * (hidden / 8);
+
+        // 2. Payload into every destination (and the staging copy when some destination needs a put).
+        if constexpr (kUseFp8) {
+            const int num_groups = (hidden + kGroupChannels - 1) / kGroupChannels;
+            for (int g = warp; g < num_groups; g += kNumWarps) {
+                const int c0 = g * kGroupChannels + lane * 16;  // this lane's 16 channels
+                const bool active = c0 < hidden;                // hidden % 128 == 0: whole 8-lane groups
+                float v[16];
+                if (active) {
+                    float a[8], b[8];
+                    fp8::unpack_bf16x8(ld_global_nc_na_v4(row + c0 / 8), a);
+                    fp8::unpack_bf16x8(ld_global_nc_na_v4(row + c0 / 8 + 1), b);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        v[i] = a[i];
+                        v[8 + i] = b[i];
+                    }
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 16; ++i) v[i] = 0.0f;
+                }
+                // amax of the 128-channel block = 8 consecutive lanes (all lanes shuffle, inactive ones with zeros).
+                float amax = fp8::abs_max16(v);
+                amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, 1));
+                amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, 2));
+                amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, 4));
+                if (!active) continue;
+                const fp8::Scales sc = fp8::block_scales<kRoundScale>(amax);
+                const int4 q = fp8::to_e4m3x16(v, sc.scale);
+                const long long data_at = kMsgHeaderBytes + c0;
+                const long long scale_at = kMsgHeaderBytes + hidden + (c0 / fp8::kBlock) * 4;
+                const bool scale_lane = lane % 8 == 0;
+                for (int k = 0; k < num_topk; ++k) {
+                    uint8_t* dst = dst_ptr[k];
+                    if (dst == nullptr) continue;
+                    st_global_na_v4(reinterpret_cast<int4*>(dst + data_at), q);
+                    if (scale_lane) *reinterpret_cast<float*>(dst + scale_at) = sc.scale_inv;
+                }
+                if (any_remote) {
+                    st_global_v4(reinterpret_cast<int4*>(staging + data_at), q);
+                    if (scale_lane) *reinterpret_cast<float*>(staging + scale_at) = sc.scale_inv;
+                }
+            }
+        } else {
+            const int row_int4 = hidden / 8;
+            for (int c = threadIdx.x; c < row_int4; c += kNumThreads) {
+                const int4 v = ld_global_nc_na_v4(row + c);
+                for (int k = 0; k < num_topk; ++k) {
+                    uint8_t* dst = dst_ptr[k];
+                    if (dst != nullptr) st_global_na_v4(reinterpret_cast<int4*>(dst + kMsgHeaderBytes) + c, v);
+                }
+                if (any_remote) st_global_v4(reinterpret_cast<int4*>(staging + kMsgHeaderBytes) + c, v);
+            }
+        }
+        if (threadIdx.x == 0) {
+            const int4 header = make_int4(t, 0, 0, 0);
+            for (int k = 0; k < num_topk; ++k)
+                if (dst_ptr[k] != nullptr) st_global_na_v4(reinterpret_cast<int4*>(dst_ptr[k]), header);
+            if (any_remote) st_global_v4(reinterpret_cast<int4*>(staging), header);
+        }
+
+        // 3. NVSHMEM puts of the staged message to the destinations without a direct address.
+        if (any_remote) {
+            __syncthreads();  // the staged message is complete
+            // Cumulative with the barrier: the whole staged message is visible system-wide (a proxy transport's NIC
+            // reads it) before this thread's puts.
+            fence_acq_rel_sys();
+            for (int k = warp; k < num_topk; k += kNumWarps) {
+                if (dst_off[k] >= 0 && dst_ptr[k] == nullptr) {
+                    nvshmem::put_nbi_warp(sym_base + dst_off[k], staging, static_cast<size_t>(msg_bytes), dst_pe[k]);
+                    issued = true;
+                }
+            }
+        }
+    }
+    // The puts have landed at their targets before this block counts itself out (warp-uniform condition).
+    if (issued) nvshmem::quiet();
+
+    // 4. Last block out: every expert's count to its owner, then the epoch for this call's receive kernel.
+    if (!last_block_out(block_counter)) return;
+    for (int e = threadIdx.x; e < num_experts; e += kNumThreads) {
+        int count = atomicExch(&expert_counters[e], 0);  // reset for the next call
+        count = count < tmax ? count : tmax;
+        const int owner = e / num_local_experts, j = e % num_local_experts;
+        const long long sig_off = off_signals + static_cast<long long>(j * num_ranks + rank) * sizeof(uint64_t);
+        const uint64_t value = dispatch_signal_value(epoch, count);
+        // Pairs with the acquire wait in dispatch_recv at rank `owner` on its dispatch_signals[j][rank]. Every block's
+        // messages (direct stores, or puts completed by quiet) happen before it (last_block_out).
+        if (peer_bases[owner] != nullptr)
+            st_release_sys_u64(reinterpret_cast<uint64_t*>(peer_bases[owner] + sig_off), value);
+        else
+            nvshmem::signal_op(reinterpret_cast<uint64_t*>(sym_base + sig_off), value, nvshmem::SignalOp::kSet, owner);
+    }
+    if (threadIdx.x == 0) {
+        *block_counter = 0;
+        *epoch_counter = epoch;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Combine send: blocks_per_expert blocks per local expert j (blockIdx.x / blocks_per_expert = j); each row m < the
+// expert's received count goes back to its source r (from layout_range) into r's combine_recv[e][src_info row], with
+// e = rank * E_local + j. The last block out signals every (expert, source) pair, rows or not. Never waits.
+// zero_copy: x is this rank's combine_send region (symmetric), usable as a put source as it is.
+template <int kNumThreads>
+EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src_info, const int64_t* layout_range,
+                                       int num_ranks, int num_local_experts, int tmax, int blocks_per_expert,
+                                       uint8_t* sym_base, long long off_signals, long long off_recv,
+                                       long long off_staging, int zero_copy, int* block_counter,
+                                       uint64_t* epoch_counter, int force_nvshmem, uint64_t err_record,
+                                       long long timeout_ns, int rank) {
+    static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
+    constexpr int kNumWarps = kNumThreads / kWarpSize;
+    const uint64_t epoch = *epoch_counter + 1;  // stored back by the last block out
+    __shared__ uint8_t* peer_bases[kMaxRanks];
+    __shared__ int begins[kMaxRanks + 1];
+    const int j = blockIdx.x / blocks_per_expert, sub = blockIdx.x % blocks_per_expert;
+    const int warp = warp_id(), lane = lane_id();
+    const int row_int4 = hidden / 8;
+    const long long row_bytes = static_cast<long long>(hidden) * 2;
+    const long long rows_per_expert = static_cast<long long>(num_ranks) * tmax;
+    const int e = rank * num_local_experts + j;
+    load_peer_bases(peer_bases, sym_base, num_ranks, force_nvshmem, kNumThreads);
+    if (threadIdx.x == 0 && j < num_local_experts) {
+        // layout_range[j][r] = (begin << 32) | count; begins are the running sums (the dispatch packed them so).
+        int running = 0;
+        for (int r = 0; r < num_ranks; ++r) {
+            begins[r] = running;
+            running += static_cast<int>(layout_range[static_cast<long long>(j) * num_ranks + r] & 0xffffffffll);
+        }
+        begins[num_ranks] = running;
+    }
+    __syncthreads();
+    bool issued = false;
+    if (j < num_local_experts) {
+        const int total = begins[num_ranks];
+        for (int m = sub * kNumWarps + warp; m < total; m += blocks_per_expert * kNumWarps) {
+            const int r = find_block(begins, num_ranks, m);
+            const int t = src_info[j * rows_per_expert + m];
+            if (t < 0 || t >= tmax) continue;  // not a row this dispatch produced: nothing to address
+            const long long dst_off = off_recv + (static_cast<long long>(e) * tmax + t) * row_bytes;
+            const int4* src = x + (j * rows_per_expert + m) * row_int4;
+            if (peer_bases[r] != nullptr) {
+                warp_copy_v4<true>(src, reinterpret_cast<int4*>(peer_bases[r] + dst_off), row_int4, lane);
+            } else {
+                if (!zero_copy) {
+                    int4* staged = reinterpret_cast<int4*>(sym_base + off_staging) + (j * rows_per_expert + m) * row_int4;
+                    warp_copy_v4<true>(src, staged, row_int4, lane);
+                    src = staged;
+                }
+                __syncwarp();
+                fence_acq_rel_sys();  // the staged row is visible system-wide before the put reads it
+                nvshmem::put_nbi_warp(sym_base + dst_off, src, static_cast<size_t>(row_bytes), r);
+                issued = true;
+            }
+        }
+    }
+    if (issued) nvshmem::quiet();  // issued is per lane here, but every lane of a putting warp set it
+
+    if (!last_block_out(block_counter)) return;
+    for (int p = threadIdx.x; p < num_local_experts * num_ranks; p += kNumThreads) {
+        const int jj = p / num_ranks, r = p % num_ranks;
+        const long long sig_off = off_signals + static_cast<long long>(rank * num_local_experts + jj) * sizeof(uint64_t);
+        // Pairs with the acquire wait in combine_recv at rank r on its combine_signals[e]; every block's rows happen
+        // before it (last_block_out).
+        if (peer_bases[r] != nullptr)
+            st_release_sys_u64(reinterpret_cast<uint64_t*>(peer_bases[r] + sig_off), epoch);
+        else
+            nvshmem::signal_op(reinterpret_cast<uint64_t*>(sym_base + sig_off), epoch, nvshmem::SignalOp::kSet, r);
+    }
+    if (threadIdx.x == 0) {
+        *block_counter = 0;
+        *epoch_counter = epoch;
+    }
+}
+
+#endif  // EPCOMM_NVSHMEM
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Dispatch receive: blocks_per_expert blocks per local expert j. Every block waits (bounded) for the R count signals
+// of j, packs the sources contiguously (source order; inside a source, slot order), and copies its share of the
+// messages into the outputs:
+//   out_x [E_local][R * Tmax] rows (e4m3 bytes [H] or bf16 [H]); out_scales float32 [E_local][S][R * Tmax] or, with
+//   UE8M0, int32 [E_local][ceil(S / 4)][R * Tmax]; out_src_info [E_local][R * Tmax] (-1 past the count);
+//   out_layout_range [E_local][R] = (begin << 32) | count; out_count [E_local]; cumulative_stats[j] += count;
+//   wait_stats[r] += nanoseconds the expert's first block waited for source r (summed over experts).
+// Data rows past the count are left as they were.
+template <int kNumThreads, bool kUseFp8, bool kUseUe8m0>
+EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long off_signals, long long off_recv,
+                                        int msg_stride, int hidden, int num_ranks, int num_local_experts, int tmax,
+                                        int blocks_per_expert, const uint64_t* epoch_counter, int4* out_x,
+                                        void* out_scales, int* out_src_info, int64_t* out_layout_range, int* out_count,
+                                        int* cumulative_stats, long long* wait_stats, uint64_t err_record,
+                                        long long timeout_ns, int rank) {
+    static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
+    constexpr int kNumWarps = kNumThreads / kWarpSize;
+    const uint64_t epoch = *epoch_counter;  // advanced by this call's dispatch_send
+    __shared__ int counts[kMaxRanks];
+    __shared__ int begins[kMaxRanks + 1];
+    const comm::Waiter waiter(err_record, timeout_ns, rank);
+    const int j = blockIdx.x / blocks_per_expert, sub = blockIdx.x % blocks_per_expert;
+    if (j >= num_local_experts) return;  // block-uniform
+    const int warp = warp_id(), lane = lane_id();
+    const long long rows_per_expert = static_cast<long long>(num_ranks) * tmax;
+
+    // 1. The count of every source (bounded waits, one thread per source).
+    bool ok = true;
+    for (int r = threadIdx.x; r < num_ranks; r += kNumThreads) {
+        const uint64_t* sig = reinterpret_cast<const uint64_t*>(local_base + off_signals) +
+                              static_cast<long long>(j) * num_ranks + r;
+        const uint64_t start_ns = globaltimer_ns();
+        // Pairs with the release of the signal by source r's dispatch_send (its last block out).
+        const bool arrived = comm::wait_geq(sig, dispatch_signal_value(epoch, 0), waiter, r, phase::kLlDispatchRecv);
+        int count = 0;
+        if (arrived) {
+            count = static_cast<int>(ld_acquire_sys_u64(sig) & 0xffffffffull) - 1;
+            count = count < 0 ? 0 : (count > tmax ? tmax : count);
+        }
+        counts[r] = count;
+        if (sub == 0 && wait_stats != nullptr)
+            atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + r),
+                      static_cast<unsigned long long>(globaltimer_ns() - start_ns));
+        ok = ok && arrived;
+    }
+    if (!comm::block_all_ok(ok)) return;
+    if (threadIdx.x == 0) {
+        int running = 0;
+        for (int r = 0; r < num_ranks; ++r) {
+            begins[r] = running;
+            running += counts[r];
+        }
+        begins[num_ranks] = running;
+    }
+    __syncthreads();
+    const int total = begins[num_ranks];
+    if (sub == 0) {
+        for (int r = threadIdx.x; r < num_ranks; r += kNumThreads)
+            out_layout_range[static_cast<long long>(j) * num_ranks + r] =
+                (static_cast<int64_t>(begins[r]) << 32) | static_cast<int64_t>(counts[r]);
+        if (threadIdx.x == 0) {
+            out_count[j] = total;
+            if (cumulative_stats != nullptr) cumulative_stats[j] += total;
+        }
+    }
+
+    // 2. Messages -> output rows, one warp per message.
+    const int num_scales = hidden / fp8::kBlock;
+    const int data_int4 = kUseFp8 ? hidden / 16 : hidden / 8;
+    const uint8_t* recv = local_base + off_recv;
+    for (int m = sub * kNumWarps + warp; m < total; m += blocks_per_expert * kNumWarps) {
+        const int r = find_block(begins, num_ranks, m);
+        const int slot = m - begins[r];
+        const uint8_t* msg = recv + (static_cast<long long>(j * num_ranks + r) * tmax + slot) * msg_stride;
+        const long long row = j * rows_per_expert + m;
+        warp_copy_v4<false>(reinterpret_cast<const int4*>(msg + kMsgHeaderBytes), out_x + row * data_int4, data_int4,
+                            lane);
+        if (lane == 0) out_src_info[row] = *reinterpret_cast<const int*>(msg);
+        if constexpr (kUseFp8) {
+            const float* scales = reinterpret_cast<const float*>(msg + kMsgHeaderBytes + hidden);
+            if constexpr (kUseUe8m0) {
+                const int num_words = (num_scales + 3) / 4;
+                for (int w = lane; w < num_words; w += kWarpSize) {
+                    uint32_t word = 0;
+#pragma unroll
+                    for (int b = 0; b < 4; ++b)
+                        if (w * 4 + b < num_scales) word |= fp8::ue8m0_byte(scales[w * 4 + b]) << (8 * b);
+                    static_cast<int*>(out_scales)[(static_cast<long long>(j) * num_words + w) * rows_per_expert + m] =
+                        static_cast<int>(word);
+                }
+            } else {
+                for (int s = lane; s < num_scales; s += kWarpSize)
+                    static_cast<float*>(out_scales)[(static_cast<long long>(j) * num_scales + s) * rows_per_expert + m] =
+                        scales[s];
+            }
+        }
+    }
+    // 3. src_info of the unused rows.
+    for (long long m = total + static_cast<long long>(sub) * kNumThreads + threadIdx.x; m < rows_per_expert;
+         m += static_cast<long long>(blocks_per_expert) * kNumThreads)
+        out_src_info[j * rows_per_expert + m] = -1;
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Combine receive: every block waits (bounded) for every expert's signal (every owner signals every rank, with rows
+// or not), then one block per token (grid-stride): out[t] = sum over k = 0..K-1 with 0 <= topk_idx[t, k] < E of
+// topk_weights[t, k] * combine_recv[topk_idx[t, k]][t], in float32 in k order (product rounded, then sum rounded, as
+// numpy), rounded to bf16 once. Grid >= 1 block, also with num_tokens == 0.
+template <int kNumThreads>
+EPCOMM_DEVICE_INLINE void combine_recv(const uint8_t* local_base, long long off_signals, long long off_recv,
+                                       int hidden, int num_experts, int num_ranks, int tmax, const int64_t* topk_idx,
+                                       const float* topk_weights, int num_tokens, int num_topk,
+                                       const uint64_t* epoch_counter, int4* out, uint64_t err_record,
+                                       long long timeout_ns, int rank) {
+    static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
+    constexpr int kLoadsInFlight = 4;  // top-k rows loaded before they are added (in k order)
+    const uint64_t epoch = *epoch_counter;  // advanced by this call's combine_send
+    __shared__ long long rows[kMaxTopk];  // row of (t, k) in combine_recv, -1 if none
+    __shared__ float weights[kMaxTopk];
+    const comm::Waiter waiter(err_record, timeout_ns, rank);
+    const int num_local_experts = num_experts / num_ranks;
+    bool ok = true;
+    for (int e = threadIdx.x; e < num_experts; e += kNumThreads) {
+        const uint64_t* sig = reinterpret_cast<const uint64_t*>(local_base + off_signals) + e;
+        // Pairs with the release of the signal by the owner's combine_send (its last block out).
+        ok = comm::wait_geq(sig, epoch, waiter, e / num_local_experts, phase::kLlCombineRecv) && ok;
+    }
+    if (!comm::block_all_ok(ok)) return;
+
+    const int row_int4 = hidden / 8;
+    const int4* area = reinterpret_cast<const int4*>(local_base + off_recv);
+    for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+        __syncthreads();  // the previous token's rows / weights no longer read
+        for (int k = threadIdx.x; k < num_topk; k += kNumThreads) {
+            const int64_t e = topk_idx[static_cast<long long>(t) * num_topk + k];
+            const bool valid = e >= 0 && e < num_experts;
+            rows[k] = valid ? e * tmax + t : -1;
+            weights[k] = topk_weights[static_cast<long long>(t) * num_topk + k];
+        }
+        __syncthreads();
+        for (int c = threadIdx.x; c < row_int4; c += kNumThreads) {
+            float acc[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+            for (int k0 = 0; k0 < num_topk; k0 += kLoadsInFlight) {
+                int4 v[kLoadsInFlight];
+#pragma unroll
+                for (int u = 0; u < kLoadsInFlight; ++u) {
+                    const int k = k0 + u;
+                    if (k < num_topk && rows[k] >= 0) v[u] = ld_global_v4(area + rows[k] * row_int4 + c);
+                }
+#pragma unroll
+                for (int u = 0; u < kLoadsInFlight; ++u) {
+                    const int k = k0 + u;
+                    if (k >= num_topk || rows[k] < 0) continue;
+                    float f[8];
+                    fp8::unpack_bf16x8(v[u], f);
+                    const float w = weights[k];
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, f[i]));
+                }
+            }
+            st_global_v4(out + static_cast<long long>(t) * row_int4 + c, fp8::pack_bf16x8(acc));
+        }
+    }
+}
+
+}  // namespace epcomm::low_latency
