@@ -292,7 +292,7 @@ if rank == 0:
             ax.set_title(f"epcomm intranode EP{R} on {card}")
             ax.legend()
             fig.tight_layout()
-            fig.savefig(os.path.join(args.out, "intranode_sms.png"), dpi=100)
+            fig.savefig(os.path.join(args.out, f"intranode_sms_ep{R}.png"), dpi=100)
         except Exception as exc:
             print(f"plot skipped: {exc}")
 buf.destroy()

@@ -60,6 +60,10 @@ run demo_ep$NGPU 120 $MPIRUN -n $NGPU $PY -m epcomm.demo --backend gpu
 if [ $BENCH = 1 ] && [ $NGPU -ge 2 ]; then
   run bench_intranode 400 $MPIRUN -n $NGPU $PY bench/bench_intranode.py $BENCH_ARGS --out "$OUTDIR"
   cat "$OUTDIR/bench_intranode.log" | grep -E "^\|" || true
+  if [ $NGPU -ge 4 ]; then  # the EP2 workload of issue 3 on two of the GPUs as well
+    run bench_intranode_ep2 400 $MPIRUN -n 2 -x CUDA_VISIBLE_DEVICES=0,1 $PY bench/bench_intranode.py $BENCH_ARGS --out "$OUTDIR"
+    cat "$OUTDIR/bench_intranode_ep2.log" | grep -E "^\|" || true
+  fi
   run bench_low_latency 300 $MPIRUN -n $NGPU $PY bench/bench_low_latency.py $BENCH_ARGS --out "$OUTDIR"
   cat "$OUTDIR/bench_low_latency.log" | grep -E "^\|" || true
 fi
