@@ -106,6 +106,11 @@ class Group:
     def alltoall(self, objs: list) -> list:
         return self.comm.alltoall(objs)
 
+    def bounded_barrier(self, phase: str, timeout_s: float | None = None) -> None:
+        """A barrier that gives up after timeout_s (default EPCOMM_TIMEOUT_S) with CommTimeoutError naming the
+        missing peer and the phase, instead of hanging when a rank never arrives."""
+        self.exchange([None] * self.size, phase, timeout_s)
+
     def exchange(self, objs: list, phase: str, timeout_s: float | None = None) -> list:
         """Bounded alltoall of Python objects: objs[d] goes to rank d; returns what every rank sent here.
 
