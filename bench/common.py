@@ -33,11 +33,14 @@ def median_us(samples_ms) -> float:
 
 
 def commit() -> str:
+    """The commit measured: EPCOMM_COMMIT if set (GPU machines get a copy of the tree without .git), else git."""
+    if os.environ.get("EPCOMM_COMMIT"):
+        return os.environ["EPCOMM_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], stderr=subprocess.DEVNULL,
-                                       cwd=os.path.dirname(__file__)).decode().strip()
+                                       cwd=os.path.dirname(__file__)).decode().strip() or "unknown"
     except Exception:
-        return os.environ.get("EPCOMM_COMMIT", "unknown")
+        return "unknown"
 
 
 def record(op, dtype, ranks, gpus, tokens, hidden, topk, experts, num_sms, med_us, logical, physical, card,

@@ -23,11 +23,13 @@ export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAS
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
 export EPCOMM_CACHE_DIR=${EPCOMM_CACHE_DIR:-$ROOT/.epcomm_cache}
 export EPCOMM_TIMEOUT_S=${EPCOMM_TIMEOUT_S:-20}
+# The device copy of the tree may have no git metadata: pass EPCOMM_COMMIT=<hash> to stamp benchmark records.
+export EPCOMM_COMMIT=${EPCOMM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 $PY -c "import nvshmem, nvshmem.core as c; print('nvshmem4py from', nvshmem.__path__, 'init' in dir(c))" 2>&1 | tail -1
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-echo "GPU suite: $NGPU x $CARD, commit $(git rev-parse --short HEAD 2>/dev/null)"
-MPIRUN="mpirun --oversubscribe --bind-to none -x PYTHONPATH -x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x EPCOMM_CACHE_DIR -x EPCOMM_TIMEOUT_S -x EPCOMM_JIT_QUIET -x XLA_PYTHON_CLIENT_PREALLOCATE -x TORCH_SYMM_MEM_DISABLE_MULTICAST"
+echo "GPU suite: $NGPU x $CARD, commit ${EPCOMM_COMMIT:-unknown}"
+MPIRUN="mpirun --oversubscribe --bind-to none -x PYTHONPATH -x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x EPCOMM_CACHE_DIR -x EPCOMM_TIMEOUT_S -x EPCOMM_COMMIT -x EPCOMM_JIT_QUIET -x XLA_PYTHON_CLIENT_PREALLOCATE -x TORCH_SYMM_MEM_DISABLE_MULTICAST"
 declare -a ROWS
 ONLY=${ONLY:-}  # e.g. ONLY="bench interop": run only steps whose name contains one of these words
 run() {  # run NAME TIMEOUT CMD...: logs to $OUTDIR/NAME.log, records a table row
