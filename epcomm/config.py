@@ -26,6 +26,16 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected 0/1/true/false, got {text!r}")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a positive number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise ValueError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _backend(text: str) -> str:
     low = text.strip().lower()
     if low not in ("auto", "cpu", "gpu"):
@@ -42,7 +52,7 @@ ENV_VARS: dict[str, EnvVar] = {v.name: v for v in (
            "Do not print the one-line progress message when a kernel is compiled for the first time."),
     EnvVar("EPCOMM_BACKEND", _backend, "auto",
            "auto: GPU when CuPy sees a device, else the numpy CPU backend; cpu or gpu force one."),
-    EnvVar("EPCOMM_TIMEOUT_S", float, 20.0,
+    EnvVar("EPCOMM_TIMEOUT_S", _seconds, 20.0,
            "Bound, in seconds, of every device spin-wait and host poll before CommTimeoutError."),
     EnvVar("EPCOMM_FORCE_NVSHMEM", _bool, False,
            "Low-latency kernels use NVSHMEM puts for every peer, even those reachable through NVLink pointers."),

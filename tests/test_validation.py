@@ -324,6 +324,8 @@ def test_epcomm_timeout_unparsable(monkeypatch, buf, inputs, layout):
     raises(lambda: env("EPCOMM_TIMEOUT_S"), "EPCOMM_TIMEOUT_S", "'soon'", "seconds")
     # The CPU backend reads it at every exchange, before anything is sent.
     raises(lambda: buf.dispatch(inputs[0], **layout), "EPCOMM_TIMEOUT_S", "'soon'")
+    monkeypatch.setenv("EPCOMM_TIMEOUT_S", "0")               # a bound of zero would fail every wait at once
+    raises(lambda: env("EPCOMM_TIMEOUT_S"), "EPCOMM_TIMEOUT_S", "positive number of seconds", "'0'")
     monkeypatch.delenv("EPCOMM_TIMEOUT_S")
     buf.dispatch(inputs[0], **layout)                        # and the buffer is still usable
 
