@@ -2,11 +2,12 @@
 # The GPU suite: on a machine with GPUs, install what is missing, then run the GPU checks under mpirun on all
 # visible GPUs (and several ranks per GPU for EP4/EP8 correctness), then the quick benchmark; prints a short table.
 # Usage: bash scripts/gpu_suite.sh [--quick] [--no-bench] [--bench-full]
-# Results: $OUT (or ./gpu_out) gets logs and bench JSON lines; bench/results/ gets the JSON lines too.
+# Results: ./gpu_out gets every log, bench JSON line file and plot; when $OUT is set (the device tool, which returns
+# at most 8 files) they also go there as ONE archive, gpu_suite.tgz, beside a copy of the summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-OUTDIR=${OUT:-$ROOT/gpu_out}; mkdir -p "$OUTDIR"
+OUTDIR=$ROOT/gpu_out; rm -rf "$OUTDIR"; mkdir -p "$OUTDIR"
 QUICK=0; BENCH=1; BENCH_ARGS="--quick"
 for a in "$@"; do case $a in --quick) QUICK=1;; --no-bench) BENCH=0;; --bench-full) BENCH_ARGS="";; --trace) BENCH_ARGS="$BENCH_ARGS --trace";; esac; done
 PY=${PYTHON:-python3}
@@ -31,6 +32,10 @@ CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 echo "GPU suite: $NGPU x $CARD, commit ${EPCOMM_COMMIT:-unknown}"
 MPIRUN="mpirun --oversubscribe --bind-to none -x PYTHONPATH -x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x EPCOMM_CACHE_DIR -x EPCOMM_TIMEOUT_S -x EPCOMM_COMMIT -x EPCOMM_JIT_QUIET -x XLA_PYTHON_CLIENT_PREALLOCATE -x TORCH_SYMM_MEM_DISABLE_MULTICAST"
 declare -a ROWS
+bundle() {  # everything in gpu_out/ as one archive in $OUT (the device tool returns at most 8 files)
+  [ -n "${OUT:-}" ] || return 0
+  mkdir -p "$OUT" && tar czf "$OUT/gpu_suite.tgz" -C "$OUTDIR" . 2>/dev/null
+}
 ONLY=${ONLY:-}  # e.g. ONLY="bench interop": run only steps whose name contains one of these words
 run() {  # run NAME TIMEOUT CMD...: logs to $OUTDIR/NAME.log, records a table row
   local name=$1 tmo=$2; shift 2
@@ -42,6 +47,8 @@ run() {  # run NAME TIMEOUT CMD...: logs to $OUTDIR/NAME.log, records a table ro
   [ -z "$summary" ] && summary=$(tail -1 "$OUTDIR/$name.log" | cut -c1-70)
   ROWS+=("$(printf '%-28s %-6s %4ss  %s' "$name" "$([ $rc -eq 0 ] && echo PASS || echo "FAIL($rc)")" "$dt" "$summary")")
   [ $rc -ne 0 ] && { echo "---- $name (rc=$rc), last lines:"; tail -25 "$OUTDIR/$name.log"; }
+  printf '%s\n' "${ROWS[-1]}" >> "$OUTDIR/steps.txt"
+  bundle  # after every step, so a run cut short still returns what it did
 }
 # 2. Compile every kernel once, in one process, so that ranks hit the cache (and compile errors show here).
 run prewarm 120 $PY -m epcomm.runtime.prewarm
@@ -68,5 +75,9 @@ if [ $NGPU -ge 2 ] && [ $QUICK = 0 ]; then
   run low_latency_ep4_oversub 120 $MPIRUN -n 4 $PY tests/gpu/low_latency_check.py --oversubscribed
   run intranode_ep8_oversub 120 $MPIRUN -n 8 $PY tests/gpu/intranode_check.py --oversubscribed
 fi
-echo; echo "==== GPU suite summary ($NGPU x $CARD)"
-printf '%s\n' "${ROWS[@]}"
+{ echo; echo "==== GPU suite summary ($NGPU x $CARD, commit ${EPCOMM_COMMIT:-unknown})"
+  printf '%s\n' "${ROWS[@]}"; } | tee "$OUTDIR/summary.txt"
+bundle
+[ -n "${OUT:-}" ] && cp "$OUTDIR/summary.txt" "$OUT/summary.txt"
+grep -q "FAIL" "$OUTDIR/steps.txt" 2>/dev/null && exit 1
+exit 0
