@@ -148,6 +148,32 @@ ceiling_one_way = max(c[0] for c in ceilings.values())
 log(f"peer-store ceiling: " + ", ".join(f"{b} blocks: one-way {c[0]:.0f} GB/s, both ways {c[1]:.0f} GB/s each"
                                         for b, c in ceilings.items()))
 
+# What 24 SMs can move with 8 loads in flight per thread (as the row copies issue them): peer stores one way and both
+# ways, and a local copy (the copy-out / reduce side). Rates count the bytes stored.
+copy8 = cp.RawKernel(r"""
+extern "C" __global__ void __launch_bounds__(512) copy8(const int4* __restrict__ s, int4* __restrict__ d, size_t n) {
+  const size_t st = (size_t)gridDim.x * blockDim.x;
+  for (size_t b = blockIdx.x * (size_t)blockDim.x + threadIdx.x; b < n; b += 8 * st) {
+    int4 v[8];
+    #pragma unroll
+    for (int u = 0; u < 8; ++u) if (b + u * st < n) v[u] = __ldg(s + b + u * st);
+    #pragma unroll
+    for (int u = 0; u < 8; ++u) if (b + u * st < n) d[b + u * st] = v[u];
+  }
+}""", "copy8")
+local_dst = cp.empty_like(src)
+probe = {}
+for what, dst_ptr, active in (("peer one-way", peer_ptr, rank == 0), ("peer both ways", peer_ptr, True),
+                              ("local copy", int(local_dst.data.ptr), True)):
+    def run8(blocks=24, dst_ptr=dst_ptr, active=active):
+        if active:
+            copy8((blocks,), (512,), (src, cp.uint64(dst_ptr), cp.uint64(nb // 16)))
+    t8 = timed(run8, n=10)
+    probe[what] = nb / (agree(t8 if active else 0) * 1e-6) / 1e9
+log("24 blocks x 512 threads, 8 loads in flight per thread: " +
+    ", ".join(f"{k} {v:.0f} GB/s" for k, v in probe.items()))
+del local_dst
+
 # -- baseline: the PyTorch path (NCCL all_to_all_single + index_select / index_add) ---------------------------
 baseline = {}
 try:
@@ -220,6 +246,34 @@ for sms in sweep:
         rows.append(record(op, dt, R, gpus, T, H, K, E, sms, us, lb, pb, card, b,
                            ceiling_one_way_gbps=round(ceiling_one_way, 1), **extra))
 
+def graph_split(name, fn, n=10, repeats=5):
+    """Per-kernel device time inside a CUDA graph: the call is captured with an event between kernels, replayed
+    back-to-back n times (ranks in step, clocks up), and the last replay's gaps are read; median over repeats."""
+    be = buf._backend
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        fn()
+        s.synchronize()
+        g.barrier()
+        be.trace = []
+        s.begin_capture()
+        fn()
+        graph = s.end_capture()
+        marks, be.trace = be.trace, None
+        segs = {}
+        for _ in range(repeats):
+            g.barrier()
+            for _ in range(n):
+                graph.launch(s)
+            s.synchronize()
+            for (a, ea), (b, eb) in zip(marks, marks[1:]):
+                segs.setdefault(b if b != "start" else a + "->next", []).append(cp.cuda.get_elapsed_time(ea, eb) * 1e3)
+    be._check("graph split")
+    med = {k: float(np.median(v)) for k, v in segs.items()}
+    log(f"graph split {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + " us")
+    return med
+
+
 def trace_split(name, fn, n=10):
     """Per-kernel device time (events between launches) and host time per call, medians over n calls."""
     be = buf._backend
@@ -240,6 +294,31 @@ def trace_split(name, fn, n=10):
     parts = ", ".join(f"{k} {np.median(v):.0f}" for k, v in segs.items())
     log(f"trace {name}: host {np.median(host):.0f} us per call; device us: {parts}")
 
+
+# Where a call's device time goes (events between the kernels inside the graph), at 24 SMs, and the same with 1024
+# threads per block (more bytes in flight per SM; the dispatch kernels then spill registers).
+splits = {}
+for nt in (512, 1024):
+    cfg_nt = epcomm.Config(num_sms=24, num_threads=nt)
+    splits[nt] = {
+        "fp8 cached dispatch": graph_split(f"fp8 cached dispatch, 24 SMs x {nt} threads",
+                                           lambda: buf.dispatch((x_fp8, scales_cm), handle=handle, config=cfg_nt)),
+        "bf16 cached dispatch": graph_split(f"bf16 cached dispatch, 24 SMs x {nt} threads",
+                                            lambda: buf.dispatch(x_bf16, handle=handle, config=cfg_nt)),
+        "bf16 combine": graph_split(f"bf16 combine, 24 SMs x {nt} threads",
+                                    lambda: buf.combine(recv_bf16, handle, config=cfg_nt)),
+    }
+    if nt != 512:
+        for op, dt, fn in (("dispatch", "fp8", lambda: buf.dispatch((x_fp8, scales_cm), handle=handle, config=cfg_nt)),
+                           ("dispatch", "bf16", lambda: buf.dispatch(x_bf16, handle=handle, config=cfg_nt)),
+                           ("combine", "bf16", lambda: buf.combine(recv_bf16, handle, config=cfg_nt))):
+            us = agree(timed_graph(fn))
+            lb, pb = byte_counts(op, dt, H, rows_total, rows_remote)
+            base = baseline.get(f"{dt}_{op}")
+            b = {"name": "torch NCCL all_to_all_single + index_select/index_add", "median_us": round(base, 1)} if base else None
+            rows.append(record(op, dt, R, gpus, T, H, K, E, 24, us, lb, pb, card, b, ceiling_one_way_gbps=round(ceiling_one_way, 1),
+                               variant=("cached-graph" if op == "dispatch" else "graph") + f", {nt} threads",
+                               num_threads=nt))
 
 if args.trace:
     cfg24 = epcomm.Config(num_sms=24)

@@ -91,9 +91,12 @@ class Config:
 
     num_sms: the most SMs one dispatch/combine kernel may occupy (a positive int; the kernels use min(num_sms, SMs)).
     num_max_tokens: tokens per rank the buffer is sized for (its worst case), used by size hints.
+    num_threads: threads per block of the dispatch / combine kernels (a multiple of 32 in 128..1024; a tuning knob:
+        512 keeps every row copy in registers without spills, see bench/NOTES.md).
     """
     num_sms: int = 24
     num_max_tokens: int = 4096
+    num_threads: int = 512
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes of NVLink buffer for num_max_tokens tokens per rank of hidden_bytes per row (DeepEP's name)."""
@@ -109,6 +112,8 @@ class Config:
             raise ConfigError(f"Config.num_sms: expected a positive int, got {self.num_sms!r}")
         if not isinstance(self.num_max_tokens, int) or self.num_max_tokens < 1:
             raise ConfigError(f"Config.num_max_tokens: expected a positive int, got {self.num_max_tokens!r}")
+        if not isinstance(self.num_threads, int) or self.num_threads % 32 or not 128 <= self.num_threads <= 1024:
+            raise ConfigError(f"Config.num_threads: expected a multiple of 32 in 128..1024, got {self.num_threads!r}")
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)

@@ -208,13 +208,13 @@ class GpuBackend:
         stride_t = scales.strides[0] // itemsize if scales is not None else 0
         stride_s = scales.strides[1] // itemsize if scales is not None else 0
         grid = self._grid(config)
-        get_kernel(intra.dispatch_send_spec(self.num_ranks)).launch(
+        get_kernel(intra.dispatch_send_spec(self.num_ranks, config.num_threads)).launch(
             grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts, in_rank,
                    send_pos, matrix, t, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx,
                    lay.off_w, lay.off_src, recv_x, recv_scales, recv_idx, recv_w, recv_src, rows, self._counter(0),
                    self._epoch_ptr(0)) + self._comm(), stream=self.stream)
         self._mark("dispatch_send")
-        get_kernel(intra.dispatch_recv_spec(self.num_ranks)).launch(
+        get_kernel(intra.dispatch_recv_spec(self.num_ranks, config.num_threads)).launch(
             grid, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx, lay.off_w, lay.off_src,
                    row_int4, s, k, info, matrix, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src,
                    self._epoch_ptr(0)) + self._comm(), stream=self.stream)
@@ -264,14 +264,14 @@ class GpuBackend:
         grid = self._grid(config)
         row_int4 = h * 2 // 16
         self._mark("start")
-        get_kernel(intra.combine_send_spec(r)).launch(
+        get_kernel(intra.combine_send_spec(r, config.num_threads)).launch(
             grid, (x, row_int4, topk_weights, k, st["count_matrix"], rows, self.nvl.peer_bases, self.meta_bytes,
                    lay.off_x, lay.off_w, self._counter(1), self._epoch_ptr(1)) + self._comm(), stream=self.stream)
         self._mark("combine_send")
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
         # Launched also with no tokens: it still waits for every rank's done flag, closing the call.
-        get_kernel(intra.combine_reduce_spec(r)).launch(
+        get_kernel(intra.combine_reduce_spec(r, config.num_threads)).launch(
             grid if t else 1, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
                                handle.is_token_in_rank, handle.send_pos, st["count_matrix"], t, b0, b1, x, topk_weights,
                                out, out_w,

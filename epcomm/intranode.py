@@ -102,9 +102,9 @@ def notify_spec(num_ranks: int) -> KernelSpec:
 
 
 @functools.lru_cache(maxsize=None)
-def dispatch_send_spec(num_ranks: int) -> KernelSpec:
+def dispatch_send_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
     return KernelSpec(
-        family="intranode", op="dispatch_send", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS)),
+        family="intranode", op="dispatch_send", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "scales"), ("long long", "scale_stride_t"),
                 ("long long", "scale_stride_s"), ("int", "num_scales"), ("const int64_t*", "topk_idx"),
                 ("const float*", "topk_weights"), ("int", "num_topk"), ("int", "num_experts"),
@@ -114,43 +114,43 @@ def dispatch_send_spec(num_ranks: int) -> KernelSpec:
                 ("long long", "off_src"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
                 ("float*", "out_w"), ("int*", "out_src"), ("int", "num_out_rows"), ("int*", "block_counter"),
                 ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
-        num_threads=NUM_THREADS)
+        num_threads=num_threads)
 
 
 @functools.lru_cache(maxsize=None)
-def dispatch_recv_spec(num_ranks: int) -> KernelSpec:
+def dispatch_recv_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
     return KernelSpec(
-        family="intranode", op="dispatch_recv", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS)),
+        family="intranode", op="dispatch_recv", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const uint8_t*", "local_base"), ("long long", "data_offset"), ("long long", "off_x"),
                 ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"), ("long long", "off_src"),
                 ("int", "row_int4"), ("int", "num_scales"), ("int", "num_topk"), ("const int*", "info"),
                 ("const int*", "count_matrix"), ("int", "num_out_rows"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
                 ("float*", "out_w"), ("int*", "out_src"), ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
-        num_threads=NUM_THREADS)
+        num_threads=num_threads)
 
 
 @functools.lru_cache(maxsize=None)
-def combine_send_spec(num_ranks: int) -> KernelSpec:
+def combine_send_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
     return KernelSpec(
-        family="intranode", op="combine_send", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS)),
+        family="intranode", op="combine_send", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "topk_weights"), ("int", "num_topk"),
                 ("const int*", "count_matrix"), ("int", "num_rows"), ("const uint64_t*", "peer_bases"),
                 ("long long", "data_offset"), ("long long", "off_cx"), ("long long", "off_cw"),
                 ("int*", "block_counter"), ("uint64_t*", "epoch_counter")) + COMM_PARAMS,
-        num_threads=NUM_THREADS)
+        num_threads=num_threads)
 
 
 @functools.lru_cache(maxsize=None)
-def combine_reduce_spec(num_ranks: int) -> KernelSpec:
+def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
     return KernelSpec(
-        family="intranode", op="combine_reduce", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NUM_THREADS)),
+        family="intranode", op="combine_reduce", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const uint8_t*", "local_base"), ("long long", "data_offset"), ("long long", "off_cx"),
                 ("long long", "off_cw"), ("int", "row_int4"), ("int", "num_topk"), ("const bool*", "is_token_in_rank"),
                 ("const int*", "send_pos"), ("const int*", "count_matrix"), ("int", "num_tokens"),
                 ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
                 ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"),
                 ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
-        num_threads=NUM_THREADS)
+        num_threads=num_threads)
 
 
 def max_experts_bucket(num_experts: int) -> int:

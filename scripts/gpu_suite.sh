@@ -60,7 +60,7 @@ run interop_ep$NGPU 90 $MPIRUN -n $NGPU $PY tests/gpu/interop_check.py
 run demo_ep$NGPU 60 $MPIRUN -n $NGPU $PY -m epcomm.demo --backend gpu
 # 4. Quick benchmark (one rank per GPU).
 if [ $BENCH = 1 ] && [ $NGPU -ge 2 ]; then
-  run bench_intranode 150 $MPIRUN -n $NGPU $PY bench/bench_intranode.py $BENCH_ARGS --out "$OUTDIR"
+  run bench_intranode 300 $MPIRUN -n $NGPU $PY bench/bench_intranode.py $BENCH_ARGS --out "$OUTDIR"
   cat "$OUTDIR/bench_intranode.log" | grep -E "^\|" || true
   if [ $NGPU -ge 4 ]; then  # the EP2 workload of issue 3 on two of the GPUs as well
     run bench_intranode_ep2 400 $MPIRUN -n 2 -x CUDA_VISIBLE_DEVICES=0,1 $PY bench/bench_intranode.py $BENCH_ARGS --out "$OUTDIR"
