@@ -247,7 +247,7 @@ for sms in sweep:
                            ceiling_one_way_gbps=round(ceiling_one_way, 1), **extra))
 
 def graph_split(name, fn, n=10, repeats=5):
-    """Per-kernel device time inside a CUDA graph: the call is captured with an event between kernels, replayed
+    """Per-kernel device time inside a CUDA graph: the call is captured with a timestamp kernel between kernels, replayed
     back-to-back n times (ranks in step, clocks up), and the last replay's gaps are read; median over repeats."""
     be = buf._backend
     s = cp.cuda.Stream(non_blocking=True)
@@ -266,8 +266,9 @@ def graph_split(name, fn, n=10, repeats=5):
             for _ in range(n):
                 graph.launch(s)
             s.synchronize()
-            for (a, ea), (b, eb) in zip(marks, marks[1:]):
-                segs.setdefault(b if b != "start" else a + "->next", []).append(cp.cuda.get_elapsed_time(ea, eb) * 1e3)
+            ts = be.trace_stamps[:len(marks)].get().astype(np.int64)
+            for i in range(1, len(marks)):
+                segs.setdefault(marks[i], []).append((ts[i] - ts[i - 1]) / 1e3)
     be._check("graph split")
     med = {k: float(np.median(v)) for k, v in segs.items()}
     log(f"graph split {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + " us")
@@ -289,8 +290,9 @@ def trace_split(name, fn, n=10):
         cp.cuda.Device().synchronize()
         marks = be.trace
         be.trace = None
-        for (a, ea), (b, eb) in zip(marks, marks[1:]):
-            segs.setdefault(b if b != "start" else a + "->next", []).append(cp.cuda.get_elapsed_time(ea, eb) * 1e3)
+        ts = be.trace_stamps[:len(marks)].get().astype(np.int64)
+        for i in range(1, len(marks)):
+            segs.setdefault(marks[i], []).append((ts[i] - ts[i - 1]) / 1e3)
     parts = ", ".join(f"{k} {np.median(v):.0f}" for k, v in segs.items())
     log(f"trace {name}: host {np.median(host):.0f} us per call; device us: {parts}")
 

@@ -54,18 +54,21 @@ class GpuBackend:
         self.timeout_s = float(env("EPCOMM_TIMEOUT_S"))
         self.num_sms_device = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.low_latency = None
-        self.trace: list | None = None  # set to [] to record per-kernel events (bench --trace)
+        self.trace: list | None = None  # set to [] to record per-kernel timestamps (bench: graph_split, --trace)
+        self.trace_stamps = cupy.zeros(256, cupy.uint64)
         if low_latency_mode:
             from .low_latency import LowLatencyGpu
             self.low_latency = LowLatencyGpu(self, num_rdma_bytes)
 
     # -- plumbing ------------------------------------------------------------------------------------------
     def _mark(self, name: str) -> None:
-        """Diagnostics (bench --trace): an event on the comm stream between kernels, to split a call's time."""
+        """Diagnostics (bench): a device timestamp on the comm stream between kernels, to split a call's time (a
+        kernel, not an event, so that it also works inside CUDA graphs). self.trace is a list of names; slot i of
+        self.trace_stamps (uint64, ns) gets the time the stream reached the i-th mark."""
         if self.trace is not None:
-            ev = self.cp.cuda.Event()
-            ev.record(self.stream)
-            self.trace.append((name, ev))
+            from .probe import timestamp
+            timestamp(self.trace_stamps, len(self.trace) % 256, stream=self.stream)
+            self.trace.append(name)
 
     def _comm(self):
         return tuple(self.err.wait_params())

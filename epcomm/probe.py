@@ -26,8 +26,19 @@ def nvshmem_put_ring_spec() -> KernelSpec:
                       num_threads=PUT_RING_THREADS, uses_nvshmem=True)
 
 
+def timestamp_spec() -> KernelSpec:
+    """epcomm_probe_timestamp(unsigned long long* out, int slot): out[slot] = %globaltimer (ns)."""
+    return KernelSpec(family="probe", op="timestamp", template_args=(("kNumThreads", 32),),
+                      params=(("unsigned long long*", "out"), ("int", "slot")), num_threads=32)
+
+
+def timestamp(out, slot: int, stream=None) -> None:
+    """Write the GPU's nanosecond timer into out[slot] (out: uint64 device array) when the stream reaches this point."""
+    get_kernel(timestamp_spec()).launch(1, (out, slot), stream=stream)
+
+
 def example_specs() -> list[KernelSpec]:
-    return [write_peer_spec(), nvshmem_put_ring_spec()]
+    return [write_peer_spec(), nvshmem_put_ring_spec(), timestamp_spec()]
 
 
 register_family("probe", example_specs)

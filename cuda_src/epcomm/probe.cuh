@@ -1,4 +1,4 @@
-// Bootstrap probe kernels: prove that CUDA IPC peer mappings (write_peer) and NVSHMEM device calls (nvshmem_put_ring)
+// Probe kernels: a device timestamp for diagnostics; bootstrap probes that prove that CUDA IPC peer mappings (write_peer) and NVSHMEM device calls (nvshmem_put_ring)
 // work on this machine before the real kernels rely on them. Launched from epcomm/probe.py.
 #pragma once
 
@@ -16,6 +16,13 @@ EPCOMM_DEVICE_INLINE void write_peer(int* dst, int value, long long n) {
     const long long stride = static_cast<long long>(gridDim.x) * kNumThreads;
     for (long long i = static_cast<long long>(blockIdx.x) * kNumThreads + threadIdx.x; i < n; i += stride)
         dst[i] = value;
+}
+
+// out[slot] = the GPU's global nanosecond timer (one thread). Diagnostics: launched between kernels it splits a
+// call's device time, also inside CUDA graphs (where event timing is unavailable). Resolution: that of %globaltimer.
+template <int kNumThreads>
+EPCOMM_DEVICE_INLINE void timestamp(unsigned long long* out, int slot) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) out[slot] = globaltimer_ns();
 }
 
 #if defined(EPCOMM_NVSHMEM)
