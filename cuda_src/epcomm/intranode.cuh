@@ -79,23 +79,30 @@ EPCOMM_DEVICE_INLINE int4 pack_bf16x8(const float* acc) {
     return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
 }
 
-// Loads in flight per lane in the row copies: a lane issues kCopyUnroll 16-byte loads before its first store,
-// so a warp keeps 32 * kCopyUnroll * 16 bytes moving instead of one load's latency per step.
-constexpr int kCopyUnroll = 8;
+// Loads in flight per lane in the row copies: a lane issues kUnroll 16-byte loads before its first store, so a warp
+// keeps 32 * kUnroll * 16 bytes moving per memory latency. A warp copies rows one after another, so the time of a row
+// is about (row bytes / (512 * kUnroll)) latencies: 16 covers an FP8 row of H <= 8192 in one step (measured, 24 SMs:
+// 8 in flight left the FP8 send at 230 GB/s against a 343 GB/s peer-store probe; bench/NOTES.md). More ranks hold
+// more per-destination registers, so the unroll shrinks with kNumRanks to stay within 128 registers (no spills).
+template <int kNumRanks>
+constexpr int kCopyUnrollFor = kNumRanks <= 4 ? 14 : 8;
+// dispatch_send keeps a row pointer per destination live as well.
+template <int kNumRanks>
+constexpr int kSendUnrollFor = kNumRanks <= 2 ? 14 : (kNumRanks <= 4 ? 12 : 8);
 
 // Copy one row of row_int4 16-byte vectors (read once, read-only source) to up to kNumDst destinations (nullptr
 // entries skipped) with non-allocating stores. All lanes of the warp call it.
-template <int kNumDst>
+template <int kUnroll, int kNumDst>
 EPCOMM_DEVICE_INLINE void warp_copy_row(const int4* src, int4* const (&dst)[kNumDst], int row_int4, int lane) {
-    for (int base = lane; base < row_int4; base += kWarpSize * kCopyUnroll) {
-        int4 v[kCopyUnroll];
+    for (int base = lane; base < row_int4; base += kWarpSize * kUnroll) {
+        int4 v[kUnroll];
         #pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
             const int i = base + u * kWarpSize;
             if (i < row_int4) v[u] = ld_global_nc_na_v4(src + i);
         }
         #pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
             const int i = base + u * kWarpSize;
             if (i < row_int4) {
                 #pragma unroll
@@ -107,21 +114,31 @@ EPCOMM_DEVICE_INLINE void warp_copy_row(const int4* src, int4* const (&dst)[kNum
 }
 
 // Same for data other GPUs wrote before an acquire we already did: plain (coherent) loads, plain stores.
+template <int kUnroll>
 EPCOMM_DEVICE_INLINE void warp_copy_row_coherent(const int4* src, int4* dst, int row_int4, int lane) {
-    for (int base = lane; base < row_int4; base += kWarpSize * kCopyUnroll) {
-        int4 v[kCopyUnroll];
+    for (int base = lane; base < row_int4; base += kWarpSize * kUnroll) {
+        int4 v[kUnroll];
         #pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
             const int i = base + u * kWarpSize;
             if (i < row_int4) v[u] = ld_global_v4(src + i);
         }
         #pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
             const int i = base + u * kWarpSize;
             if (i < row_int4) st_global_v4(dst + i, v[u]);
         }
     }
 }
+
+// A row's small per-row fields, loaded by the lanes of a warp BEFORE its row copy and stored after it, so that
+// their latency hides behind the copy's: scales s = lane and lane + 32 (the rest, H > 8192, is copied directly),
+// top-k entry k = lane (the rest, K > 32, likewise).
+struct RowMeta {
+    float scale[2];
+    int64_t idx;
+    float w;
+};
 
 EPCOMM_DEVICE_INLINE uint8_t* peer_base(const uint64_t* peer_bases, int r) {
     return reinterpret_cast<uint8_t*>(peer_bases[r]);
@@ -359,9 +376,10 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
     __syncthreads();
     comm::Waiter waiter(err_record, timeout_ns, rank);
     const bool skip = comm::block_has_error(waiter);  // e.g. a capacity error from notify: address nothing
-    RowSink sink[kNumRanks];
-    #pragma unroll
-    for (int d = 0; d < kNumRanks; ++d) {
+    // In shared memory: kNumRanks x 5 pointers in registers would spill at 8 ranks.
+    __shared__ RowSink sink[kNumRanks];
+    if (threadIdx.x < kNumRanks) {
+        const int d = threadIdx.x;
         if (d == rank) {
             sink[d] = RowSink{out_x, out_scales, out_idx, out_w, out_src};
         } else {
@@ -371,31 +389,52 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
                               reinterpret_cast<int*>(data + off_src)};
         }
     }
+    __syncthreads();
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
     const int experts_per_rank = num_experts / kNumRanks;
     for (int t = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; t < num_tokens && !skip; t += warps) {
+        const long long tt = t;
+        RowMeta meta;
+        #pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int s = lane + j * kWarpSize;
+            meta.scale[j] = s < num_scales ? scales[tt * scale_stride_t + s * scale_stride_s] : 0.0f;
+        }
+        meta.idx = (topk_idx && lane < num_topk) ? topk_idx[tt * num_topk + lane] : -1;
+        meta.w = (topk_idx && lane < num_topk) ? topk_weights[tt * num_topk + lane] : 0.0f;
         long long row[kNumRanks];
         int4* dst[kNumRanks];
         #pragma unroll
         for (int d = 0; d < kNumRanks; ++d) {
-            bool in = is_token_in_rank[static_cast<long long>(t) * kNumRanks + d];
-            row[d] = in ? my_start[d] + send_pos[static_cast<long long>(t) * kNumRanks + d] : -1;
+            bool in = is_token_in_rank[tt * kNumRanks + d];
+            row[d] = in ? my_start[d] + send_pos[tt * kNumRanks + d] : -1;
             if (d == rank && row[d] >= num_out_rows) row[d] = -1;
             dst[d] = row[d] >= 0 ? sink[d].x + row[d] * row_int4 : nullptr;
         }
-        warp_copy_row<kNumRanks>(x + static_cast<long long>(t) * row_int4, dst, row_int4, lane);
+        warp_copy_row<kSendUnrollFor<kNumRanks>, kNumRanks>(x + tt * row_int4, dst, row_int4, lane);
         #pragma unroll
         for (int d = 0; d < kNumRanks; ++d) {
             if (row[d] < 0) continue;
-            for (int s = lane; s < num_scales; s += kWarpSize)
-                sink[d].scales[row[d] * num_scales + s] = scales[t * scale_stride_t + s * scale_stride_s];
+            #pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int s = lane + j * kWarpSize;
+                if (s < num_scales) sink[d].scales[row[d] * num_scales + s] = meta.scale[j];
+            }
+            for (int s = lane + 2 * kWarpSize; s < num_scales; s += kWarpSize)
+                sink[d].scales[row[d] * num_scales + s] = scales[tt * scale_stride_t + s * scale_stride_s];
             if (topk_idx) {
-                for (int k = lane; k < num_topk; k += kWarpSize) {
-                    int64_t e = topk_idx[static_cast<long long>(t) * num_topk + k];
-                    bool mine = e >= static_cast<int64_t>(d) * experts_per_rank && e < static_cast<int64_t>(d + 1) * experts_per_rank;
-                    sink[d].idx[row[d] * num_topk + k] = mine ? e - static_cast<int64_t>(d) * experts_per_rank : -1;
-                    sink[d].w[row[d] * num_topk + k] = mine ? topk_weights[static_cast<long long>(t) * num_topk + k] : 0.0f;
+                const int64_t lo = static_cast<int64_t>(d) * experts_per_rank, hi = lo + experts_per_rank;
+                if (lane < num_topk) {
+                    const bool mine = meta.idx >= lo && meta.idx < hi;
+                    sink[d].idx[row[d] * num_topk + lane] = mine ? meta.idx - lo : -1;
+                    sink[d].w[row[d] * num_topk + lane] = mine ? meta.w : 0.0f;
+                }
+                for (int k = lane + kWarpSize; k < num_topk; k += kWarpSize) {
+                    const int64_t e = topk_idx[tt * num_topk + k];
+                    const bool mine = e >= lo && e < hi;
+                    sink[d].idx[row[d] * num_topk + k] = mine ? e - lo : -1;
+                    sink[d].w[row[d] * num_topk + k] = mine ? topk_weights[tt * num_topk + k] : 0.0f;
                 }
             }
             if (lane == 0 && sink[d].src) sink[d].src[row[d]] = t;
@@ -435,20 +474,38 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
     for (int r = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; r < num_out_rows; r += warps) {
         if (r >= self_begin && r < self_end) continue;  // written directly by dispatch_send
         if (r < copy_rows) {
-            warp_copy_row_coherent(reinterpret_cast<const int4*>(data + off_x) + static_cast<long long>(r) * row_int4,
-                                   out_x + static_cast<long long>(r) * row_int4, row_int4, lane);
-            for (int s = lane; s < num_scales; s += kWarpSize)
-                out_scales[static_cast<long long>(r) * num_scales + s] =
-                    reinterpret_cast<const float*>(data + off_scales)[static_cast<long long>(r) * num_scales + s];
+            const long long rr = r;
+            const float* in_scales = reinterpret_cast<const float*>(data + off_scales) + rr * num_scales;
+            const int64_t* in_idx = reinterpret_cast<const int64_t*>(data + off_idx) + rr * num_topk;
+            const float* in_w = reinterpret_cast<const float*>(data + off_w) + rr * num_topk;
+            RowMeta meta;
+            #pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int s = lane + j * kWarpSize;
+                meta.scale[j] = s < num_scales ? in_scales[s] : 0.0f;
+            }
+            meta.idx = (out_idx && lane < num_topk) ? in_idx[lane] : -1;
+            meta.w = (out_idx && lane < num_topk) ? in_w[lane] : 0.0f;
+            const int src_idx = (lane == 0 && out_src) ? reinterpret_cast<const int*>(data + off_src)[r] : -1;
+            warp_copy_row_coherent<kCopyUnrollFor<kNumRanks>>(
+                reinterpret_cast<const int4*>(data + off_x) + rr * row_int4, out_x + rr * row_int4, row_int4, lane);
+            #pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int s = lane + j * kWarpSize;
+                if (s < num_scales) out_scales[rr * num_scales + s] = meta.scale[j];
+            }
+            for (int s = lane + 2 * kWarpSize; s < num_scales; s += kWarpSize) out_scales[rr * num_scales + s] = in_scales[s];
             if (out_idx) {
-                for (int k = lane; k < num_topk; k += kWarpSize) {
-                    out_idx[static_cast<long long>(r) * num_topk + k] =
-                        reinterpret_cast<const int64_t*>(data + off_idx)[static_cast<long long>(r) * num_topk + k];
-                    out_w[static_cast<long long>(r) * num_topk + k] =
-                        reinterpret_cast<const float*>(data + off_w)[static_cast<long long>(r) * num_topk + k];
+                if (lane < num_topk) {
+                    out_idx[rr * num_topk + lane] = meta.idx;
+                    out_w[rr * num_topk + lane] = meta.w;
+                }
+                for (int k = lane + kWarpSize; k < num_topk; k += kWarpSize) {
+                    out_idx[rr * num_topk + k] = in_idx[k];
+                    out_w[rr * num_topk + k] = in_w[k];
                 }
             }
-            if (lane == 0 && out_src) out_src[r] = reinterpret_cast<const int*>(data + off_src)[r];
+            if (lane == 0 && out_src) out_src[r] = src_idx;
         } else {
             if (out_idx)
                 for (int k = lane; k < num_topk; k += kWarpSize) {
@@ -504,7 +561,7 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int row_int4, const float*
         long long dst_row = origin_start[s] + (n - recv_start[s]);
         uint8_t* data = peer_base(peer_bases, s) + data_offset;
         int4* const dst[1] = {reinterpret_cast<int4*>(data + off_cx) + dst_row * row_int4};
-        warp_copy_row<1>(x + static_cast<long long>(n) * row_int4, dst, row_int4, lane);
+        warp_copy_row<kCopyUnrollFor<kNumRanks>, 1>(x + static_cast<long long>(n) * row_int4, dst, row_int4, lane);
         if (topk_weights)
             for (int k = lane; k < num_topk; k += kWarpSize)
                 reinterpret_cast<float*>(data + off_cw)[dst_row * num_topk + k] = topk_weights[static_cast<long long>(n) * num_topk + k];
@@ -550,7 +607,8 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint8_t* local_base, long long da
             rows[d] = in ? area_start[d] + send_pos[static_cast<long long>(t) * kNumRanks + d] : -1;
         }
         // kReduceUnroll vectors per lane per step, every source's loads issued before the first add.
-        constexpr int kReduceUnroll = kNumRanks <= 2 ? 4 : (kNumRanks <= 4 ? 2 : 1);
+        // 8 vectors in flight per lane per source at EP2 (4 left the reduce latency-bound: 176 us at 24 SMs).
+        constexpr int kReduceUnroll = kNumRanks <= 2 ? 8 : (kNumRanks <= 4 ? 4 : 2);
         const int4* area = reinterpret_cast<const int4*>(data + off_cx);
         for (int base = lane; base < row_int4; base += kWarpSize * kReduceUnroll) {
             int4 v[kNumRanks][kReduceUnroll];
