@@ -1,7 +1,8 @@
 """Low-latency (decoding) benchmark (mpirun -n N, one rank per GPU): DeepEP's low-latency workload (128 tokens per
 rank, hidden 7168, top-8 of 256 experts): FP8 dispatch and BF16 combine, timed as CUDA-graph replays (median), plus
-the send / receive halves with hooks, and NCCL all_to_all_single of the same bytes (torch) as the baseline in the same
-run. Prints a table and appends JSON lines to bench/results/low_latency.jsonl (and --out).
+the device time of the send / receive halves with hooks (one graph, event-record nodes between the halves), and NCCL
+all_to_all_single of the same bytes (torch) as the baseline in the same run. Prints a table and appends JSON lines to
+bench/results/low_latency.jsonl (and --out).
 
 Bytes (shared/SPEC.md section 8): logical = valid (token, k) pairs x message bytes (FP8 dispatch: the 16-byte header +
 H e4m3 + 4 H/128 scale bytes; BF16 combine: 2H), physical = the pairs whose expert lives on another rank. The rows are
@@ -147,30 +148,73 @@ results = {
 }
 
 
-# Send / receive halves through hooks (eager): time of the send call alone, then of the hook alone.
-def hook_split(n=iters):
-    s = cp.cuda.get_current_stream()
-    sends, recvs = [], []
-    for _ in range(n):
-        cp.cuda.Device().synchronize()
-        g.barrier()
-        e0, e1, e2 = cp.cuda.Event(), cp.cuda.Event(), cp.cuda.Event()
-        e0.record(s)
+# Send / receive halves through hooks, in device time: ONE CUDA graph holds the pair (dispatch send, hook, combine
+# send, hook) with event-record nodes between the halves, so each interval is the GPU time of one half (what a send
+# half holds the SMs for), not the host's Python time around the call.
+def capture_halves():
+    """(stream, graph, 5 events) after a warm-up pair; raises where event-record nodes cannot be captured."""
+    from cuda.bindings import driver
+    s = cp.cuda.Stream(non_blocking=True)
+    evs = [cp.cuda.Event() for _ in range(5)]
+
+    def record_node(i):
+        # A plain record during capture only orders streams and cannot be timed; CU_EVENT_RECORD_EXTERNAL makes it
+        # an event-record node that every replay records.
+        (err,) = driver.cuEventRecordWithFlags(driver.CUevent(evs[i].ptr), driver.CUstream(s.ptr),
+                                               driver.CUevent_record_flags.CU_EVENT_RECORD_EXTERNAL)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuEventRecordWithFlags(CU_EVENT_RECORD_EXTERNAL) inside capture: {err.name}")
+
+    def halves(mark):
+        mark(0)
         _, _, hd, _, hk = buf.low_latency_dispatch(x, idx, T, E, use_fp8=True, return_recv_hook=True)
-        e1.record(s)
+        mark(1)
         hk()
-        e2.record(s)
-        _, _, hk2 = buf.low_latency_combine(y, idx, w, hd, return_recv_hook=True)
-        hk2()
-        e2.synchronize()
-        sends.append(cp.cuda.get_elapsed_time(e0, e1))
-        recvs.append(cp.cuda.get_elapsed_time(e1, e2))
-    return median_us(sends), median_us(recvs)
+        mark(2)
+        _, _, hk = buf.low_latency_combine(y, idx, w, hd, return_recv_hook=True)
+        mark(3)
+        hk()
+        mark(4)
+
+    with s:
+        halves(lambda i: None)  # warm-up: kernels loaded, pool filled
+        s.synchronize()
+        g.barrier()
+        s.begin_capture()
+        try:
+            halves(record_node)
+        except Exception:
+            s.end_capture()  # leave capture mode, then report
+            raise
+        return s, s.end_capture(), evs
 
 
-send_us, recv_us = hook_split()
-results["ll_dispatch_send_hook"] = agree(send_us)
-results["ll_dispatch_recv_hook"] = agree(recv_us)
+def hook_split(n=iters):
+    """Medians (us) over n replays, each after a barrier and synchronised: the four halves and the sum of one
+    replay's two send halves. {} (and a message) where some rank could not capture the event-record nodes."""
+    try:
+        s, graph, evs = capture_halves()
+        error = None
+    except Exception as exc:  # e.g. no cuda-python driver bindings, or a driver without event-record nodes
+        error = f"{type(exc).__name__}: {exc}"
+    errors = [f"rank {r}: {e}" for r, e in enumerate(g.allgather(error)) if e]
+    if errors:
+        log(f"hook split skipped: timing the halves needs event-record nodes in a CUDA graph; {errors[0]}")
+        return {}
+    times = []
+    for _ in range(n):
+        g.barrier()
+        graph.launch(s)
+        s.synchronize()
+        times.append([cp.cuda.get_elapsed_time(evs[i], evs[i + 1]) for i in range(4)])
+    buf._backend._check("hook split graph replays")
+    t = np.asarray(times)
+    return {"ll_dispatch_send_hook": median_us(t[:, 0]), "ll_dispatch_recv_hook": median_us(t[:, 1]),
+            "ll_combine_send_hook": median_us(t[:, 2]), "ll_combine_recv_hook": median_us(t[:, 3]),
+            "ll_send_halves_hook": median_us(t[:, 0] + t[:, 2])}
+
+
+results.update({k: agree(v) for k, v in hook_split().items()})
 
 # -- baseline: NCCL all_to_all_single (torch) of the same bytes, on pre-permuted data ---------------------------
 baseline = {}
@@ -205,8 +249,18 @@ for op, dt, key, nbytes, variant in (("ll_dispatch", "fp8", "ll_dispatch", msg_f
                                      ("ll_combine", "bf16", "ll_combine", row_bf16, "graph"),
                                      ("ll_dispatch", "fp8", "ll_dispatch_eager", msg_fp8, "eager"),
                                      ("ll_combine", "bf16", "ll_combine_eager", row_bf16, "eager"),
-                                     ("ll_dispatch", "fp8", "ll_dispatch_send_hook", msg_fp8, "send-only (hook)"),
-                                     ("ll_dispatch", "fp8", "ll_dispatch_recv_hook", msg_fp8, "recv-only (hook)")):
+                                     ("ll_dispatch", "fp8", "ll_dispatch_send_hook", msg_fp8,
+                                      "send-only (hook, graph)"),
+                                     ("ll_dispatch", "fp8", "ll_dispatch_recv_hook", msg_fp8,
+                                      "recv-only (hook, graph)"),
+                                     ("ll_combine", "bf16", "ll_combine_send_hook", row_bf16,
+                                      "send-only (hook, graph)"),
+                                     ("ll_combine", "bf16", "ll_combine_recv_hook", row_bf16,
+                                      "recv-only (hook, graph)"),
+                                     ("ll_pair", "fp8+bf16", "ll_send_halves_hook", msg_fp8 + row_bf16,
+                                      "send halves sum (hook, graph)")):
+    if key not in results:  # the hook split was skipped (said above)
+        continue
     us = results[key]
     base = baseline.get(op)
     b = {"name": "torch NCCL all_to_all_single of the same bytes (pre-permuted)", "median_us": round(base, 1)} \

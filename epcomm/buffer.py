@@ -123,9 +123,6 @@ class Buffer:
             return (to_framework(a[0], fw, FP8),) + tuple(to_framework(t, fw) for t in a[1:])
         return to_framework(a, fw)
 
-    def _event(self, ev):
-        return ev if ev is not None else Event()
-
     # -- normal mode ---------------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event=None, async_finish: bool = False,
                             allocate_on_comm_stream: bool = False):
@@ -141,19 +138,28 @@ class Buffer:
             v.check_topk_range_host(idx, e)
         ctx = self._ctx(topk_idx, previous_event, async_finish, allocate_on_comm_stream)
         per_rank, per_rdma, per_expert, in_rank, ev = self._call("get_dispatch_layout", idx, e, ctx=ctx)
-        return (self._out(per_rank, fw), self._out(per_rdma, fw), self._out(per_expert, fw),
-                self._out(in_rank, fw), self._event(ev))
+        return self._out(per_rank, fw), self._out(per_rdma, fw), self._out(per_expert, fw), self._out(in_rank, fw), ev
 
     def _call(self, name, *args, ctx, **kwargs):
-        """Backends return their outputs followed by an Event (None when the work is already complete).
-        JAX callers have no stream to join: their results are complete when returned."""
+        """A backend method: its outputs followed by an Event (None when the work is already complete)."""
+        return self._run(lambda: getattr(self._backend, name)(*args, ctx=ctx, **kwargs), ctx)
+
+    def _run(self, fn, ctx):
+        """The one place where backend work meets the caller: fn() runs on the rank's GPU and returns an Event (None
+        when the work is already complete), alone or last of a tuple; that comes back as an Event whose
+        current_stream_wait() joins the caller's framework's stream. JAX callers have no stream to join: their
+        results are complete when returned."""
         with self._on_device():
-            out = getattr(self._backend, name)(*args, ctx=ctx, **kwargs)
-        if out[-1] is not None:
-            out[-1].framework = ctx.framework
-        if ctx.sync_host and out[-1] is not None:
-            out[-1].synchronize()
-        return out
+            out = fn()
+        ev = (out[-1] if isinstance(out, tuple) else out) or Event()
+        ev.framework = ctx.framework
+        if ctx.sync_host:
+            ev.synchronize()
+        return (*out[:-1], ev) if isinstance(out, tuple) else ev
+
+    def _hook(self, hook, ctx):
+        """A backend's receive hook as the caller gets it: run like a call (_run), returning the receive's Event."""
+        return None if hook is None else (lambda: self._run(hook, ctx))
 
     def dispatch(self, x, handle: DispatchHandle | None = None, num_tokens_per_rank=None,
                  num_tokens_per_rdma_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
@@ -184,7 +190,7 @@ class Buffer:
             if topk_idx is not None or topk_weights is not None:
                 raise ConfigError("topk_idx/topk_weights: a cached dispatch (handle=...) takes neither")
             recv_x, ev = self._call("cached_dispatch", xin, handle, config, ctx=ctx)
-            return self._out(recv_x, fw), None, None, None, handle, self._event(ev)
+            return self._out(recv_x, fw), None, None, None, handle, ev
         if is_token_in_rank is None:
             raise ConfigError("is_token_in_rank: expected the [num_tokens, num_ranks] bool layout from "
                               "get_dispatch_layout (or a handle for a cached dispatch)")
@@ -211,8 +217,7 @@ class Buffer:
         extra = {"num_tokens_per_expert": per_expert} if self.backend == "gpu" else {}
         recv_x, recv_idx, recv_w, per_expert_list, new_handle, ev = self._call(
             "dispatch", xin, idx, w, in_rank, e, align, worst, config, ctx=ctx, **extra)
-        return (self._out(recv_x, fw), self._out(recv_idx, fw), self._out(recv_w, fw), per_expert_list,
-                new_handle, self._event(ev))
+        return self._out(recv_x, fw), self._out(recv_idx, fw), self._out(recv_w, fw), per_expert_list, new_handle, ev
 
     def combine(self, x, handle: DispatchHandle, topk_weights=None, bias=None, config: Config | None = None,
                 previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False):
@@ -238,7 +243,7 @@ class Buffer:
         config = config or Config(num_sms=Buffer.num_sms)
         ctx = self._ctx(x, previous_event, async_finish, allocate_on_comm_stream)
         combined, combined_w, ev = self._call("combine", xin, handle, w, biases, config, ctx=ctx)
-        return self._out(combined, fw), self._out(combined_w, fw), self._event(ev)
+        return self._out(combined, fw), self._out(combined_w, fw), ev
 
     # -- low-latency mode ----------------------------------------------------------------------------------
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
@@ -250,7 +255,9 @@ class Buffer:
         x: [T, H] bf16 with T <= num_max_dispatch_tokens_per_rank; topk_idx [T, K] int64 (-1 = none).
         Returns (recv_x, recv_count [E_local] int32, handle, event, hook). recv_x is [E_local, R*Tmax, H] bf16, or
         (float8_e4m3fn [E_local, R*Tmax, H], scales [E_local, R*Tmax, H/128] float32 or [.., H/512] int32 with
-        use_ue8m0) with column-major scales. With return_recv_hook the call only sends; hook() receives."""
+        use_ue8m0) with column-major scales. With return_recv_hook the call only sends (event covers the send) and
+        hook() receives: it returns the receive's Event (without async_finish the caller's stream already waits for
+        it; JAX callers get the outputs complete when hook() returns). Without it, hook is None."""
         self._check_open()
         fw = framework_of(x, "x")
         xin = self._in(x, "x")
@@ -281,11 +288,10 @@ class Buffer:
             v.check_array(wait, "dispatch_wait_recv_cost_stats", (self.num_ranks,), np.int64,
                           f"[{self.num_ranks}] int64")
         ctx = self._ctx(x, None, async_finish, False)
-        out = self._backend.low_latency_dispatch(xin, idx, tmax, e, bool(use_fp8), bool(round_scale),
-                                                 bool(use_ue8m0), bool(return_recv_hook), stats, wait, ctx=ctx)
-        recv_x, recv_count, handle, hook = out[:4]
-        ev = out[4] if len(out) > 4 else None
-        return self._out(recv_x, fw), self._out(recv_count, fw), handle, self._event(ev), hook
+        recv_x, recv_count, handle, hook, ev = self._call(
+            "low_latency_dispatch", xin, idx, tmax, e, bool(use_fp8), bool(round_scale), bool(use_ue8m0),
+            bool(return_recv_hook), stats, wait, ctx=ctx)
+        return self._out(recv_x, fw), self._out(recv_count, fw), handle, ev, self._hook(hook, ctx)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):
         """The [E_local, R*Tmax, H] bf16 array a zero-copy low_latency_combine reads its input from."""
@@ -299,7 +305,8 @@ class Buffer:
         """Weighted sum of the expert outputs back to each token: [T, H] bf16.
 
         x: [E_local, R*Tmax, H] bf16 expert outputs in the dispatch's layout (ignored with zero_copy, which reads
-        get_next_low_latency_combine_buffer(handle)). Returns (combined_x, event, hook)."""
+        get_next_low_latency_combine_buffer(handle)). Returns (combined_x, event, hook): hook as in
+        low_latency_dispatch (None without return_recv_hook; hook() receives and returns the receive's Event)."""
         self._check_open()
         if not isinstance(handle, LowLatencyHandle):
             raise ConfigError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
@@ -318,13 +325,9 @@ class Buffer:
             o = self._in(out, "out")
             v.check_array(o, "out", (handle.num_tokens, handle.hidden), BF16, f"[{handle.num_tokens}, {handle.hidden}] bf16")
         ctx = self._ctx(topk_idx, None, async_finish, False)
-        res = self._backend.low_latency_combine(xin, idx, w, handle, bool(zero_copy), bool(return_recv_hook), o,
-                                                ctx=ctx)
-        combined, hook = res[:2]
-        ev = res[2] if len(res) > 2 else None
-        if out is not None:
-            return out, self._event(ev), hook
-        return self._out(combined, fw), self._event(ev), hook
+        combined, hook, ev = self._call("low_latency_combine", xin, idx, w, handle, bool(zero_copy),
+                                        bool(return_recv_hook), o, ctx=ctx)
+        return (out if out is not None else self._out(combined, fw)), ev, self._hook(hook, ctx)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset both low-latency buffers (needed only after an error or a change of shapes)."""

@@ -62,6 +62,8 @@ class CpuBackend:
         return combined, combined_w, None
 
     # -- low-latency mode ---------------------------------------------------------------------------------
+    # Returns as LowLatencyGpu's: (outputs..., hook or None, event); a hook returns the Event of its receive. Here
+    # every half is complete when it returns, so the events are None and Event() (already complete).
     def low_latency_dispatch(self, x, topk_idx, tmax, num_experts, use_fp8, round_scale, use_ue8m0,
                              return_recv_hook, cumulative_stats, wait_stats, ctx=None):
         msgs = ref.low_latency_dispatch_send(x, topk_idx, self.rank, self.num_ranks, num_experts, tmax,
@@ -87,7 +89,7 @@ class CpuBackend:
             res = receive()
             handle = LowLatencyHandle(res.src_info, res.layout_range, tmax, x.shape[1], num_experts, x.shape[0],
                                       buffer_idx)
-            return res.recv_x, res.recv_count, handle, None
+            return res.recv_x, res.recv_count, handle, None, None
         # With a hook the outputs exist now and are filled by hook(): pre-allocate them and copy in.
         e_local = num_experts // self.num_ranks
         proto = _empty_ll_result(e_local, self.num_ranks, tmax, x.shape[1], use_fp8, use_ue8m0)
@@ -95,10 +97,10 @@ class CpuBackend:
                                   x.shape[0], buffer_idx)
 
         def hook():
-            res = receive()
-            _copy_ll_result(res, proto)
+            _copy_ll_result(receive(), proto)
+            return Event()                  # the receive is complete when hook() returns
 
-        return proto["recv_x"], proto["recv_count"], handle, hook
+        return proto["recv_x"], proto["recv_count"], handle, hook, None
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):
         e_local = handle.num_experts // self.num_ranks
@@ -123,11 +125,12 @@ class CpuBackend:
             arrived = self.group.exchange(msgs, "low_latency_combine")
             out[...] = ref.low_latency_combine_recv(arrived, topk_idx, topk_weights, self.rank, self.num_ranks,
                                                      handle.num_experts)
+            return Event()
 
         if return_recv_hook:
-            return out, hook
+            return out, hook, None
         hook()
-        return out, None
+        return out, None, None
 
     def make_event(self) -> Event:
         return Event()

@@ -359,10 +359,30 @@ class LowLatencyGpu:
         nbytes = lay.num_local_experts * rows * lay.hidden * 2
         return self.sym[start:start + nbytes].view(BF16).reshape(lay.num_local_experts, rows, lay.hidden)
 
+    def _split(self, ctx, keep, lay: LowLatencyLayout, receive, return_recv_hook: bool, what: str):
+        """The end of a call whose send kernel is launched: (None, event of send and receive) with receive() launched
+        now, or (hook, event of the send) with return_recv_hook. hook() launches receive() after the caller's stream
+        as it is then and returns the receive's Event. keep: arrays the kernels use (kept alive by the events)."""
+        be = self.be
+        if not return_recv_hook:
+            receive()
+            return None, be._finish(ctx, keep)
+
+        def hook():
+            if self.layout is None or self.layout.key != lay.key:
+                raise ConfigError(f"hook: the low-latency buffer was re-laid out (new shapes or a clean) since this "
+                                  f"{what}; its data is gone")
+            be._begin(ctx)
+            receive()
+            return be._finish(ctx, keep)
+
+        return hook, be._finish(ctx, keep)
+
     # -- dispatch ------------------------------------------------------------------------------------------
     def dispatch(self, x, topk_idx, tmax, num_experts, use_fp8, round_scale, use_ue8m0, return_recv_hook,
                  cumulative_stats, wait_stats, ctx):
-        """Returns (recv_x, recv_count, handle, hook or None, event); shapes as Buffer.low_latency_dispatch."""
+        """Returns (recv_x, recv_count, handle, hook or None, event); shapes as Buffer.low_latency_dispatch, hook as
+        _split."""
         from .handles import LowLatencyHandle
         from .interop import BF16
         from .runtime import get_kernel
@@ -416,20 +436,8 @@ class LowLatencyGpu:
                  recv_count, cumulative_stats, wait_stats) + tuple(be.err.wait_params()),
                 stream=be.stream)
 
-        keep = (x, topk_idx, cumulative_stats, wait_stats)
-        if not return_recv_hook:
-            receive()
-            return recv_x, recv_count, handle, None, be._finish(ctx, keep)
-        ev = be._finish(ctx, keep)
-
-        def hook():
-            if self.layout is None or self.layout.key != lay.key:
-                raise ConfigError("hook: the low-latency buffer was re-laid out (new shapes or a clean) since this "
-                                  "dispatch; its data is gone")
-            be._begin(ctx)
-            receive()
-            be._finish(ctx, keep)
-
+        hook, ev = self._split(ctx, (x, topk_idx, cumulative_stats, wait_stats), lay, receive, return_recv_hook,
+                               "dispatch")
         return recv_x, recv_count, handle, hook, ev
 
     # -- combine -------------------------------------------------------------------------------------------
@@ -439,7 +447,8 @@ class LowLatencyGpu:
         return self._combine_send_view(lay, self.combine_calls & 1)
 
     def combine(self, x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out, ctx):
-        """Returns (combined [T, H] bf16, hook or None, event); semantics as Buffer.low_latency_combine."""
+        """Returns (combined [T, H] bf16, hook or None, event); semantics as Buffer.low_latency_combine, hook as
+        _split."""
         from .interop import BF16
         from .runtime import get_kernel
         cp, be = self.cp, self.be
@@ -474,20 +483,8 @@ class LowLatencyGpu:
                  topk_weights, t, k, self._epoch_ptr(EPOCH_COMBINE, half), result) + tuple(be.err.wait_params()),
                 stream=be.stream)
 
-        keep = (x, topk_idx, topk_weights, handle.src_info, handle.layout_range, result)
-        if not return_recv_hook:
-            receive()
-            return result, None, be._finish(ctx, keep)
-        ev = be._finish(ctx, keep)
-
-        def hook():
-            if self.layout is None or self.layout.key != lay.key:
-                raise ConfigError("hook: the low-latency buffer was re-laid out (new shapes or a clean) since this "
-                                  "combine; its data is gone")
-            be._begin(ctx)
-            receive()
-            be._finish(ctx, keep)
-
+        hook, ev = self._split(ctx, (x, topk_idx, topk_weights, handle.src_info, handle.layout_range, result), lay,
+                               receive, return_recv_hook, "combine")
         return result, hook, ev
 
     # -- lifetime ------------------------------------------------------------------------------------------

@@ -183,14 +183,62 @@ def test_dispatch_combine_round_trip_single_rank(buf):
 def test_low_latency_round_trip_single_rank(buf):
     rng = np.random.default_rng(2)
     x, idx, w = make_x(rng, 5, 256, 0), make_topk(rng, 5, 2, 4), make_weights(rng, 5, 2)
-    recv_x, recv_count, handle, _, hook = buf.low_latency_dispatch(x, idx, 8, 4, use_fp8=False)
+    recv_x, recv_count, handle, event, hook = buf.low_latency_dispatch(x, idx, 8, 4, use_fp8=False)
     assert hook is None and isinstance(handle, epcomm.LowLatencyHandle)
+    assert isinstance(event, epcomm.Event) and event.framework == "numpy" and event.query()
     np.testing.assert_array_equal(recv_count, np.bincount(idx.ravel(), minlength=4))
     out = np.zeros((5, 256), dtype=ref.bf16)
     got, _, _ = buf.low_latency_combine(recv_x, idx, w, handle, out=out)
     assert got is out
     want = (w.sum(axis=1)[:, None] * x.astype(np.float32)).astype(ref.bf16)   # every expert returns x itself
     np.testing.assert_allclose(out.astype(np.float32), want.astype(np.float32), rtol=2 ** -7)
+
+
+def test_low_latency_hooks_return_events_single_rank(buf):
+    """hook() returns the Event of the receive, told the caller's framework like the call's own event."""
+    rng = np.random.default_rng(3)
+    x, idx, w = make_x(rng, 5, 256, 0), make_topk(rng, 5, 2, 4), make_weights(rng, 5, 2)
+    recv_x, recv_count, handle, event, hook = buf.low_latency_dispatch(x, idx, 8, 4, use_fp8=False,
+                                                                       async_finish=True, return_recv_hook=True)
+    assert isinstance(event, epcomm.Event) and event.framework == "numpy"
+    assert not recv_count.any()                             # only sent: hook() receives
+    recv_event = hook()
+    assert isinstance(recv_event, epcomm.Event) and recv_event is not event
+    assert recv_event.framework == "numpy" and recv_event.query()
+    recv_event.synchronize()
+    np.testing.assert_array_equal(recv_count, np.bincount(idx.ravel(), minlength=4))
+    combined, event, hook = buf.low_latency_combine(recv_x, idx, w, handle, async_finish=True,
+                                                    return_recv_hook=True)
+    assert isinstance(event, epcomm.Event) and event.framework == "numpy"
+    recv_event = hook()
+    assert isinstance(recv_event, epcomm.Event) and recv_event.framework == "numpy" and recv_event.query()
+    want = (w.sum(axis=1)[:, None] * x.astype(np.float32)).astype(ref.bf16)
+    np.testing.assert_allclose(combined.astype(np.float32), want.astype(np.float32), rtol=2 ** -7)
+
+
+class _RecordingEvent(epcomm.Event):
+    def __init__(self):
+        super().__init__()
+        self.synchronized = 0
+
+    def synchronize(self):
+        self.synchronized += 1
+
+
+@pytest.mark.parametrize("framework,sync_host", [("torch", False), ("jax", True)])
+def test_hook_wrapper_sets_framework_and_syncs_jax(buf, framework, sync_host):
+    """Buffer._hook: a backend hook's Event gets the caller's framework; a JAX caller's is synchronised before
+    hook() returns (the GPU path, exercised here with a stand-in backend hook)."""
+    from epcomm.buffer import CallContext
+    backend_event = _RecordingEvent()
+    hook = buf._hook(lambda: backend_event, CallContext(framework=framework, sync_host=sync_host))
+    got = hook()
+    assert got is backend_event and got.framework == framework
+    assert got.synchronized == int(sync_host)
+    assert buf._hook(None, CallContext()) is None
+    # A backend hook that returns nothing (its receive already complete) still gives the caller an Event.
+    done = buf._hook(lambda: None, CallContext(framework=framework))()
+    assert isinstance(done, epcomm.Event) and done.framework == framework and done.query()
 
 
 def test_destroyed_buffer_refuses_calls():

@@ -180,8 +180,18 @@ def busy_matmul():
     return a
 
 
+def receive_event(hk, async_finish, tag):
+    """Runs a hook: it must return the receive's epcomm.Event; with async_finish the caller waits on that event."""
+    ev = hk()
+    assert isinstance(ev, epcomm.Event), f"{tag}: hook() must return an epcomm.Event, got {type(ev).__name__}"
+    assert ev.framework == "cupy", f"{tag}: hook()'s event is for {ev.framework!r}, expected the caller's 'cupy'"
+    if async_finish:
+        ev.synchronize()
+        assert ev.query(), f"{tag}: the hook's event is not complete after synchronize()"
+
+
 def ll_case(h, k, e, tokens="big", fp8=False, round_scale=False, ue8m0=False, hook=False, zero_copy=False,
-            drop=0.1, skew=None, seed=0, b=None, overlap=False, tmax=TMAX):
+            drop=0.1, skew=None, seed=0, b=None, overlap=False, tmax=TMAX, async_finish=False):
     b = b or buf
     if e % R:
         print(f"rank {rank}: skipped (num_experts {e} not a multiple of {R} ranks)", flush=True)
@@ -198,14 +208,16 @@ def ll_case(h, k, e, tokens="big", fp8=False, round_scale=False, ue8m0=False, ho
     wait = cp.zeros(R, cp.int64)
     recv_x, recv_count, handle, ev, hk = b.low_latency_dispatch(
         x_dev, idx_dev, tmax, e, cumulative_local_expert_recv_stats=cum, dispatch_wait_recv_cost_stats=wait,
-        use_fp8=fp8, round_scale=round_scale, use_ue8m0=ue8m0, return_recv_hook=hook)
+        use_fp8=fp8, round_scale=round_scale, use_ue8m0=ue8m0, async_finish=async_finish, return_recv_hook=hook)
     if hook:
         assert hk is not None, "return_recv_hook=True must return a hook"
         if overlap:
             busy_matmul()
-        hk()
+        receive_event(hk, async_finish, f"{tag}: dispatch")
     else:
         assert hk is None, "return_recv_hook=False must return no hook"
+        if async_finish:
+            ev.synchronize()
     data, scales = check_dispatch(recv_x, recv_count, handle, want, fp8, ue8m0, tmax, tag)
     assert_bitwise_equal(cum.get(), want.recv_count + 5, f"{tag}: cumulative_local_expert_recv_stats")
     assert (wait.get() >= 0).all(), f"{tag}: dispatch_wait_recv_cost_stats negative"
@@ -215,13 +227,17 @@ def ll_case(h, k, e, tokens="big", fp8=False, round_scale=False, ue8m0=False, ho
         zb = b.get_next_low_latency_combine_buffer(handle)
         assert zb.shape == y.shape and zb.dtype == y.dtype, f"{tag}: zero-copy buffer {zb.shape} {zb.dtype}"
         zb.view(cp.uint16)[...] = y.view(cp.uint16)
-        combined, ev, hk = b.low_latency_combine(None, idx_dev, w_dev, handle, zero_copy=True, return_recv_hook=hook)
+        combined, ev, hk = b.low_latency_combine(None, idx_dev, w_dev, handle, zero_copy=True,
+                                                 async_finish=async_finish, return_recv_hook=hook)
     else:
-        combined, ev, hk = b.low_latency_combine(y, idx_dev, w_dev, handle, return_recv_hook=hook)
+        combined, ev, hk = b.low_latency_combine(y, idx_dev, w_dev, handle, async_finish=async_finish,
+                                                 return_recv_hook=hook)
     if hook:
         if overlap:
             busy_matmul()
-        hk()
+        receive_event(hk, async_finish, f"{tag}: combine")
+    elif async_finish:
+        ev.synchronize()
     check_combine(combined, reference_combine(want_all, idxs, ws, fp8, ue8m0, e), tag)
 
 
@@ -344,6 +360,7 @@ if args.oversubscribed:
         ("fp8_round_ue8m0_h2048_k4_e64_zero_copy", dict(h=2048, k=4, e=64, fp8=True, round_scale=True, ue8m0=True,
                                                         zero_copy=True)),
         ("bf16_h2048_k1_e16_one_hook_zero_copy", dict(h=2048, k=1, e=16, tokens="one", hook=True, zero_copy=True)),
+        ("fp8_h2048_k8_e64_hook_async", dict(h=2048, k=8, e=64, fp8=True, hook=True, async_finish=True)),
     ]
 else:
     plan = [
@@ -367,6 +384,9 @@ else:
         ("bf16_h4096_k8_e256_overlap_hook", dict(h=4096, k=8, e=256, hook=True, overlap=True)),
         ("fp8_h7168_k8_e256_overlap_hook_zero_copy", dict(h=7168, k=8, e=256, fp8=True, hook=True, overlap=True,
                                                           zero_copy=True)),
+        ("fp8_h4096_k8_e64_hook_async", dict(h=4096, k=8, e=64, fp8=True, hook=True, async_finish=True)),
+        ("bf16_h2048_k8_e64_zero_copy_hook_async", dict(h=2048, k=8, e=64, hook=True, zero_copy=True,
+                                                        async_finish=True)),
     ]
     if args.quick:
         plan = plan[:4]

@@ -342,6 +342,15 @@ def ll_layout_y(buf, handle, want, y_ref, num_experts):
     return y
 
 
+def check_ll_event(event, what: str) -> None:
+    """A low-latency call's event, or what its hook returned: a complete epcomm.Event for the caller's numpy."""
+    if not isinstance(event, epcomm.Event):
+        FAILURES.append(f"{what}: expected an epcomm.Event, got {type(event).__name__}")
+        return
+    check(event.query(), f"{what}: a CPU event must be complete")
+    check(event.framework == "numpy", f"{what}: framework {event.framework!r}, expected the caller's 'numpy'")
+
+
 def ll_case(buf, rng, *, tokens="mixed", hidden=512, num_topk=4, experts_per_rank=4, tmax=None, skew=None, drop=0.2,
             use_fp8=False, round_scale=False, use_ue8m0=False, hook=False, stats=False,
             combine_modes=("plain", "zero_copy", "out", "hook")):
@@ -361,10 +370,10 @@ def ll_case(buf, rng, *, tokens="mixed", hidden=512, num_topk=4, experts_per_ran
         xs[rank], idxs[rank], tmax, num_experts, cumulative_local_expert_recv_stats=stats_arr,
         dispatch_wait_recv_cost_stats=wait_arr, use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0,
         return_recv_hook=hook)
-    check(isinstance(event, epcomm.Event), "ll dispatch event: expected an epcomm.Event")
+    check_ll_event(event, "ll dispatch event")
     if hook:
         check(callable(recv_hook), "ll dispatch: expected a callable hook with return_recv_hook=True")
-        recv_hook()
+        check_ll_event(recv_hook(), "ll dispatch hook()")
     else:
         check(recv_hook is None, "ll dispatch: expected hook None without return_recv_hook")
     wants = ref.low_latency_dispatch(xs, idxs, tmax, num_experts, use_fp8, round_scale, use_ue8m0)
@@ -401,10 +410,10 @@ def ll_case(buf, rng, *, tokens="mixed", hidden=512, num_topk=4, experts_per_ran
         elif mode == "hook":
             got, event, h = buf.low_latency_combine(y, idxs[rank], ws[rank], handle, return_recv_hook=True)
             check(callable(h), f"{name}: expected a callable hook")
-            h()
+            check_ll_event(h(), f"{name}: hook()")
         else:
             raise ValueError(mode)
-        check(isinstance(event, epcomm.Event), f"{name}: expected an epcomm.Event")
+        check_ll_event(event, f"{name}: event")
         expect(assert_bf16_close, got, want_c, name)
 
 
@@ -420,7 +429,7 @@ def ll_two_in_flight(buf, rng, hidden=256, num_topk=2, experts_per_rank=2):
         out = buf.low_latency_dispatch(xs[rank], idxs[rank], tmax, num_experts, use_fp8=False, return_recv_hook=True)
         runs.append((xs, idxs, ws, out))
     for xs, idxs, ws, (recv_x, recv_count, handle, _, hook) in runs:
-        hook()
+        check_ll_event(hook(), "ll in-flight dispatch hook()")
     targets = []
     for i, (xs, idxs, ws, (recv_x, recv_count, handle, _, _)) in enumerate(runs):
         wants = ref.low_latency_dispatch(xs, idxs, tmax, num_experts, use_fp8=False)
