@@ -172,6 +172,20 @@ for what, dst_ptr, active in (("peer one-way", peer_ptr, rank == 0), ("peer both
     probe[what] = nb / (agree(t8 if active else 0) * 1e-6) / 1e9
 log("24 blocks x 512 threads, 8 loads in flight per thread: " +
     ", ".join(f"{k} {v:.0f} GB/s" for k, v in probe.items()))
+# The same with Hopper bulk copies (TMA): one thread per block, 8 x 16 KiB in flight through shared memory.
+from epcomm.probe import BULK_CHUNK, bulk_copy  # noqa: E402
+nb_tma = nb // BULK_CHUNK * BULK_CHUNK
+probe_tma = {}
+for blocks in (24, 48):
+    for what, dst_ptr, active in (("peer one-way", peer_ptr, rank == 0), ("peer both ways", peer_ptr, True),
+                                  ("local copy", int(local_dst.data.ptr), True)):
+        def run_tma(blocks=blocks, dst_ptr=dst_ptr, active=active):
+            if active:
+                bulk_copy(src, dst_ptr, nb_tma, blocks, stream=cp.cuda.get_current_stream())
+        t_tma = timed(run_tma, n=10)
+        probe_tma[(blocks, what)] = nb_tma / (agree(t_tma if active else 0) * 1e-6) / 1e9
+log("bulk copies (TMA), 1 thread x 128 KiB in flight per block: " +
+    ", ".join(f"{b} blocks {k} {v:.0f} GB/s" for (b, k), v in probe_tma.items()))
 del local_dst
 
 # -- baseline: the PyTorch path (NCCL all_to_all_single + index_select / index_add) ---------------------------

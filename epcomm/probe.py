@@ -37,8 +37,27 @@ def timestamp(out, slot: int, stream=None) -> None:
     get_kernel(timestamp_spec()).launch(1, (out, slot), stream=stream)
 
 
+BULK_STAGES, BULK_CHUNK = 8, 16384
+
+
+def bulk_copy_spec() -> KernelSpec:
+    """epcomm_probe_bulk_copy(src, dst, n_bytes): TMA copy, 8 stages of 16 KiB per block (sm_90)."""
+    return KernelSpec(family="probe", op="bulk_copy", template_args=(("kStages", BULK_STAGES),
+                                                                   ("kChunkBytes", BULK_CHUNK)),
+                      params=(("const uint8_t*", "src"), ("uint8_t*", "dst"), ("long long", "n_bytes")),
+                      num_threads=32, smem_bytes=BULK_STAGES * BULK_CHUNK)
+
+
+def bulk_copy(src, dst, n_bytes: int, blocks: int, stream=None) -> None:
+    """Copy n_bytes (a multiple of 16 KiB) from src to dst (device arrays or addresses; dst may be a peer's buffer)
+    with Hopper bulk copies from `blocks` blocks, one thread each, 128 KiB in flight per block. Diagnostics."""
+    if n_bytes % BULK_CHUNK:
+        raise ConfigError(f"n_bytes: expected a multiple of {BULK_CHUNK}, got {n_bytes}")
+    get_kernel(bulk_copy_spec()).launch(blocks, (src, dst, n_bytes), stream=stream)
+
+
 def example_specs() -> list[KernelSpec]:
-    return [write_peer_spec(), nvshmem_put_ring_spec(), timestamp_spec()]
+    return [write_peer_spec(), nvshmem_put_ring_spec(), timestamp_spec(), bulk_copy_spec()]
 
 
 register_family("probe", example_specs)

@@ -4,6 +4,7 @@
 
 #include "epcomm/comm.cuh"
 #include "epcomm/common.cuh"
+#include "epcomm/tma.cuh"
 #if defined(EPCOMM_NVSHMEM)
 #include "epcomm/nvshmem.cuh"
 #endif
@@ -23,6 +24,42 @@ EPCOMM_DEVICE_INLINE void write_peer(int* dst, int value, long long n) {
 template <int kNumThreads>
 EPCOMM_DEVICE_INLINE void timestamp(unsigned long long* out, int slot) {
     if (blockIdx.x == 0 && threadIdx.x == 0) out[slot] = globaltimer_ns();
+}
+
+// dst[0:n_bytes) = src[0:n_bytes) with bulk copies (the TMA), one thread per block: chunk c (kChunkBytes) goes to block
+// c % gridDim.x; each block keeps kStages chunks in flight through shared memory. n_bytes: a multiple of kChunkBytes.
+// dst may be a peer's buffer (CUDA IPC). Diagnostics (bench: what 24 SMs move without the register-file cap).
+template <int kStages, int kChunkBytes>
+EPCOMM_DEVICE_INLINE void bulk_copy(const uint8_t* src, uint8_t* dst, long long n_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(128) uint8_t stages[];  // kStages x kChunkBytes
+    __shared__ uint64_t bars[kStages];
+    if (threadIdx.x != 0) return;
+    for (int s = 0; s < kStages; ++s) tma::barrier_init(&bars[s], 1);
+    tma::fence_barrier_init();
+    const long long chunks = n_bytes / kChunkBytes;
+    const long long mine = chunks > blockIdx.x ? (chunks - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    auto offset = [&](long long i) { return (blockIdx.x + i * gridDim.x) * static_cast<long long>(kChunkBytes); };
+    auto issue = [&](long long i) {
+        const int s = static_cast<int>(i % kStages);
+        tma::arrive_expect_bytes(&bars[s], kChunkBytes);
+        tma::load(stages + s * kChunkBytes, src + offset(i), kChunkBytes, &bars[s]);
+    };
+    for (long long i = 0; i < kStages - 1 && i < mine; ++i) issue(i);
+    for (long long i = 0; i < mine; ++i) {
+        const int s = static_cast<int>(i % kStages);
+        while (!tma::barrier_try_wait(&bars[s], static_cast<uint32_t>((i / kStages) & 1))) {}
+        tma::store(dst + offset(i), stages + s * kChunkBytes, kChunkBytes);
+        tma::commit();
+        if (i + kStages - 1 < mine) {
+            tma::wait_reads<1>();  // the store of chunk i - 1 has read stage (i - 1) % kStages, which we reload now
+            issue(i + kStages - 1);
+        }
+    }
+    tma::wait_writes<0>();
+#else
+    __trap();  // sm_90 only
+#endif
 }
 
 #if defined(EPCOMM_NVSHMEM)
