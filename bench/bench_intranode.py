@@ -163,11 +163,14 @@ extern "C" __global__ void __launch_bounds__(512) copy8(const int4* __restrict__
 }""", "copy8")
 local_dst = cp.empty_like(src)
 probe = {}
-for what, dst_ptr, active in (("peer one-way", peer_ptr, rank == 0), ("peer both ways", peer_ptr, True),
-                              ("local copy", int(local_dst.data.ptr), True)):
-    def run8(blocks=24, dst_ptr=dst_ptr, active=active):
+for what, src_ptr, dst_ptr, active in (
+        ("peer one-way", int(src.data.ptr), peer_ptr, rank == 0), ("peer both ways", int(src.data.ptr), peer_ptr, True),
+        ("local copy", int(src.data.ptr), int(local_dst.data.ptr), True),
+        ("peer reads one-way", peer_ptr, int(local_dst.data.ptr), rank == 0),
+        ("peer reads both ways", peer_ptr, int(local_dst.data.ptr), True)):
+    def run8(blocks=24, src_ptr=src_ptr, dst_ptr=dst_ptr, active=active):
         if active:
-            copy8((blocks,), (512,), (src, cp.uint64(dst_ptr), cp.uint64(nb // 16)))
+            copy8((blocks,), (512,), (cp.uint64(src_ptr), cp.uint64(dst_ptr), cp.uint64(nb // 16)))
     t8 = timed(run8, n=10)
     probe[what] = nb / (agree(t8 if active else 0) * 1e-6) / 1e9
 log("24 blocks x 512 threads, 8 loads in flight per thread: " +
