@@ -62,6 +62,12 @@ struct Waiter {
 
 // Polls of the flag between two reads of the timer and of the error record (the record sits across PCIe).
 constexpr uint32_t kPollsPerCheck = 64;
+// Back-off between polls: from kMinSleepNs doubling to kMaxSleepNs. Unpaced spinning of thousands of threads with
+// system-scope acquire loads competes with the peers' incoming NVLink writes into the same memory (measured: EP4
+// low-latency combine 694 us back-to-back against 59 us for its two halves run apart; bench/NOTES.md). The cap bounds
+// the extra latency a wait can add once its flag arrives.
+constexpr uint32_t kMinSleepNs = 32;
+constexpr uint32_t kMaxSleepNs = 256;
 
 // True when some thread of this process has already recorded an error: stop working and return.
 EPCOMM_DEVICE_INLINE bool has_error(const Waiter& w) {
@@ -113,13 +119,17 @@ EPCOMM_DEVICE_INLINE bool satisfied(T value, T expected) {
     else return value != expected;
 }
 
-// The one spin loop of epcomm: acquire-load *addr until the condition holds, bounded by w.timeout_ns.
+// The one spin loop of epcomm: acquire-load *addr until the condition holds (paced by a short back-off), bounded by
+// w.timeout_ns.
 template <int32_t kCmp, typename T>
 EPCOMM_DEVICE_INLINE bool wait_until(const T* addr, T expected, const Waiter& w, int peer, int phase) {
     T value = load_acquire(addr);
     if (satisfied<kCmp>(value, expected)) return true;  // fast path: no timer read
     const uint64_t start_ns = globaltimer_ns();
+    uint32_t sleep_ns = kMinSleepNs;
     for (uint32_t polls = 1;; ++polls) {
+        __nanosleep(sleep_ns);
+        sleep_ns = sleep_ns < kMaxSleepNs ? 2 * sleep_ns : kMaxSleepNs;
         value = load_acquire(addr);
         if (satisfied<kCmp>(value, expected)) return true;
         if (polls % kPollsPerCheck == 0) {

@@ -465,7 +465,9 @@ EPCOMM_DEVICE_INLINE void combine_recv(const uint8_t* local_base, long long off_
     const comm::Waiter waiter(err_record, timeout_ns, rank);
     const int num_local_experts = num_experts / num_ranks;
     bool ok = true;
-    for (int e = threadIdx.x; e < num_experts; e += kNumThreads) {
+    // One warp per block polls (every block needs every expert's rows): kNumThreads pollers per block compete with
+    // the incoming writes.
+    for (int e = threadIdx.x; e < num_experts && threadIdx.x < kWarpSize; e += kWarpSize) {
         const uint64_t* sig = reinterpret_cast<const uint64_t*>(local_base + off_signals) + e;
         // Pairs with the release of the signal by the owner's combine_send (its last block out).
         ok = comm::wait_geq(sig, epoch, waiter, e / num_local_experts, phase::kLlCombineRecv) && ok;
