@@ -254,8 +254,9 @@ class GpuBackend:
         t, h, r = handle.num_tokens, handle.hidden, self.num_ranks
         k = topk_weights.shape[1] if topk_weights is not None else 0
         lay = intra.CombineLayout.plan(self.data_bytes, h, k)
-        if r * t > lay.capacity_rows:
-            raise ConfigError(f"x: combine of {t} tokens from {r} ranks needs {r * t} rows of {h * 2 + 4 * k} bytes; "
+        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        if rows > lay.capacity_rows:
+            raise ConfigError(f"x: combine of {rows} rows of {h * 2 + 4 * k} bytes needs that many staging rows; "
                               f"this Buffer holds {lay.capacity_rows} (raise num_nvl_bytes, see "
                               "Config.get_nvl_buffer_size_hint)")
         st = handle.backend_state
@@ -263,19 +264,18 @@ class GpuBackend:
         with self._alloc_stream(ctx):
             out = cp.empty((t, h), x.dtype)
             out_w = cp.empty((t, k), cp.float32) if k else None
-        rows = handle.num_worst_tokens or handle.num_recv_tokens
         grid = self._grid(config)
         row_int4 = h * 2 // 16
         self._mark("start")
-        get_kernel(intra.combine_send_spec(r, config.num_threads)).launch(
+        get_kernel(intra.combine_stage_spec(r, config.num_threads)).launch(
             grid, (x, row_int4, topk_weights, k, st["count_matrix"], rows, self.nvl.peer_bases, self.meta_bytes,
                    lay.off_x, lay.off_w, self._counter(1), self._epoch_ptr(1)) + self._comm(), stream=self.stream)
-        self._mark("combine_send")
+        self._mark("combine_stage")
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
-        # Launched also with no tokens: it still waits for every rank's done flag, closing the call.
+        # Launched also with no tokens: it still waits for every rank's staged flag, closing the call.
         get_kernel(intra.combine_reduce_spec(r, config.num_threads)).launch(
-            grid if t else 1, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
+            grid if t else 1, (self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
                                handle.is_token_in_rank, handle.send_pos, st["count_matrix"], t, b0, b1, x, topk_weights,
                                out, out_w,
                                self._epoch_ptr(1)) + self._comm(), stream=self.stream)

@@ -55,7 +55,8 @@ class RecvLayout:
 
 @dataclass(frozen=True)
 class CombineLayout:
-    """Where one combine call's returned rows sit in the origin's data region."""
+    """Where one combine call's staged rows (row n of the receive order, for other ranks to read) sit in the data
+    region of the rank that received them."""
     capacity_rows: int
     off_x: int
     off_w: int
@@ -130,9 +131,9 @@ def dispatch_recv_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
 
 
 @functools.lru_cache(maxsize=None)
-def combine_send_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
+def combine_stage_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
     return KernelSpec(
-        family="intranode", op="combine_send", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
+        family="intranode", op="combine_stage", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "topk_weights"), ("int", "num_topk"),
                 ("const int*", "count_matrix"), ("int", "num_rows"), ("const uint64_t*", "peer_bases"),
                 ("long long", "data_offset"), ("long long", "off_cx"), ("long long", "off_cw"),
@@ -144,7 +145,7 @@ def combine_send_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelS
 def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
     return KernelSpec(
         family="intranode", op="combine_reduce", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
-        params=(("const uint8_t*", "local_base"), ("long long", "data_offset"), ("long long", "off_cx"),
+        params=(("const uint64_t*", "peer_bases"), ("long long", "data_offset"), ("long long", "off_cx"),
                 ("long long", "off_cw"), ("int", "row_int4"), ("int", "num_topk"), ("const bool*", "is_token_in_rank"),
                 ("const int*", "send_pos"), ("const int*", "count_matrix"), ("int", "num_tokens"),
                 ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
@@ -166,7 +167,7 @@ def max_experts_bucket(num_experts: int) -> int:
 def example_specs() -> list[KernelSpec]:
     specs = [layout_spec(256), layout_spec(8192)]
     for r in (2, 4, 8):
-        specs += [notify_spec(r), dispatch_send_spec(r), dispatch_recv_spec(r), combine_send_spec(r),
+        specs += [notify_spec(r), dispatch_send_spec(r), dispatch_recv_spec(r), combine_stage_spec(r),
                   combine_reduce_spec(r)]
     return specs
 

@@ -518,61 +518,61 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Combine send: barrier (every peer finished reading its combine area), then each received row n goes back to
-// its source s, at row (sum of s's counts to ranks before me) + (n - start of s's block here). Rows whose
-// source is this rank stay where they are: combine_reduce reads them from x.
+// Combine is pull-based: every rank stages the rows it returns to OTHER ranks in its own data region, at their
+// receive-order row n (a local copy), and signals every peer; each token's owner then reads the rows of its tokens
+// straight from the peers' regions over NVLink while it reduces. Link time (the pulls) overlaps the reduce's local
+// reads and writes in one kernel, and the staged rows cross HBM once instead of twice (push + reduce re-read).
+// Measured before (push + reduce, EP2, 24 SMs): 188 + 182 us; bench/NOTES.md has the prediction and outcome.
+
+// Combine stage: barrier (every peer finished reading my region: its earlier kernels are done), then one warp per
+// received row n whose source is another rank copies x[n] (and its top-k weights) to row n of my own region.
 template <int kNumRanks, int kNumThreads>
-EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int row_int4, const float* topk_weights, int num_topk,
-                                       const int* count_matrix, int num_rows, const uint64_t* peer_bases,
-                                       long long data_offset, long long off_cx, long long off_cw,
-                                       int* block_counter, uint64_t* epoch_counter, uint64_t err_record,
-                                       long long timeout_ns, int rank) {
+EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float* topk_weights, int num_topk,
+                                        const int* count_matrix, int num_rows, const uint64_t* peer_bases,
+                                        long long data_offset, long long off_cx, long long off_cw,
+                                        int* block_counter, uint64_t* epoch_counter, uint64_t err_record,
+                                        long long timeout_ns, int rank) {
     using M = Meta<kNumRanks>;
     // NOTES: this kernel owns the combine epoch: every block reads counter + 1 at its start; the last block out
     // stores it back (after every block has read it), where combine_reduce reads it.
     const uint64_t epoch = *epoch_counter + 1;
-    __shared__ int matrix[kNumRanks][kNumRanks];
     __shared__ int recv_start[kNumRanks + 1];   // my receive order: block of source s is [recv_start[s], recv_start[s+1])
-    __shared__ int origin_start[kNumRanks];     // my block inside source s's combine area
     comm::Waiter waiter(err_record, timeout_ns, rank);
     if (blockIdx.x == 0 && threadIdx.x < kNumRanks)
         st_release_sys_u64(M::flag(peer_base(peer_bases, threadIdx.x), kFlagCombineReady, rank), epoch);
-    for (int i = threadIdx.x; i < kNumRanks * kNumRanks; i += kNumThreads) matrix[i / kNumRanks][i % kNumRanks] = count_matrix[i];
-    __syncthreads();
     if (threadIdx.x == 0) {
         recv_start[0] = 0;
-        for (int s = 0; s < kNumRanks; ++s) recv_start[s + 1] = recv_start[s] + matrix[s][rank];
+        for (int s = 0; s < kNumRanks; ++s) recv_start[s + 1] = recv_start[s] + count_matrix[s * kNumRanks + rank];
     }
-    if (threadIdx.x < kNumRanks) {
-        int s = threadIdx.x, start = 0;
-        for (int d = 0; d < rank; ++d) start += matrix[s][d];
-        origin_start[s] = start;
-        comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineReady, s), epoch, waiter, s, phase::kCombine);
-    }
+    if (threadIdx.x < kNumRanks)  // pairs with the ready release above, at every peer: it no longer reads my region
+        comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineReady, threadIdx.x), epoch, waiter,
+                       threadIdx.x, phase::kCombine);
     __syncthreads();
     const bool skip = comm::block_has_error(waiter);
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
     const int rows = num_rows < recv_start[kNumRanks] ? num_rows : recv_start[kNumRanks];
+    uint8_t* data = peer_base(peer_bases, rank) + data_offset;
     for (int n = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; n < rows && !skip; n += warps) {
-        int s = 0;
-        while (n >= recv_start[s + 1]) ++s;
-        if (s == rank) continue;  // my own tokens' rows: combine_reduce reads them from x directly
-        long long dst_row = origin_start[s] + (n - recv_start[s]);
-        uint8_t* data = peer_base(peer_bases, s) + data_offset;
-        int4* const dst[1] = {reinterpret_cast<int4*>(data + off_cx) + dst_row * row_int4};
-        warp_copy_row<kCopyUnrollFor<kNumRanks>, 1>(x + static_cast<long long>(n) * row_int4, dst, row_int4, lane);
-        if (topk_weights)
-            for (int k = lane; k < num_topk; k += kWarpSize)
-                reinterpret_cast<float*>(data + off_cw)[dst_row * num_topk + k] = topk_weights[static_cast<long long>(n) * num_topk + k];
+        if (n >= recv_start[rank] && n < recv_start[rank + 1]) continue;  // my own tokens: the reduce reads x
+        const long long nn = n;
+        const float w = (topk_weights && lane < num_topk) ? topk_weights[nn * num_topk + lane] : 0.0f;
+        int4* const dst[1] = {reinterpret_cast<int4*>(data + off_cx) + nn * row_int4};
+        warp_copy_row<kCopyUnrollFor<kNumRanks>, 1>(x + nn * row_int4, dst, row_int4, lane);
+        if (topk_weights) {
+            float* cw = reinterpret_cast<float*>(data + off_cw) + nn * num_topk;
+            if (lane < num_topk) cw[lane] = w;
+            for (int k = lane + kWarpSize; k < num_topk; k += kWarpSize) cw[k] = topk_weights[nn * num_topk + k];
+        }
     }
     grid_done_signal<kNumRanks>(block_counter, peer_bases, kFlagCombineDone, rank, epoch, epoch_counter);
 }
 
-// Combine reduce: wait for every rank's rows, then out[t] = bias0 + bias1 + sum over ranks d (in order) of
-// d's row for t, accumulated in float32 and rounded to bf16 once. One warp per token, 8 channels per lane step.
+// Combine reduce: wait until every rank has staged its rows, then out[t] = bias0 + bias1 + sum over ranks d (in
+// order) of d's row for t, read from d's region over NVLink (my own rows: from x), accumulated in float32 and rounded
+// to bf16 once. One warp per token, 8 channels per lane step.
 template <int kNumRanks, int kNumThreads>
-EPCOMM_DEVICE_INLINE void combine_reduce(const uint8_t* local_base, long long data_offset, long long off_cx,
+EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long data_offset, long long off_cx,
                                          long long off_cw, int row_int4, int num_topk, const bool* is_token_in_rank,
                                          const int* send_pos, const int* count_matrix, int num_tokens,
                                          const int4* bias0, const int4* bias1, const int4* x_local,
@@ -580,36 +580,36 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint8_t* local_base, long long da
                                          const uint64_t* epoch_counter, uint64_t err_record, long long timeout_ns,
                                          int rank) {
     using M = Meta<kNumRanks>;
-    const uint64_t epoch = *epoch_counter;  // advanced by this call's combine_send
-    __shared__ int area_start[kNumRanks];   // block of rank d's rows in my combine area (own block: in x_local)
+    const uint64_t epoch = *epoch_counter;  // advanced by this call's combine_stage
+    __shared__ int area_start[kNumRanks];   // my block in rank d's receive order (= in d's staged rows, or in x_local)
+    __shared__ const uint8_t* area[kNumRanks];
     comm::Waiter waiter(err_record, timeout_ns, rank);
     if (threadIdx.x < kNumRanks) {
+        const int d = threadIdx.x;
         int start = 0;
-        if (threadIdx.x == rank) {  // my own rows: where my block starts in my receive order, i.e. in x_local
-            for (int s = 0; s < rank; ++s) start += count_matrix[s * kNumRanks + rank];
-        } else {
-            for (int d = 0; d < threadIdx.x; ++d) start += count_matrix[rank * kNumRanks + d];
-        }
-        area_start[threadIdx.x] = start;
-        comm::wait_geq(M::flag(const_cast<uint8_t*>(local_base), kFlagCombineDone, threadIdx.x), epoch, waiter,
-                       threadIdx.x, phase::kCombine);
+        for (int s = 0; s < rank; ++s) start += count_matrix[s * kNumRanks + d];
+        area_start[d] = start;
+        area[d] = peer_base(peer_bases, d) + data_offset;
+        // Pairs with d's combine_stage release (last block out): its staged rows are complete.
+        comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineDone, d), epoch, waiter, d, phase::kCombine);
     }
     __syncthreads();
     if (comm::block_has_error(waiter)) return;
-    const uint8_t* data = local_base + data_offset;
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
     for (int t = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; t < num_tokens; t += warps) {
+        const int4* src[kNumRanks];
         long long rows[kNumRanks];
         #pragma unroll
         for (int d = 0; d < kNumRanks; ++d) {
             bool in = is_token_in_rank[static_cast<long long>(t) * kNumRanks + d];
             rows[d] = in ? area_start[d] + send_pos[static_cast<long long>(t) * kNumRanks + d] : -1;
+            src[d] = rows[d] < 0 ? nullptr
+                     : d == rank ? x_local + rows[d] * row_int4
+                                 : reinterpret_cast<const int4*>(area[d] + off_cx) + rows[d] * row_int4;
         }
-        // kReduceUnroll vectors per lane per step, every source's loads issued before the first add.
-        // 8 vectors in flight per lane per source at EP2 (4 left the reduce latency-bound: 176 us at 24 SMs).
+        // kReduceUnroll vectors per lane per source in flight, every source's loads issued before the first add.
         constexpr int kReduceUnroll = kNumRanks <= 2 ? 8 : (kNumRanks <= 4 ? 4 : 2);
-        const int4* area = reinterpret_cast<const int4*>(data + off_cx);
         for (int base = lane; base < row_int4; base += kWarpSize * kReduceUnroll) {
             int4 v[kNumRanks][kReduceUnroll];
             #pragma unroll
@@ -617,9 +617,8 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint8_t* local_base, long long da
                 #pragma unroll
                 for (int u = 0; u < kReduceUnroll; ++u) {
                     const int i = base + u * kWarpSize;
-                    if (rows[d] >= 0 && i < row_int4)
-                        v[d][u] = d == rank ? ld_global_nc_na_v4(x_local + rows[d] * row_int4 + i)
-                                            : ld_global_v4(area + rows[d] * row_int4 + i);
+                    if (src[d] != nullptr && i < row_int4)
+                        v[d][u] = d == rank ? ld_global_nc_na_v4(src[d] + i) : ld_global_v4(src[d] + i);
                 }
             #pragma unroll
             for (int u = 0; u < kReduceUnroll; ++u) {
@@ -632,7 +631,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint8_t* local_base, long long da
                 if (bias1) accumulate_bf16x8(acc, ld_global_nc_na_v4(bias1 + static_cast<long long>(t) * row_int4 + i));
                 #pragma unroll
                 for (int d = 0; d < kNumRanks; ++d)
-                    if (rows[d] >= 0) accumulate_bf16x8(acc, v[d][u]);
+                    if (src[d] != nullptr) accumulate_bf16x8(acc, v[d][u]);
                 st_global_v4(out + static_cast<long long>(t) * row_int4 + i, pack_bf16x8(acc));
             }
         }
@@ -643,7 +642,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint8_t* local_base, long long da
                 for (int d = 0; d < kNumRanks; ++d)
                     if (rows[d] >= 0)
                         w += d == rank ? w_local[rows[d] * num_topk + k]
-                                       : reinterpret_cast<const float*>(data + off_cw)[rows[d] * num_topk + k];
+                                       : reinterpret_cast<const float*>(area[d] + off_cw)[rows[d] * num_topk + k];
                 out_w[static_cast<long long>(t) * num_topk + k] = w;
             }
         }
