@@ -18,11 +18,6 @@ from .runtime import get_kernel
 from .runtime.watchdog import ErrorRecord, host_wait
 
 
-# notify's receive-capacity check is off: dispatch pulls rows straight into outputs sized by the host (or
-# num_worst_tokens, which dispatch_pull checks), so no fixed receive area can overflow.
-NO_ROW_LIMIT = 2**31 - 1
-
-
 def _ptr(a) -> int:
     return 0 if a is None else int(a.data.ptr)
 
@@ -169,7 +164,7 @@ class GpuBackend:
         if e_local > intra.MAX_LOCAL_EXPERTS:
             raise ConfigError(f"num_experts: expected at most {intra.MAX_LOCAL_EXPERTS} experts per rank, "
                               f"got {e_local}")
-        lay = self._stage_layout(t, row_bytes, s, k)
+        lay = intra.RecvLayout.plan(self.data_bytes, row_bytes, s, k)
         self._begin(ctx)
         with self._alloc_stream(ctx):
             send_pos = cp.empty((t, self.num_ranks), cp.int32)
@@ -181,7 +176,7 @@ class GpuBackend:
             with self.stream:
                 per_expert = cp.zeros(num_experts, cp.int32)
         self._notify(in_rank, t, per_expert, num_experts, alignment, send_pos, matrix, prefix, info,
-                     NO_ROW_LIMIT, True)
+                     lay.capacity_rows, True)
         if worst:
             n, rows, counts = None, worst, []
         else:
@@ -206,17 +201,8 @@ class GpuBackend:
         out_x = (recv_x, recv_scales) if scales is not None else recv_x
         return out_x, recv_idx, recv_w, counts, handle, ev
 
-    def _stage_layout(self, t: int, row_bytes: int, num_scales: int, num_topk: int):
-        lay = intra.StageLayout.plan(self.data_bytes, row_bytes, num_scales, num_topk, self.num_ranks)
-        if t > lay.capacity_rows:
-            raise ConfigError(f"x: {t} tokens of {row_bytes} bytes need {t} staging slots; this Buffer holds "
-                              f"{lay.capacity_rows} (raise num_nvl_bytes, see Config.get_nvl_buffer_size_hint)")
-        return lay
-
     def _send_and_receive(self, data, scales, topk_idx, topk_weights, num_experts, in_rank, send_pos, matrix, info,
                           lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config):
-        """dispatch_stage (my tokens for other ranks into my own region, and my token lists) and dispatch_pull (every
-        output row read from its source's region, or from x for my own tokens)."""
         t, h = data.shape
         row_int4 = h * data.dtype.itemsize // 16
         s = scales.shape[1] if scales is not None else 0
@@ -225,17 +211,17 @@ class GpuBackend:
         stride_t = scales.strides[0] // itemsize if scales is not None else 0
         stride_s = scales.strides[1] // itemsize if scales is not None else 0
         grid = self._grid(config)
-        offsets = (lay.off_x, lay.off_scales, lay.off_idx, lay.off_w, lay.off_list, lay.capacity_rows)
-        get_kernel(intra.dispatch_stage_spec(self.num_ranks, config.num_threads)).launch(
-            grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, in_rank, send_pos, t,
-                   self.nvl.peer_bases, self.meta_bytes) + offsets + (self._counter(0), self._epoch_ptr(0))
-            + self._comm(), stream=self.stream)
-        self._mark("dispatch_stage")
-        get_kernel(intra.dispatch_pull_spec(self.num_ranks, config.num_threads)).launch(
-            grid, (data, scales, stride_t, stride_s, topk_idx, topk_weights, self.nvl.peer_bases, self.meta_bytes)
-            + offsets + (row_int4, s, k, num_experts, info, matrix, rows, recv_x, recv_scales, recv_idx, recv_w,
-                         recv_src, self._epoch_ptr(0)) + self._comm(), stream=self.stream)
-        self._mark("dispatch_pull")
+        get_kernel(intra.dispatch_send_spec(self.num_ranks, config.num_threads)).launch(
+            grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts, in_rank,
+                   send_pos, matrix, t, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx,
+                   lay.off_w, lay.off_src, recv_x, recv_scales, recv_idx, recv_w, recv_src, rows, self._counter(0),
+                   self._epoch_ptr(0)) + self._comm(), stream=self.stream)
+        self._mark("dispatch_send")
+        get_kernel(intra.dispatch_recv_spec(self.num_ranks, config.num_threads)).launch(
+            grid, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx, lay.off_w, lay.off_src,
+                   row_int4, s, k, info, matrix, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src,
+                   self._epoch_ptr(0)) + self._comm(), stream=self.stream)
+        self._mark("dispatch_recv")
 
     def _counter(self, i: int) -> int:
         return int(self.block_counters.data.ptr) + 4 * i
@@ -248,11 +234,11 @@ class GpuBackend:
             raise ConfigError(f"x: expected hidden {handle.hidden} (the handle's), got [{t}, {h}]")
         st = handle.backend_state
         s = scales.shape[1] if scales is not None else 0
-        lay = self._stage_layout(t, h * data.dtype.itemsize, s, 0)
+        lay = intra.RecvLayout.plan(self.data_bytes, h * data.dtype.itemsize, s, 0)
         rows = handle.num_worst_tokens or handle.num_recv_tokens
         self._begin(ctx)
         self._notify(handle.is_token_in_rank, t, None, handle.num_experts, 1, None, None, None, None,
-                     NO_ROW_LIMIT, False)
+                     lay.capacity_rows, False)
         with self._alloc_stream(ctx):
             recv_x = cp.empty((rows, h), data.dtype)
             recv_scales = cp.empty((rows, s), cp.float32) if scales is not None else None

@@ -31,28 +31,26 @@ def meta_bytes(num_ranks: int) -> int:
 
 
 @dataclass(frozen=True)
-class StageLayout:
-    """Where one dispatch call's staged tokens sit in the data region of their own rank (same offsets on every rank):
-    capacity (token slots) and byte offsets of x, scales, raw top-k indices and weights (slot t = token t), and the
-    per-destination token lists ([R][capacity] int32). Mirrors the comment above dispatch_stage in intranode.cuh."""
+class RecvLayout:
+    """Where one dispatch call's rows sit in the data region (same on every rank): capacity and byte offsets."""
     capacity_rows: int
     off_x: int
     off_scales: int
     off_idx: int
     off_w: int
-    off_list: int
+    off_src: int
 
     @staticmethod
-    def plan(data_bytes: int, row_bytes: int, num_scales: int, num_topk: int, num_ranks: int) -> "StageLayout":
-        per_row = row_bytes + num_scales * 4 + num_topk * 12 + num_ranks * 4
+    def plan(data_bytes: int, row_bytes: int, num_scales: int, num_topk: int) -> "RecvLayout":
+        per_row = row_bytes + num_scales * 4 + num_topk * 12 + 4
         cap = max(0, (data_bytes - 5 * 256) // per_row)
         off_x = 0
         off_scales = _align(off_x + cap * row_bytes, 256)
         off_idx = _align(off_scales + cap * num_scales * 4, 256)
         off_w = _align(off_idx + cap * num_topk * 8, 256)
-        off_list = _align(off_w + cap * num_topk * 4, 256)
-        assert off_list + num_ranks * cap * 4 <= data_bytes
-        return StageLayout(cap, off_x, off_scales, off_idx, off_w, off_list)
+        off_src = _align(off_w + cap * num_topk * 4, 256)
+        assert off_src + cap * 4 <= data_bytes
+        return RecvLayout(cap, off_x, off_scales, off_idx, off_w, off_src)
 
 
 @dataclass(frozen=True)
@@ -72,8 +70,8 @@ class CombineLayout:
 
 
 def nvl_buffer_size_hint(num_max_tokens: int, hidden_bytes: int, num_ranks: int, num_topk: int = 16) -> int:
-    """Bytes for the worst case: R * T rows of dispatch data (FP8 scales and top-k included; the staging of T tokens
-    and their R token lists needs less), which also covers combine's staging of up to R * T received rows."""
+    """Bytes for the worst case: every rank sends all num_max_tokens tokens here (R * T rows of dispatch data,
+    FP8 scales and top-k included), which also covers combine's R * T returned rows."""
     rows = num_ranks * num_max_tokens
     hidden = max(hidden_bytes // 2, 128)
     dispatch = rows * (hidden_bytes + (hidden // 128) * 4 + num_topk * 12 + 4) + 5 * 256
@@ -105,30 +103,29 @@ def notify_spec(num_ranks: int) -> KernelSpec:
 
 
 @functools.lru_cache(maxsize=None)
-def dispatch_stage_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
+def dispatch_send_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
     return KernelSpec(
-        family="intranode", op="dispatch_stage", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
+        family="intranode", op="dispatch_send", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "scales"), ("long long", "scale_stride_t"),
                 ("long long", "scale_stride_s"), ("int", "num_scales"), ("const int64_t*", "topk_idx"),
-                ("const float*", "topk_weights"), ("int", "num_topk"), ("const bool*", "is_token_in_rank"),
-                ("const int*", "send_pos"), ("int", "num_tokens"), ("const uint64_t*", "peer_bases"),
-                ("long long", "data_offset"), ("long long", "off_x"), ("long long", "off_scales"),
-                ("long long", "off_idx"), ("long long", "off_w"), ("long long", "off_list"), ("int", "cap"),
-                ("int*", "block_counter"), ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
+                ("const float*", "topk_weights"), ("int", "num_topk"), ("int", "num_experts"),
+                ("const bool*", "is_token_in_rank"), ("const int*", "send_pos"), ("const int*", "count_matrix"),
+                ("int", "num_tokens"), ("const uint64_t*", "peer_bases"), ("long long", "data_offset"),
+                ("long long", "off_x"), ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"),
+                ("long long", "off_src"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
+                ("float*", "out_w"), ("int*", "out_src"), ("int", "num_out_rows"), ("int*", "block_counter"),
+                ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
         num_threads=num_threads)
 
 
 @functools.lru_cache(maxsize=None)
-def dispatch_pull_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
+def dispatch_recv_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
     return KernelSpec(
-        family="intranode", op="dispatch_pull", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
-        params=(("const int4*", "x"), ("const float*", "scales"), ("long long", "scale_stride_t"),
-                ("long long", "scale_stride_s"), ("const int64_t*", "topk_idx"), ("const float*", "topk_weights"),
-                ("const uint64_t*", "peer_bases"), ("long long", "data_offset"), ("long long", "off_x"),
-                ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"),
-                ("long long", "off_list"), ("int", "cap"), ("int", "row_int4"), ("int", "num_scales"),
-                ("int", "num_topk"), ("int", "num_experts"), ("const int*", "info"), ("const int*", "count_matrix"),
-                ("int", "num_out_rows"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
+        family="intranode", op="dispatch_recv", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
+        params=(("const uint8_t*", "local_base"), ("long long", "data_offset"), ("long long", "off_x"),
+                ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"), ("long long", "off_src"),
+                ("int", "row_int4"), ("int", "num_scales"), ("int", "num_topk"), ("const int*", "info"),
+                ("const int*", "count_matrix"), ("int", "num_out_rows"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
                 ("float*", "out_w"), ("int*", "out_src"), ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
         num_threads=num_threads)
 
@@ -170,7 +167,7 @@ def max_experts_bucket(num_experts: int) -> int:
 def example_specs() -> list[KernelSpec]:
     specs = [layout_spec(256), layout_spec(8192)]
     for r in (2, 4, 8):
-        specs += [notify_spec(r), dispatch_stage_spec(r), dispatch_pull_spec(r), combine_stage_spec(r),
+        specs += [notify_spec(r), dispatch_send_spec(r), dispatch_recv_spec(r), combine_stage_spec(r),
                   combine_reduce_spec(r)]
     return specs
 

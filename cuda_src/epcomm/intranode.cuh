@@ -337,172 +337,182 @@ EPCOMM_DEVICE_INLINE void grid_done_signal(int* block_counter, const uint64_t* p
     }
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Dispatch is pull-based too. dispatch_stage: every rank copies each of its tokens that goes to ANOTHER rank (row,
-// scales, raw top-k) into its own data region at slot t (a local copy), and writes, for every destination d, the
-// list of its tokens to d in send order (list[d][send_pos[t, d]] = t). dispatch_pull: each receiver walks its output
-// rows (ordered by source rank, then source token), reads the source's list entry and then the staged row straight
-// from the source's region over NVLink into the outputs; rows from itself are copied from x, overlapping the pulls.
-// Measured before (push into the receiver's area + copy-out, EP2 FP8, 24 SMs): send 127 + copy-out 57 us.
-//
-// The staging region of a rank (same offsets on every rank, epcomm/intranode.py StageLayout), cap = slots:
-//   x [cap][row bytes], scales [cap][num_scales] f32, topk_idx [cap][K] i64, topk_w [cap][K] f32, list [R][cap] i32.
-// Reuse: a rank restages only after the next notify (or combine-ready) barrier, i.e. after every peer's pull is done.
+// Byte offsets, inside the data region of every rank's buffer, of one call's arrays (same on all ranks).
+struct RecvOffsets {
+    long long x, scales, topk_idx, topk_weights, src_idx;
+};
 
-// dispatch_stage: one warp per token; then the last block out releases kFlagDispatchDone at every rank.
+// ---------------------------------------------------------------------------------------------------------
+// Where one destination's copy of the dispatched rows goes: a peer's receive area, or, for this rank's own
+// rows, straight into the caller's output arrays (the same row numbers: outputs are in receive order).
+struct RowSink {
+    int4* x;
+    float* scales;
+    int64_t* idx;
+    float* w;
+    int* src;
+};
+
+// Dispatch send: one warp per token; the row is read once and stored to each destination's final row.
+// Rows for this rank itself go directly to the outputs (out_*; rows >= num_out_rows are dropped: dispatch_recv
+// reports that case as a capacity error), so the receive kernel copies only other ranks' rows.
 template <int kNumRanks, int kNumThreads>
-EPCOMM_DEVICE_INLINE void dispatch_stage(const int4* x, int row_int4, const float* scales, long long scale_stride_t,
-                                         long long scale_stride_s, int num_scales, const int64_t* topk_idx,
-                                         const float* topk_weights, int num_topk, const bool* is_token_in_rank,
-                                         const int* send_pos, int num_tokens, const uint64_t* peer_bases,
-                                         long long data_offset, long long off_x, long long off_scales,
-                                         long long off_idx, long long off_w, long long off_list, int cap,
-                                         int* block_counter, const uint64_t* epoch_counter, uint64_t err_record,
-                                         long long timeout_ns, int rank) {
+EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float* scales, long long scale_stride_t,
+                                        long long scale_stride_s, int num_scales, const int64_t* topk_idx,
+                                        const float* topk_weights, int num_topk, int num_experts,
+                                        const bool* is_token_in_rank, const int* send_pos, const int* count_matrix,
+                                        int num_tokens, const uint64_t* peer_bases, long long data_offset,
+                                        long long off_x, long long off_scales, long long off_idx, long long off_w,
+                                        long long off_src, int4* out_x, float* out_scales, int64_t* out_idx,
+                                        float* out_w, int* out_src, int num_out_rows, int* block_counter,
+                                        const uint64_t* epoch_counter, uint64_t err_record, long long timeout_ns,
+                                        int rank) {
     const uint64_t epoch = *epoch_counter;  // advanced by this call's notify
+    __shared__ int matrix[kNumRanks][kNumRanks];
+    __shared__ int my_start[kNumRanks];
+    for (int i = threadIdx.x; i < kNumRanks * kNumRanks; i += kNumThreads) matrix[i / kNumRanks][i % kNumRanks] = count_matrix[i];
+    __syncthreads();
+    if (threadIdx.x < kNumRanks) my_start[threadIdx.x] = block_start<kNumRanks>(matrix, rank, threadIdx.x);
+    __syncthreads();
     comm::Waiter waiter(err_record, timeout_ns, rank);
     const bool skip = comm::block_has_error(waiter);  // e.g. a capacity error from notify: address nothing
-    uint8_t* data = peer_base(peer_bases, rank) + data_offset;
-    int4* stage_x = reinterpret_cast<int4*>(data + off_x);
-    float* stage_scales = reinterpret_cast<float*>(data + off_scales);
-    int64_t* stage_idx = reinterpret_cast<int64_t*>(data + off_idx);
-    float* stage_w = reinterpret_cast<float*>(data + off_w);
-    int* list = reinterpret_cast<int*>(data + off_list);
+    // In shared memory: kNumRanks x 5 pointers in registers would spill at 8 ranks.
+    __shared__ RowSink sink[kNumRanks];
+    if (threadIdx.x < kNumRanks) {
+        const int d = threadIdx.x;
+        if (d == rank) {
+            sink[d] = RowSink{out_x, out_scales, out_idx, out_w, out_src};
+        } else {
+            uint8_t* data = peer_base(peer_bases, d) + data_offset;
+            sink[d] = RowSink{reinterpret_cast<int4*>(data + off_x), reinterpret_cast<float*>(data + off_scales),
+                              reinterpret_cast<int64_t*>(data + off_idx), reinterpret_cast<float*>(data + off_w),
+                              reinterpret_cast<int*>(data + off_src)};
+        }
+    }
+    __syncthreads();
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
+    const int experts_per_rank = num_experts / kNumRanks;
     for (int t = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; t < num_tokens && !skip; t += warps) {
         const long long tt = t;
-        bool remote = false;
+        RowMeta meta;
+        #pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int s = lane + j * kWarpSize;
+            meta.scale[j] = s < num_scales ? scales[tt * scale_stride_t + s * scale_stride_s] : 0.0f;
+        }
+        meta.idx = (topk_idx && lane < num_topk) ? topk_idx[tt * num_topk + lane] : -1;
+        meta.w = (topk_idx && lane < num_topk) ? topk_weights[tt * num_topk + lane] : 0.0f;
+        long long row[kNumRanks];
+        int4* dst[kNumRanks];
         #pragma unroll
         for (int d = 0; d < kNumRanks; ++d) {
-            const bool in = is_token_in_rank[tt * kNumRanks + d];
-            remote = remote || (in && d != rank);
-            if (in && lane == d) list[static_cast<long long>(d) * cap + send_pos[tt * kNumRanks + d]] = t;
+            bool in = is_token_in_rank[tt * kNumRanks + d];
+            row[d] = in ? my_start[d] + send_pos[tt * kNumRanks + d] : -1;
+            if (d == rank && row[d] >= num_out_rows) row[d] = -1;
+            dst[d] = row[d] >= 0 ? sink[d].x + row[d] * row_int4 : nullptr;
         }
-        if (!remote) continue;  // only this rank reads it: dispatch_pull copies it from x
-        int4* const dst[1] = {stage_x + tt * row_int4};
-        warp_copy_row<kCopyUnrollFor<kNumRanks>, 1>(x + tt * row_int4, dst, row_int4, lane);
-        for (int j = lane; j < num_scales; j += kWarpSize)
-            stage_scales[tt * num_scales + j] = scales[tt * scale_stride_t + j * scale_stride_s];
-        if (topk_idx) {
-            for (int k = lane; k < num_topk; k += kWarpSize) {
-                stage_idx[tt * num_topk + k] = topk_idx[tt * num_topk + k];
-                stage_w[tt * num_topk + k] = topk_weights[tt * num_topk + k];
+        warp_copy_row<kSendUnrollFor<kNumRanks>, kNumRanks>(x + tt * row_int4, dst, row_int4, lane);
+        #pragma unroll
+        for (int d = 0; d < kNumRanks; ++d) {
+            if (row[d] < 0) continue;
+            #pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int s = lane + j * kWarpSize;
+                if (s < num_scales) sink[d].scales[row[d] * num_scales + s] = meta.scale[j];
             }
+            for (int s = lane + 2 * kWarpSize; s < num_scales; s += kWarpSize)
+                sink[d].scales[row[d] * num_scales + s] = scales[tt * scale_stride_t + s * scale_stride_s];
+            if (topk_idx) {
+                const int64_t lo = static_cast<int64_t>(d) * experts_per_rank, hi = lo + experts_per_rank;
+                if (lane < num_topk) {
+                    const bool mine = meta.idx >= lo && meta.idx < hi;
+                    sink[d].idx[row[d] * num_topk + lane] = mine ? meta.idx - lo : -1;
+                    sink[d].w[row[d] * num_topk + lane] = mine ? meta.w : 0.0f;
+                }
+                for (int k = lane + kWarpSize; k < num_topk; k += kWarpSize) {
+                    const int64_t e = topk_idx[tt * num_topk + k];
+                    const bool mine = e >= lo && e < hi;
+                    sink[d].idx[row[d] * num_topk + k] = mine ? e - lo : -1;
+                    sink[d].w[row[d] * num_topk + k] = mine ? topk_weights[tt * num_topk + k] : 0.0f;
+                }
+            }
+            if (lane == 0 && sink[d].src) sink[d].src[row[d]] = t;
         }
     }
     grid_done_signal<kNumRanks>(block_counter, peer_bases, kFlagDispatchDone, rank, epoch);
 }
 
-// dispatch_pull: wait until every source has staged, then fill output rows [0, N) (one warp per row; a lane loads
-// the list entries of the warp's next 32 rows at once, so a row costs one NVLink latency, not two). Top-k indices
-// of other ranks' experts become -1 (weight 0). Rows [N, num_out_rows) (num_worst_tokens padding) get topk_idx -1,
-// weight 0, src_idx -1.
+// Dispatch receive: wait for every source's done flag, then copy other sources' rows of [0, N) from the receive
+// area to the outputs (this rank's own block was written there by dispatch_send); rows [N, num_out_rows)
+// (num_worst_tokens padding) get topk_idx = -1, weight 0, src_idx -1.
 template <int kNumRanks, int kNumThreads>
-EPCOMM_DEVICE_INLINE void dispatch_pull(const int4* x, const float* scales, long long scale_stride_t,
-                                        long long scale_stride_s, const int64_t* topk_idx, const float* topk_weights,
-                                        const uint64_t* peer_bases, long long data_offset, long long off_x,
-                                        long long off_scales, long long off_idx, long long off_w, long long off_list,
-                                        int cap, int row_int4, int num_scales, int num_topk, int num_experts,
-                                        const int* info, const int* count_matrix, int num_out_rows, int4* out_x,
-                                        float* out_scales, int64_t* out_idx, float* out_w, int* out_src,
-                                        const uint64_t* epoch_counter, uint64_t err_record, long long timeout_ns,
-                                        int rank) {
+EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long data_offset, long long off_x,
+                                        long long off_scales, long long off_idx, long long off_w, long long off_src,
+                                        int row_int4, int num_scales, int num_topk, const int* info,
+                                        const int* count_matrix, int num_out_rows, int4* out_x, float* out_scales,
+                                        int64_t* out_idx, float* out_w, int* out_src, const uint64_t* epoch_counter,
+                                        uint64_t err_record, long long timeout_ns, int rank) {
     using M = Meta<kNumRanks>;
     const uint64_t epoch = *epoch_counter;  // advanced by this call's notify
-    __shared__ int start[kNumRanks + 1];    // my output rows from source s: [start[s], start[s + 1])
-    __shared__ const uint8_t* region[kNumRanks];
     comm::Waiter waiter(err_record, timeout_ns, rank);
-    if (threadIdx.x < kNumRanks) {
-        const int s = threadIdx.x;
-        region[s] = peer_base(peer_bases, s) + data_offset;
-        // Pairs with s's dispatch_stage release (last block out): its staged rows and lists are complete.
-        comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagDispatchDone, s), epoch, waiter, s, phase::kDispatch);
-    }
-    if (threadIdx.x == 0) {
-        start[0] = 0;
-        for (int s = 0; s < kNumRanks; ++s) start[s + 1] = start[s] + count_matrix[s * kNumRanks + rank];
-    }
+    if (threadIdx.x < kNumRanks)
+        comm::wait_geq(M::flag(const_cast<uint8_t*>(local_base), kFlagDispatchDone, threadIdx.x), epoch, waiter,
+                       threadIdx.x, phase::kDispatch);
     __syncthreads();
     if (comm::block_has_error(waiter)) return;
     const int n = info[0];
     const int copy_rows = n < num_out_rows ? n : num_out_rows;
+    int self_begin = 0;
+    for (int s = 0; s < rank; ++s) self_begin += count_matrix[s * kNumRanks + rank];
+    const int self_end = self_begin + count_matrix[rank * kNumRanks + rank];
     if (n > num_out_rows && blockIdx.x == 0 && threadIdx.x == 0)
         comm::record_error(waiter, comm::kErrCapacity, rank, phase::kDispatch, n, num_out_rows);
+    const uint8_t* data = local_base + data_offset;
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
-    const int64_t lo = static_cast<int64_t>(rank) * (num_experts / kNumRanks), hi = lo + num_experts / kNumRanks;
-    for (long long base = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; base < num_out_rows;
-         base += static_cast<long long>(kWarpSize) * warps) {
-        // Lane i looks up row base + i * warps: its source and its token index at the source.
-        const long long mine = base + static_cast<long long>(lane) * warps;
-        int my_src = -1, my_tok = -1;
-        if (mine < copy_rows) {
-            my_src = 0;
-            while (mine >= start[my_src + 1]) ++my_src;
-            const int* list = reinterpret_cast<const int*>(region[my_src] + off_list);
-            my_tok = *(list + static_cast<long long>(rank) * cap + (mine - start[my_src]));
-            if (my_tok < 0 || my_tok >= cap) my_tok = -1;  // never address outside the staging slots
-        }
-        for (int i = 0; i < kWarpSize; ++i) {
-            const long long r = base + static_cast<long long>(i) * warps;
-            if (r >= num_out_rows) break;  // warp-uniform
-            const int src = __shfl_sync(kFullWarpMask, my_src, i);
-            const long long t = __shfl_sync(kFullWarpMask, my_tok, i);
-            if (src >= 0 && t >= 0) {
-                const bool own = src == rank;
-                const uint8_t* reg = region[src];
-                RowMeta meta;
-                #pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const int sj = lane + j * kWarpSize;
-                    meta.scale[j] = sj >= num_scales ? 0.0f
-                                    : own ? scales[t * scale_stride_t + sj * scale_stride_s]
-                                          : *(reinterpret_cast<const float*>(reg + off_scales) + t * num_scales + sj);
-                }
-                meta.idx = -1;
-                meta.w = 0.0f;
-                if (out_idx && lane < num_topk) {
-                    meta.idx = own ? topk_idx[t * num_topk + lane]
-                                   : *(reinterpret_cast<const int64_t*>(reg + off_idx) + t * num_topk + lane);
-                    meta.w = own ? topk_weights[t * num_topk + lane]
-                                 : *(reinterpret_cast<const float*>(reg + off_w) + t * num_topk + lane);
-                }
-                const int4* row = own ? x + t * row_int4 : reinterpret_cast<const int4*>(reg + off_x) + t * row_int4;
-                warp_copy_row_coherent<kCopyUnrollFor<kNumRanks>>(row, out_x + r * row_int4, row_int4, lane);
-                #pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const int sj = lane + j * kWarpSize;
-                    if (sj < num_scales) out_scales[r * num_scales + sj] = meta.scale[j];
-                }
-                for (int sj = lane + 2 * kWarpSize; sj < num_scales; sj += kWarpSize)
-                    out_scales[r * num_scales + sj] =
-                        own ? scales[t * scale_stride_t + sj * scale_stride_s]
-                            : *(reinterpret_cast<const float*>(reg + off_scales) + t * num_scales + sj);
-                if (out_idx) {
-                    for (int k = lane; k < num_topk; k += kWarpSize) {
-                        int64_t e = meta.idx;
-                        float w = meta.w;
-                        if (k >= kWarpSize) {
-                            e = own ? topk_idx[t * num_topk + k]
-                                    : *(reinterpret_cast<const int64_t*>(reg + off_idx) + t * num_topk + k);
-                            w = own ? topk_weights[t * num_topk + k]
-                                    : *(reinterpret_cast<const float*>(reg + off_w) + t * num_topk + k);
-                        }
-                        const bool in_mine = e >= lo && e < hi;
-                        out_idx[r * num_topk + k] = in_mine ? e - lo : -1;
-                        out_w[r * num_topk + k] = in_mine ? w : 0.0f;
-                    }
-                }
-                if (lane == 0 && out_src) out_src[r] = static_cast<int>(t);
-            } else if (r >= copy_rows) {
-                if (out_idx)
-                    for (int k = lane; k < num_topk; k += kWarpSize) {
-                        out_idx[r * num_topk + k] = -1;
-                        out_w[r * num_topk + k] = 0.0f;
-                    }
-                if (lane == 0 && out_src) out_src[r] = -1;
+    for (int r = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; r < num_out_rows; r += warps) {
+        if (r >= self_begin && r < self_end) continue;  // written directly by dispatch_send
+        if (r < copy_rows) {
+            const long long rr = r;
+            const float* in_scales = reinterpret_cast<const float*>(data + off_scales) + rr * num_scales;
+            const int64_t* in_idx = reinterpret_cast<const int64_t*>(data + off_idx) + rr * num_topk;
+            const float* in_w = reinterpret_cast<const float*>(data + off_w) + rr * num_topk;
+            RowMeta meta;
+            #pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int s = lane + j * kWarpSize;
+                meta.scale[j] = s < num_scales ? in_scales[s] : 0.0f;
             }
+            meta.idx = (out_idx && lane < num_topk) ? in_idx[lane] : -1;
+            meta.w = (out_idx && lane < num_topk) ? in_w[lane] : 0.0f;
+            const int src_idx = (lane == 0 && out_src) ? reinterpret_cast<const int*>(data + off_src)[r] : -1;
+            warp_copy_row_coherent<kCopyUnrollFor<kNumRanks>>(
+                reinterpret_cast<const int4*>(data + off_x) + rr * row_int4, out_x + rr * row_int4, row_int4, lane);
+            #pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int s = lane + j * kWarpSize;
+                if (s < num_scales) out_scales[rr * num_scales + s] = meta.scale[j];
+            }
+            for (int s = lane + 2 * kWarpSize; s < num_scales; s += kWarpSize) out_scales[rr * num_scales + s] = in_scales[s];
+            if (out_idx) {
+                if (lane < num_topk) {
+                    out_idx[rr * num_topk + lane] = meta.idx;
+                    out_w[rr * num_topk + lane] = meta.w;
+                }
+                for (int k = lane + kWarpSize; k < num_topk; k += kWarpSize) {
+                    out_idx[rr * num_topk + k] = in_idx[k];
+                    out_w[rr * num_topk + k] = in_w[k];
+                }
+            }
+            if (lane == 0 && out_src) out_src[r] = src_idx;
+        } else {
+            if (out_idx)
+                for (int k = lane; k < num_topk; k += kWarpSize) {
+                    out_idx[static_cast<long long>(r) * num_topk + k] = -1;
+                    out_w[static_cast<long long>(r) * num_topk + k] = 0.0f;
+                }
+            if (lane == 0 && out_src) out_src[r] = -1;
         }
     }
 }
