@@ -20,7 +20,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import append_jsonl, byte_counts, median_us, record  # noqa: E402
+import common  # noqa: E402
+from common import append_jsonl, byte_counts, record  # noqa: E402
 
 import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
@@ -64,45 +65,11 @@ w = cp.asarray(np.random.default_rng(7 + rank).random((T, K), dtype=np.float32))
 
 
 def timed(fn, n=iters, warmup=3):
-    """Median per-call time of n back-to-back calls: an event on the caller's stream before each call and one after
-    the last; call i's time is the gap between its event and the next. Ranks are released together once (a
-    barrier) and then keep in step through the calls' own synchronisation, as in a model's layer loop; the GPU
-    never idles between calls (idle gaps would let its clocks drop and time the ramp, not the call)."""
-    for _ in range(warmup):
-        fn()
-    cp.cuda.Device().synchronize()
-    g.barrier()
-    s = cp.cuda.get_current_stream()
-    evs = [cp.cuda.Event() for _ in range(n + 1)]
-    for i in range(n):
-        evs[i].record(s)
-        fn()
-    evs[n].record(s)
-    evs[n].synchronize()
-    return median_us([cp.cuda.get_elapsed_time(evs[i], evs[i + 1]) for i in range(n)])
+    return common.timed(fn, g, n, warmup)
 
 
 def timed_graph(fn, n=iters):
-    """Median device time of fn captured once into a CUDA graph and replayed back-to-back: no host work per call
-    (what a graph-captured layer loop sees). fn must need no host sync (cached or num_worst_tokens calls)."""
-    s = cp.cuda.Stream(non_blocking=True)
-    with s:
-        fn()  # warm-up: kernels loaded, pool filled
-        s.synchronize()
-        g.barrier()
-        s.begin_capture()
-        fn()
-        graph = s.end_capture()
-        graph.launch(s)
-        s.synchronize()
-        g.barrier()
-        evs = [cp.cuda.Event() for _ in range(n + 1)]
-        for i in range(n):
-            evs[i].record(s)
-            graph.launch(s)
-        evs[n].record(s)
-        evs[n].synchronize()
-    return median_us([cp.cuda.get_elapsed_time(evs[i], evs[i + 1]) for i in range(n)])
+    return common.timed_graph(fn, g, n, check=lambda: buf._backend._check("benchmark graph replays"))
 
 
 def agree(v):  # the slowest rank's median is the call's time
@@ -111,6 +78,7 @@ def agree(v):  # the slowest rank's median is the call's time
 
 per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
 layout_us = agree(timed(lambda: buf.get_dispatch_layout(idx, E)))
+layout_graph_us = agree(timed_graph(lambda: buf.get_dispatch_layout(idx, E)))  # device time: the kernel and its fill
 res_fp8 = buf.dispatch((x_fp8, scales_cm), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                        num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)
 handle = res_fp8[4]
@@ -241,6 +209,7 @@ rows = []
 sweep = sorted({8, 16, 24, 32, sms_all})
 rl, pl = byte_counts("layout", "bf16", H, 0, 0)
 rows.append(record("layout", "int64", R, gpus, T, H, K, E, None, layout_us, 0, 0, card))
+rows.append(record("layout", "int64", R, gpus, T, H, K, E, None, layout_graph_us, 0, 0, card, variant="graph"))
 for sms in sweep:
     cfg = epcomm.Config(num_sms=sms)
     f8 = agree(timed(lambda: buf.dispatch((x_fp8, scales_cm), handle=handle, config=cfg)))

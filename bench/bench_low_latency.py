@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 from common import append_jsonl, median_us, record  # noqa: E402
 
 import epcomm  # noqa: E402
@@ -73,44 +74,13 @@ msg_fp8, row_bf16 = message_bytes(H, True), 2 * H
 
 
 def timed(fn, n=iters, warmup=3):
-    """Median per-call time of n back-to-back calls (events on the caller's stream between calls)."""
-    for _ in range(warmup):
-        fn()
-    cp.cuda.Device().synchronize()
-    g.barrier()
-    s = cp.cuda.get_current_stream()
-    evs = [cp.cuda.Event() for _ in range(n + 1)]
-    for i in range(n):
-        evs[i].record(s)
-        fn()
-    evs[n].record(s)
-    evs[n].synchronize()
-    return median_us([cp.cuda.get_elapsed_time(evs[i], evs[i + 1]) for i in range(n)])
+    return common.timed(fn, g, n, warmup)
 
 
 def timed_graph(fn, calls_per_capture, n=iters):
-    """Median device time per call of fn captured once into a CUDA graph (calls_per_capture calls in it) and replayed
-    back-to-back. Low-latency graphs must hold an even number of calls of each kind, or dispatch/combine pairs, so
-    that replays alternate the buffer halves (see epcomm.low_latency.LowLatencyGpu)."""
-    s = cp.cuda.Stream(non_blocking=True)
-    with s:
-        fn()  # warm-up: kernels loaded, pool filled
-        s.synchronize()
-        g.barrier()
-        s.begin_capture()
-        fn()
-        graph = s.end_capture()
-        graph.launch(s)
-        s.synchronize()
-        g.barrier()
-        evs = [cp.cuda.Event() for _ in range(n + 1)]
-        for i in range(n):
-            evs[i].record(s)
-            graph.launch(s)
-        evs[n].record(s)
-        evs[n].synchronize()
-    buf._backend._check("benchmark graph replays")
-    return median_us([cp.cuda.get_elapsed_time(evs[i], evs[i + 1]) for i in range(n)]) / calls_per_capture
+    """Low-latency graphs must hold an even number of calls of each kind, or dispatch/combine pairs, so that replays
+    alternate the buffer halves (see epcomm.low_latency.LowLatencyGpu)."""
+    return common.timed_graph(fn, g, n, calls_per_capture, check=lambda: buf._backend._check("benchmark graph replays"))
 
 
 def dispatch_fp8():

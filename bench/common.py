@@ -32,6 +32,53 @@ def median_us(samples_ms) -> float:
     return float(np.median(np.asarray(samples_ms))) * 1e3
 
 
+def timed(fn, group, n: int, warmup: int = 3) -> float:
+    """Median per-call time (us) of n back-to-back calls of fn: an event on the caller's stream before each call and
+    one after the last; call i's time is the gap between its event and the next. Ranks are released together once (a
+    barrier) and then keep in step through the calls' own synchronisation, as in a model's layer loop; the GPU never
+    idles between calls (idle gaps would let its clocks drop and time the ramp, not the call)."""
+    import cupy as cp
+    for _ in range(warmup):
+        fn()
+    cp.cuda.Device().synchronize()
+    group.barrier()
+    s = cp.cuda.get_current_stream()
+    evs = [cp.cuda.Event() for _ in range(n + 1)]
+    for i in range(n):
+        evs[i].record(s)
+        fn()
+    evs[n].record(s)
+    evs[n].synchronize()
+    return median_us([cp.cuda.get_elapsed_time(evs[i], evs[i + 1]) for i in range(n)])
+
+
+def timed_graph(fn, group, n: int, calls_per_capture: int = 1, check=None) -> float:
+    """Median device time (us) per call of fn captured once into a CUDA graph (calls_per_capture calls in it) and
+    replayed back-to-back n times: no host work per call (what a graph-captured layer loop sees). fn must need no host
+    synchronisation. check(): called after the replays (e.g. the backend's error check)."""
+    import cupy as cp
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        fn()  # warm-up: kernels loaded, pool filled
+        s.synchronize()
+        group.barrier()
+        s.begin_capture()
+        fn()
+        graph = s.end_capture()
+        graph.launch(s)
+        s.synchronize()
+        group.barrier()
+        evs = [cp.cuda.Event() for _ in range(n + 1)]
+        for i in range(n):
+            evs[i].record(s)
+            graph.launch(s)
+        evs[n].record(s)
+        evs[n].synchronize()
+    if check is not None:
+        check()
+    return median_us([cp.cuda.get_elapsed_time(evs[i], evs[i + 1]) for i in range(n)]) / calls_per_capture
+
+
 def commit() -> str:
     """The commit measured: EPCOMM_COMMIT if set (GPU machines get a copy of the tree without .git), else git."""
     if os.environ.get("EPCOMM_COMMIT"):
