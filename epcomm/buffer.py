@@ -157,6 +157,14 @@ class Buffer:
             ev.synchronize()
         return (*out[:-1], ev) if isinstance(out, tuple) else ev
 
+    @staticmethod
+    def _check_hook_framework(return_recv_hook, fw):
+        """JAX arrays are immutable values: outputs handed back before the hook has received them could never show the
+        data (converting them to JAX reads them at once), so a JAX caller gets an error instead of stale arrays."""
+        if return_recv_hook and fw == "jax":
+            raise ConfigError("return_recv_hook: not available to JAX callers (JAX arrays are immutable, so outputs "
+                              "returned before hook() would never hold the received data); use return_recv_hook=False")
+
     def _hook(self, hook, ctx):
         """A backend's receive hook as the caller gets it: run like a call (_run), returning the receive's Event."""
         return None if hook is None else (lambda: self._run(hook, ctx))
@@ -260,6 +268,7 @@ class Buffer:
         it; JAX callers get the outputs complete when hook() returns). Without it, hook is None."""
         self._check_open()
         fw = framework_of(x, "x")
+        self._check_hook_framework(return_recv_hook, fw)
         xin = self._in(x, "x")
         v.check_array(xin, "x", (None, None), BF16, "[num_tokens, hidden] bf16")
         t, h = xin.shape
@@ -324,6 +333,7 @@ class Buffer:
         if out is not None:
             o = self._in(out, "out")
             v.check_array(o, "out", (handle.num_tokens, handle.hidden), BF16, f"[{handle.num_tokens}, {handle.hidden}] bf16")
+        self._check_hook_framework(return_recv_hook, fw)
         ctx = self._ctx(topk_idx, None, async_finish, False)
         combined, hook, ev = self._call("low_latency_combine", xin, idx, w, handle, bool(zero_copy),
                                         bool(return_recv_hook), o, ctx=ctx)

@@ -241,6 +241,15 @@ def test_hook_wrapper_sets_framework_and_syncs_jax(buf, framework, sync_host):
     assert isinstance(done, epcomm.Event) and done.framework == framework and done.query()
 
 
+def test_hooks_refused_for_jax_callers():
+    """A JAX caller asking for a receive hook gets a ConfigError (its immutable arrays could not be filled later);
+    other frameworks, and JAX without a hook, pass the check."""
+    with pytest.raises(epcomm.ConfigError, match="JAX"):
+        epcomm.Buffer._check_hook_framework(True, "jax")
+    for framework, hook in (("jax", False), ("torch", True), ("cupy", True), ("numpy", True)):
+        assert epcomm.Buffer._check_hook_framework(hook, framework) is None
+
+
 def test_destroyed_buffer_refuses_calls():
     b = epcomm.Buffer(None, backend="cpu")
     with b:

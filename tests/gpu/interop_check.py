@@ -1,5 +1,6 @@
-"""DLPack interop on GPUs (mpirun -n N): the same dispatch/combine with CuPy, PyTorch and JAX arrays; results come
-back in the caller's type and match each other bit for bit; torch's current stream is honoured."""
+"""DLPack interop on GPUs (mpirun -n N): the same dispatch/combine, and low-latency dispatch/combine with receive
+hooks, with CuPy, PyTorch and JAX arrays; results come back in the caller's type and match each other bit for bit;
+torch's current stream is honoured; every Event (hooks' included) names the caller's framework."""
 import os
 import sys
 
@@ -12,10 +13,14 @@ import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
 from epcomm.testing import make_topk, make_weights, make_x  # noqa: E402
 
-buf = epcomm.Buffer(None, backend="gpu")
+from mpi4py import MPI  # noqa: E402
+
+h, k, e = 2048, 8, 64
+TMAX = 64 + MPI.COMM_WORLD.size  # every rank's token count fits (low-latency mode)
+buf = epcomm.Buffer(None, num_rdma_bytes=epcomm.Buffer.get_low_latency_rdma_size_hint(TMAX, h, MPI.COMM_WORLD.size, e),
+                    low_latency_mode=True, backend="gpu")
 R, rank = buf.num_ranks, buf.rank
 cases = Cases(buf.group.comm)
-h, k, e = 2048, 8, 64
 tokens = [64 + r for r in range(R)]
 rng = np.random.default_rng(3)
 xs = [make_x(rng, t, h, r) for r, t in enumerate(tokens)]
@@ -25,8 +30,36 @@ want = ref.dispatch(xs, idxs, ws, e)[rank]
 n = want.num_recv_tokens
 
 
-def roundtrip(to_fw, to_np, type_check):
+def ll_roundtrip(x, idx, w, to_np, type_check, fw):
+    """Low-latency bf16 dispatch and combine (the experts return their rows unchanged), through receive hooks except
+    for JAX, whose immutable arrays cannot be filled after the call: there a hook request is a ConfigError."""
+    hooks = fw != "jax"
+    if not hooks:
+        try:
+            buf.low_latency_dispatch(x, idx, TMAX, e, use_fp8=False, return_recv_hook=True)
+        except epcomm.ConfigError as exc:
+            assert "JAX" in str(exc), str(exc)
+        else:
+            raise AssertionError("a JAX caller's return_recv_hook=True was accepted")
+    recv_x, recv_count, handle, ev, hook = buf.low_latency_dispatch(x, idx, TMAX, e, use_fp8=False,
+                                                                     return_recv_hook=hooks)
+    assert isinstance(ev, epcomm.Event) and ev.framework == fw, f"dispatch event {ev!r}"
+    if hooks:
+        ev2 = hook()
+        assert isinstance(ev2, epcomm.Event) and ev2.framework == fw, f"dispatch hook returned {ev2!r}"
+    assert type_check(recv_x) and type_check(recv_count), f"low-latency output types {type(recv_x)}, {type(recv_count)}"
+    combined, ev3, hook2 = buf.low_latency_combine(recv_x, idx, w, handle, return_recv_hook=hooks)
+    assert isinstance(ev3, epcomm.Event) and ev3.framework == fw, f"combine event {ev3!r}"
+    if hooks:
+        ev4 = hook2()
+        assert isinstance(ev4, epcomm.Event) and ev4.framework == fw, f"combine hook returned {ev4!r}"
+    assert type_check(combined)
+    return to_np(combined), to_np(recv_count)
+
+
+def roundtrip(to_fw, to_np, type_check, fw):
     x, idx, w = to_fw(xs[rank]), to_fw(idxs[rank]), to_fw(ws[rank])
+    results["ll_" + fw] = ll_roundtrip(x, idx, w, to_np, type_check, fw)
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
     assert type_check(in_rank), f"layout output type {type(in_rank)}"
     recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
@@ -40,11 +73,13 @@ def roundtrip(to_fw, to_np, type_check):
     return to_np(combined)
 
 
-def cupy_case():
-    return roundtrip(cp.asarray, lambda a: a.get(), lambda a: isinstance(a, cp.ndarray))
-
-
 results = {}
+
+
+def cupy_case():
+    return roundtrip(cp.asarray, lambda a: a.get(), lambda a: isinstance(a, cp.ndarray), "cupy")
+
+
 cases.run("cupy", lambda: results.__setitem__("cupy", cupy_case()))
 
 
@@ -64,7 +99,7 @@ def torch_case():
 
     s = torch.cuda.Stream(dev)
     with torch.cuda.stream(s):  # epcomm must join torch's current stream
-        out = roundtrip(to_t, to_np, lambda a: isinstance(a, torch.Tensor) and a.device == dev)
+        out = roundtrip(to_t, to_np, lambda a: isinstance(a, torch.Tensor) and a.device == dev, "torch")
     results["torch"] = out
 
 
@@ -74,7 +109,7 @@ def jax_case():
     here = cp.cuda.Device().id
     gpu = [d for d in jax.devices() if getattr(d, "local_hardware_id", d.id) == here][0]
     out = roundtrip(lambda a: jax.device_put(jnp.asarray(a), gpu), lambda a: np.asarray(a),
-                    lambda a: isinstance(a, jax.Array))
+                    lambda a: isinstance(a, jax.Array), "jax")
     results["jax"] = out
 
 
@@ -84,9 +119,16 @@ cases.run("jax", jax_case)
 
 def same():
     base = results["cupy"].view(np.uint16)
+    ll_base, ll_counts = results["ll_cupy"]
+    assert int(ll_counts.sum()) == int((np.concatenate(idxs) // (e // R) == rank).sum()), "low-latency receive counts"
     for name in ("torch", "jax"):
         if name in results:
             assert np.array_equal(results[name].view(np.uint16), base), f"{name} combine differs from CuPy's"
+        if "ll_" + name in results:
+            got, counts = results["ll_" + name]
+            assert np.array_equal(counts, ll_counts), f"{name} low-latency counts differ from CuPy's"
+            assert np.array_equal(got.view(np.uint16), ll_base.view(np.uint16)), \
+                f"{name} low-latency combine differs from CuPy's"
 
 
 cases.run("frameworks_agree", same)
