@@ -186,6 +186,46 @@ def hook_split(n=iters):
 
 results.update({k: agree(v) for k, v in hook_split().items()})
 
+# -- overlap: does compute launched between a send and its hook hide the transfer? -------------------------------
+# A stand-in for the model's work between the halves: a dependent FMA chain on every SM (~30 us on H100/H200).
+busy = cp.RawKernel(r"""
+extern "C" __global__ void busy(float* out, int iters) {
+  float a = threadIdx.x, b = 1.0001f;
+  for (int i = 0; i < iters; ++i) a = a * b + 0.5f;
+  if (a == 12345.0f) out[0] = a;  // keeps the loop
+}""", "busy")
+busy_out = cp.zeros(1, cp.float32)
+sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+
+
+def compute():
+    busy((sms,), (256,), (busy_out, np.int32(15000)))
+
+
+def pair_compute_between():  # send, compute, receive (the hook), for both operations
+    _, _, hd, _, hk = buf.low_latency_dispatch(x, idx, T, E, use_fp8=True, return_recv_hook=True)
+    compute()
+    hk()
+    _, _, hk = buf.low_latency_combine(y, idx, w, hd, return_recv_hook=True)
+    compute()
+    hk()
+
+
+def pair_compute_after():  # the same work with the compute after each complete call (nothing to overlap)
+    _, _, hd, _, _ = buf.low_latency_dispatch(x, idx, T, E, use_fp8=True)
+    compute()
+    buf.low_latency_combine(y, idx, w, hd)
+    compute()
+
+
+results["compute_x2"] = agree(common.timed_graph(lambda: (compute(), compute()), g, iters))
+results["pair_compute_between"] = agree(timed_graph(pair_compute_between, 1))
+results["pair_compute_after"] = agree(timed_graph(pair_compute_after, 1))
+log(f"overlap (graph, us): two compute kernels alone {results['compute_x2']:.1f}; dispatch+combine pair with them "
+    f"after each call {results['pair_compute_after']:.1f}, between each send and its hook "
+    f"{results['pair_compute_between']:.1f}; hidden by the hooks: "
+    f"{results['pair_compute_after'] - results['pair_compute_between']:.1f} us")
+
 # -- baseline: NCCL all_to_all_single (torch) of the same bytes, on pre-permuted data ---------------------------
 baseline = {}
 try:
@@ -228,7 +268,11 @@ for op, dt, key, nbytes, variant in (("ll_dispatch", "fp8", "ll_dispatch", msg_f
                                      ("ll_combine", "bf16", "ll_combine_recv_hook", row_bf16,
                                       "recv-only (hook, graph)"),
                                      ("ll_pair", "fp8+bf16", "ll_send_halves_hook", msg_fp8 + row_bf16,
-                                      "send halves sum (hook, graph)")):
+                                      "send halves sum (hook, graph)"),
+                                     ("ll_pair", "fp8+bf16", "pair_compute_after", msg_fp8 + row_bf16,
+                                      "pair + 2 compute kernels after the calls (graph)"),
+                                     ("ll_pair", "fp8+bf16", "pair_compute_between", msg_fp8 + row_bf16,
+                                      "pair + 2 compute kernels between send and hook (graph)")):
     if key not in results:  # the hook split was skipped (said above)
         continue
     us = results[key]
@@ -236,7 +280,8 @@ for op, dt, key, nbytes, variant in (("ll_dispatch", "fp8", "ll_dispatch", msg_f
     b = {"name": "torch NCCL all_to_all_single of the same bytes (pre-permuted)", "median_us": round(base, 1)} \
         if base else None
     rows.append(record(op, dt, R, gpus, T, H, K, E, None, us, rows_total * nbytes, rows_remote * nbytes, card, b,
-                       variant=variant, pair_us=round(results["ll_pair"], 2)))
+                       variant=variant, pair_us=round(results["ll_pair"], 2),
+                       compute_x2_us=round(results["compute_x2"], 2)))
 
 if rank == 0:
     print(f"\n{card} x{gpus}, EP{R}, {T} tokens/rank, hidden {H}, top-{K} of {E}; (token, k) pairs {rows_total} "
