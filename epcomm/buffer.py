@@ -103,6 +103,17 @@ class Buffer:
         with self._on_device():
             return as_cupy(a, name)
 
+    def _topk_idx(self, topk_idx, num_tokens=None):
+        """topk_idx checked and widened to int64 on the rank's GPU: the widening is a kernel, and run on whatever
+        device is current (JAX makes device 0 current in every process) it would write a copy on the wrong GPU,
+        unordered with the call's stream (found by the low-latency JAX interop check: garbage expert indices)."""
+        if self.backend != "gpu":
+            return v.check_topk_idx(self._in(topk_idx, "topk_idx"), num_tokens)
+        with self._on_device():
+            idx = self._in(topk_idx, "topk_idx")
+            with caller_stream(topk_idx):  # and on the caller's stream, which the call's comm stream then waits for
+                return v.check_topk_idx(idx, num_tokens)
+
     def _in_x(self, x, name="x"):
         if isinstance(x, tuple):
             return tuple(self._in(a, f"{name}[{i}]") for i, a in enumerate(x))
@@ -132,7 +143,7 @@ class Buffer:
         num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool, event)."""
         self._check_open()
         fw = framework_of(topk_idx, "topk_idx")
-        idx = v.check_topk_idx(self._in(topk_idx, "topk_idx"))
+        idx = self._topk_idx(topk_idx)
         e = v.check_num_experts(num_experts, self.num_ranks)
         if self.backend == "cpu":
             v.check_topk_range_host(idx, e)
@@ -208,7 +219,7 @@ class Buffer:
             raise ConfigError("topk_idx/topk_weights: pass both or neither")
         idx = w = None
         if topk_idx is not None:
-            idx = v.check_topk_idx(self._in(topk_idx, "topk_idx"), t)
+            idx = self._topk_idx(topk_idx, t)
             w = v.check_topk_weights(self._in(topk_weights, "topk_weights"), idx)
         if num_tokens_per_expert is None:
             raise ConfigError("num_tokens_per_expert: expected the [num_experts] int32 counts from get_dispatch_layout")
@@ -283,7 +294,7 @@ class Buffer:
             raise ConfigError("use_ue8m0: needs round_scale=True (UE8M0 scales are powers of two)")
         if use_ue8m0 and not use_fp8:
             raise ConfigError("use_ue8m0: needs use_fp8=True")
-        idx = v.check_topk_idx(self._in(topk_idx, "topk_idx"), t)
+        idx = self._topk_idx(topk_idx, t)
         e = v.check_num_experts(num_experts, self.num_ranks)
         if self.backend == "cpu":
             v.check_topk_range_host(idx, e)
@@ -327,7 +338,7 @@ class Buffer:
             fw = framework_of(x, "x")
             xin = self._in(x, "x")
             v.check_array(xin, "x", (e_local, rows, handle.hidden), BF16, f"[{e_local}, {rows}, {handle.hidden}] bf16")
-        idx = v.check_topk_idx(self._in(topk_idx, "topk_idx"), handle.num_tokens)
+        idx = self._topk_idx(topk_idx, handle.num_tokens)
         w = v.check_topk_weights(self._in(topk_weights, "topk_weights"), idx)
         o = None
         if out is not None:
