@@ -345,21 +345,9 @@ if rank == 0:
     if args.out:
         append_jsonl(os.path.join(args.out, "intranode.jsonl"), rows)
         try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for op, dt, var in (("dispatch", "fp8", None), ("dispatch", "bf16", None), ("combine", "bf16", None)):
-                pts = [(r_["num_sms"], r_["logical_gbps"]) for r_ in rows
-                       if r_["op"] == op and r_["dtype"] == dt and r_.get("variant") is None and r_["num_sms"]]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{dt} {op}")
-            ax.axhline(ceiling_one_way, ls="--", c="gray", label="one-way peer-store ceiling")
-            ax.set_xlabel("SMs")
-            ax.set_ylabel("logical GB/s (DeepEP's count)")
-            ax.set_title(f"epcomm intranode EP{R} on {card}")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(os.path.join(args.out, f"intranode_sms_ep{R}.png"), dpi=100)
+            from plot import plot_sm_sweep
+            plot_sm_sweep(rows, ceiling_one_way, f"epcomm intranode EP{R} on {gpus}x {card}",
+                          os.path.join(args.out, f"intranode_sms_ep{R}.png"))
         except Exception as exc:
             print(f"plot skipped: {exc}")
 buf.destroy()
