@@ -37,9 +37,11 @@ bundle() {  # everything in gpu_out/ as one archive in $OUT (the device tool ret
   mkdir -p "$OUT" && tar czf "$OUT/gpu_suite.tgz" -C "$OUTDIR" . 2>/dev/null
 }
 ONLY=${ONLY:-}  # e.g. ONLY="bench interop": run only steps whose name contains one of these words
+SKIP=${SKIP:-}  # e.g. SKIP="oversub": then leave out steps whose name contains one of these words
 run() {  # run NAME TIMEOUT CMD...: logs to $OUTDIR/NAME.log, records a table row
   local name=$1 tmo=$2; shift 2
   if [ -n "$ONLY" ]; then local hit=0; for w in $ONLY; do [[ $name == *$w* ]] && hit=1; done; [ $hit = 0 ] && return; fi
+  for w in $SKIP; do [[ $name == *$w* ]] && return; done
   local t0=$(date +%s)
   timeout "$tmo" "$@" > "$OUTDIR/$name.log" 2>&1; local rc=$?
   local dt=$(( $(date +%s) - t0 ))
