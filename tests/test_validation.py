@@ -312,6 +312,12 @@ def test_config_num_sms_zero():
     raises(lambda: epcomm.Buffer.set_num_sms(0), "num_sms", "an int >= 1")
 
 
+def test_config_num_threads():
+    for bad in (100, 96, 2048, 0, "512"):
+        raises(lambda: Config(num_threads=bad), "Config.num_threads", "a multiple of 32 in 128..1024", repr(bad))
+    assert Config(num_threads=1024).num_threads == 1024 and Config().num_threads == 512
+
+
 def test_epcomm_backend_bad_value(monkeypatch):
     monkeypatch.setenv("EPCOMM_BACKEND", "tpu")
     raises(lambda: env("EPCOMM_BACKEND"), "EPCOMM_BACKEND", "auto, cpu or gpu", "'tpu'")
