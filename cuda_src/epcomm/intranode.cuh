@@ -80,10 +80,10 @@ EPCOMM_DEVICE_INLINE int4 pack_bf16x8(const float* acc) {
 }
 
 // Loads in flight per lane in the row copies: a lane issues kUnroll 16-byte loads before its first store, so a warp
-// keeps 32 * kUnroll * 16 bytes moving per memory latency. A warp copies rows one after another, so the time of a row
-// is about (row bytes / (512 * kUnroll)) latencies: 16 covers an FP8 row of H <= 8192 in one step (measured, 24 SMs:
-// 8 in flight left the FP8 send at 230 GB/s against a 343 GB/s peer-store probe; bench/NOTES.md). More ranks hold
-// more per-destination registers, so the unroll shrinks with kNumRanks to stay within 128 registers (no spills).
+// keeps 32 * kUnroll * 16 bytes moving per memory latency; 14 covers an FP8 row of H 7168 in one step. Raising it from
+// 8 to 14 was predicted to help a latency-bound copy and measured within noise (24 SMs, bench/NOTES.md v3.2: the
+// copies are bound by what 24 SMs move, not by latency); it stays because it costs nothing. More ranks hold more
+// per-destination registers, so the unroll shrinks with kNumRanks to stay within 128 registers (no spills).
 template <int kNumRanks>
 constexpr int kCopyUnrollFor = kNumRanks <= 4 ? 14 : 8;
 // dispatch_send keeps a row pointer per destination live as well.

@@ -1,5 +1,6 @@
-// Probe kernels: a device timestamp for diagnostics; bootstrap probes that prove that CUDA IPC peer mappings (write_peer) and NVSHMEM device calls (nvshmem_put_ring)
-// work on this machine before the real kernels rely on them. Launched from epcomm/probe.py.
+// Probe kernels: a device timestamp and a bulk copy for diagnostics, and bootstrap probes that prove that CUDA IPC peer
+// mappings (write_peer) and NVSHMEM device calls (nvshmem_put_ring) work on this machine before the real kernels rely
+// on them. Launched from epcomm/probe.py.
 #pragma once
 
 #include "epcomm/comm.cuh"
