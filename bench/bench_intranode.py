@@ -25,7 +25,7 @@ from common import append_jsonl, byte_counts, record  # noqa: E402
 
 import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
-from epcomm.intranode import nvl_buffer_size_hint  # noqa: E402
+from epcomm.intranode import default_peer_sms, nvl_buffer_size_hint  # noqa: E402
 from epcomm.testing import make_topk  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -45,7 +45,7 @@ T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
 from mpi4py import MPI  # noqa: E402
 
 R0 = MPI.COMM_WORLD.size
-buf = epcomm.Buffer(None, num_nvl_bytes=nvl_buffer_size_hint(T, H * 2, R0, K), backend="gpu")
+buf = epcomm.Buffer(None, num_nvl_bytes=nvl_buffer_size_hint(T, H * 2, R0, K, zero_copy=True), backend="gpu")
 g = buf.group
 R, rank = buf.num_ranks, buf.rank
 card = cp.cuda.runtime.getDeviceProperties(g.device)["name"].decode()
@@ -207,7 +207,6 @@ except Exception as exc:  # torch missing or NCCL unusable: say so in the table
 # -- epcomm ---------------------------------------------------------------------------------------------------
 rows = []
 sweep = sorted({8, 16, 24, 32, sms_all})
-rl, pl = byte_counts("layout", "bf16", H, 0, 0)
 rows.append(record("layout", "int64", R, gpus, T, H, K, E, None, layout_us, 0, 0, card))
 rows.append(record("layout", "int64", R, gpus, T, H, K, E, None, layout_graph_us, 0, 0, card, variant="graph"))
 for sms in sweep:
@@ -232,6 +231,13 @@ for sms in sweep:
         rows.append(record(op, dt, R, gpus, T, H, K, E, sms, us, lb, pb, card, b,
                            ceiling_one_way_gbps=round(ceiling_one_way, 1), **extra))
 
+def _segments(marks, into):
+    """Append the gaps between consecutive timestamp marks (us) of the last traced call to into[name]."""
+    ts = buf._backend.trace_stamps[:len(marks)].get().astype(np.int64)
+    for i in range(1, len(marks)):
+        into.setdefault(marks[i], []).append((ts[i] - ts[i - 1]) / 1e3)
+
+
 def graph_split(name, fn, n=10, repeats=5):
     """Per-kernel device time inside a CUDA graph: the call is captured with a timestamp kernel between kernels, replayed
     back-to-back n times (ranks in step, clocks up), and the last replay's gaps are read; median over repeats."""
@@ -252,9 +258,7 @@ def graph_split(name, fn, n=10, repeats=5):
             for _ in range(n):
                 graph.launch(s)
             s.synchronize()
-            ts = be.trace_stamps[:len(marks)].get().astype(np.int64)
-            for i in range(1, len(marks)):
-                segs.setdefault(marks[i], []).append((ts[i] - ts[i - 1]) / 1e3)
+            _segments(marks, segs)
     be._check("graph split")
     med = {k: float(np.median(v)) for k, v in segs.items()}
     log(f"graph split {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + " us")
@@ -262,7 +266,7 @@ def graph_split(name, fn, n=10, repeats=5):
 
 
 def trace_split(name, fn, n=10):
-    """Per-kernel device time (events between launches) and host time per call, medians over n calls."""
+    """Per-kernel device time (timestamp kernels between launches) and host time per call, medians over n calls."""
     be = buf._backend
     fn()
     cp.cuda.Device().synchronize()
@@ -274,42 +278,70 @@ def trace_split(name, fn, n=10):
         fn()
         host.append((time.perf_counter() - t0) * 1e6)
         cp.cuda.Device().synchronize()
-        marks = be.trace
-        be.trace = None
-        ts = be.trace_stamps[:len(marks)].get().astype(np.int64)
-        for i in range(1, len(marks)):
-            segs.setdefault(marks[i], []).append((ts[i] - ts[i - 1]) / 1e3)
+        marks, be.trace = be.trace, None
+        _segments(marks, segs)
     parts = ", ".join(f"{k} {np.median(v):.0f}" for k, v in segs.items())
     log(f"trace {name}: host {np.median(host):.0f} us per call; device us: {parts}")
 
 
-# Where a call's device time goes (events between the kernels inside the graph), at 24 SMs, and the same with 1024
-# threads per block (more bytes in flight per SM; the dispatch kernels then spill registers).
-splits = {}
-for nt in (512, 1024):
-    cfg_nt = epcomm.Config(num_sms=24, num_threads=nt)
-    splits[nt] = {
-        "fp8 cached dispatch": graph_split(f"fp8 cached dispatch, 24 SMs x {nt} threads",
-                                           lambda: buf.dispatch((x_fp8, scales_cm), handle=handle, config=cfg_nt)),
-        "bf16 cached dispatch": graph_split(f"bf16 cached dispatch, 24 SMs x {nt} threads",
-                                            lambda: buf.dispatch(x_bf16, handle=handle, config=cfg_nt)),
-        "bf16 combine": graph_split(f"bf16 combine, 24 SMs x {nt} threads",
-                                    lambda: buf.combine(recv_bf16, handle, config=cfg_nt)),
-    }
-    if nt != 512:
-        for op, dt, fn in (("dispatch", "fp8", lambda: buf.dispatch((x_fp8, scales_cm), handle=handle, config=cfg_nt)),
-                           ("dispatch", "bf16", lambda: buf.dispatch(x_bf16, handle=handle, config=cfg_nt)),
-                           ("combine", "bf16", lambda: buf.combine(recv_bf16, handle, config=cfg_nt))):
-            us = agree(timed_graph(fn))
-            lb, pb = byte_counts(op, dt, H, rows_total, rows_remote)
-            base = baseline.get(f"{dt}_{op}")
-            b = {"name": "torch NCCL all_to_all_single + index_select/index_add", "median_us": round(base, 1)} if base else None
-            rows.append(record(op, dt, R, gpus, T, H, K, E, 24, us, lb, pb, card, b, ceiling_one_way_gbps=round(ceiling_one_way, 1),
-                               variant=("cached-graph" if op == "dispatch" else "graph") + f", {nt} threads",
-                               num_threads=nt))
+def add_row(op, dt, us, variant, sms=24, **extra):
+    lb, pb = byte_counts(op, dt, H, rows_total, rows_remote)
+    base = baseline.get(f"{dt}_{op}")
+    b = {"name": "torch NCCL all_to_all_single + index_select/index_add", "median_us": round(base, 1)} if base else None
+    rows.append(record(op, dt, R, gpus, T, H, K, E, sms, us, lb, pb, card, b,
+                       ceiling_one_way_gbps=round(ceiling_one_way, 1), variant=variant, **extra))
+
+
+cfg24 = epcomm.Config(num_sms=24)
+fp8_cached = lambda cfg=cfg24, zc=False: buf.dispatch((x_fp8, scales_cm), handle=handle, config=cfg, zero_copy=zc)  # noqa: E731
+bf16_cached = lambda cfg=cfg24, zc=False: buf.dispatch(x_bf16, handle=handle, config=cfg, zero_copy=zc)  # noqa: E731
+
+# Where a call's device time goes (timestamp kernels between the kernels inside the graph), at 24 SMs.
+graph_split("fp8 cached dispatch, 24 SMs", fp8_cached)
+graph_split("bf16 cached dispatch, 24 SMs", bf16_cached)
+graph_split("bf16 combine, 24 SMs", lambda: buf.combine(recv_bf16, handle, config=cfg24))
+
+# dispatch_send's SM roles (Config.send_peer_sms): each role alone (diagnostics: the other role's rows are not written,
+# so these calls' outputs are wrong), then the split swept at 24 SMs.
+default_split = default_peer_sms(24, R)
+for label, mask, peers in (("peer rows only, 24 SMs", 1, 0), ("own rows only, 24 SMs", 2, 0),
+                           (f"peer rows only, {default_split} SMs", 1, default_split),
+                           (f"own rows only, {24 - default_split} SMs", 2, default_split)):
+    buf._backend.send_role_mask = mask
+    try:
+        graph_split(f"fp8 cached dispatch, {label}", lambda: fp8_cached(epcomm.Config(num_sms=24, send_peer_sms=peers)))
+    finally:
+        buf._backend.send_role_mask = 3
+log(f"send_peer_sms sweep at 24 SMs (default {default_split}), graph, cached dispatch:")
+for peers in sorted({0, 8, 12, 14, 16, 18, 20, default_split}):
+    cfg_p = epcomm.Config(num_sms=24, send_peer_sms=peers)
+    f8p = agree(timed_graph(lambda: fp8_cached(cfg_p)))
+    b16p = agree(timed_graph(lambda: bf16_cached(cfg_p)))
+    log(f"  send_peer_sms {peers:2d}: fp8 {f8p:.1f} us, bf16 {b16p:.1f} us")
+    add_row("dispatch", "fp8", f8p, f"cached-graph, send_peer_sms {peers}", send_peer_sms=peers)
+    add_row("dispatch", "bf16", b16p, f"cached-graph, send_peer_sms {peers}", send_peer_sms=peers)
+
+# Zero-copy: dispatch outputs are views of the buffer (no copy-out); combine reads get_combine_buffer (no staging copy).
+fp8_cached(zc=True)
+zc_f8 = agree(timed_graph(lambda: fp8_cached(zc=True)))
+zc_b16 = agree(timed_graph(lambda: bf16_cached(zc=True)))
+graph_split("fp8 cached dispatch, zero-copy, 24 SMs", lambda: fp8_cached(zc=True))
+graph_split("bf16 cached dispatch, zero-copy, 24 SMs", lambda: bf16_cached(zc=True))
+bf16_cached(zc=True)
+cbuf = buf.get_combine_buffer(handle)
+cbuf.view(cp.uint16)[...] = recv_bf16.view(cp.uint16)
+zc_c = agree(timed_graph(lambda: buf.combine(None, handle, config=cfg24, zero_copy=True)))
+graph_split("bf16 combine, zero-copy, 24 SMs", lambda: buf.combine(None, handle, config=cfg24, zero_copy=True))
+zc_d8 = agree(timed(lambda: buf.dispatch((x_fp8, scales_cm), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                         num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, config=cfg24,
+                                         zero_copy=True)))
+for op, dt, us, variant in (("dispatch", "fp8", zc_f8, "cached-graph, zero-copy"),
+                            ("dispatch", "bf16", zc_b16, "cached-graph, zero-copy"),
+                            ("combine", "bf16", zc_c, "graph, zero-copy"),
+                            ("dispatch", "fp8", zc_d8, "zero-copy")):
+    add_row(op, dt, us, variant, zero_copy=True)
 
 if args.trace:
-    cfg24 = epcomm.Config(num_sms=24)
     trace_split("fp8 cached dispatch", lambda: buf.dispatch((x_fp8, scales_cm), handle=handle, config=cfg24))
     trace_split("bf16 dispatch", lambda: buf.dispatch(x_bf16, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                                                       num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,

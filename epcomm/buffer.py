@@ -64,6 +64,7 @@ class Buffer:
             self._backend = CpuBackend(self.group)
         self.backend = choice
         self._closed = False
+        self._combined_since_dispatch = False  # get_combine_buffer's guard (see there)
 
     # -- static settings -----------------------------------------------------------------------------------
     @staticmethod
@@ -184,16 +185,21 @@ class Buffer:
                  num_tokens_per_rdma_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
                  topk_idx=None, topk_weights=None, expert_alignment: int = 1, num_worst_tokens: int = 0,
                  config: Config | None = None, previous_event=None, async_finish: bool = False,
-                 allocate_on_comm_stream: bool = False):
+                 allocate_on_comm_stream: bool = False, zero_copy: bool = False):
         """Send each token once to every rank that holds one of its experts.
 
         x: [T, H] bf16, or (float8_e4m3fn [T, H], float32 scales [T, H/128]).
         With handle= (a cached dispatch, e.g. the backward of combine) only x is needed and only recv_x returns.
         Returns (recv_x, recv_topk_idx [N, K] int64, recv_topk_weights [N, K] float32,
         num_recv_tokens_per_expert_list list[int], handle, event); rows are ordered by (source rank, source token).
+        zero_copy: the received arrays are views of this Buffer's receive area, where the rows arrive, instead of
+        fresh arrays (no copy-out). They stay valid until the next dispatch on this Buffer (combine leaves them
+        alone) and must not be written. Every rank passes the same value. The Buffer needs room for both areas:
+        Config.get_nvl_buffer_size_hint(..., zero_copy=True). Not for JAX callers (JAX arrays are immutable).
         """
         self._check_open()
         fw = framework_of(x[0] if isinstance(x, tuple) and x else x, "x")
+        self._check_zero_copy_framework(zero_copy, fw)
         xin = self._in_x(x)
         data, scales = v.check_dispatch_x(xin)
         t, h = data.shape
@@ -208,7 +214,8 @@ class Buffer:
                 v.fail("x", f"[{handle.num_tokens}, hidden] rows (the handle's token count)", data)
             if topk_idx is not None or topk_weights is not None:
                 raise ConfigError("topk_idx/topk_weights: a cached dispatch (handle=...) takes neither")
-            recv_x, ev = self._call("cached_dispatch", xin, handle, config, ctx=ctx)
+            recv_x, ev = self._call("cached_dispatch", xin, handle, config, ctx=ctx, zero_copy=bool(zero_copy))
+            self._combined_since_dispatch = False
             return self._out(recv_x, fw), None, None, None, handle, ev
         if is_token_in_rank is None:
             raise ConfigError("is_token_in_rank: expected the [num_tokens, num_ranks] bool layout from "
@@ -235,22 +242,56 @@ class Buffer:
                           (self.num_ranks,), np.int32, f"[{self.num_ranks}] int32")
         extra = {"num_tokens_per_expert": per_expert} if self.backend == "gpu" else {}
         recv_x, recv_idx, recv_w, per_expert_list, new_handle, ev = self._call(
-            "dispatch", xin, idx, w, in_rank, e, align, worst, config, ctx=ctx, **extra)
+            "dispatch", xin, idx, w, in_rank, e, align, worst, config, ctx=ctx, zero_copy=bool(zero_copy), **extra)
+        self._combined_since_dispatch = False
         return self._out(recv_x, fw), self._out(recv_idx, fw), self._out(recv_w, fw), per_expert_list, new_handle, ev
 
+    @staticmethod
+    def _check_zero_copy_framework(zero_copy, fw):
+        if zero_copy and fw == "jax":
+            raise ConfigError("zero_copy: not available to JAX callers (JAX arrays are immutable values, and "
+                              "zero-copy arrays are buffer memory that later calls reuse); use zero_copy=False")
+
+    def get_combine_buffer(self, handle: DispatchHandle):
+        """The [N, H] bf16 array (CuPy on the GPU, numpy on the CPU backend) a zero-copy combine of handle reads:
+        write the expert outputs into it (e.g. as a GEMM's output), then call combine(None, handle, zero_copy=True),
+        which skips copying x into the buffer. On the GPU it is this rank's staging rows in the NVLink buffer, which
+        other ranks read during the combine: ask for it after the dispatch of the step (a dispatch is a barrier of
+        every rank, after which nobody reads them), and write it only before that step's combine."""
+        self._check_open()
+        if not isinstance(handle, DispatchHandle):
+            raise ConfigError(f"handle: expected the DispatchHandle of a dispatch, got {type(handle).__name__}")
+        if self._combined_since_dispatch:
+            raise ConfigError("get_combine_buffer: a combine ran on this Buffer since the last dispatch; other ranks "
+                              "may still be reading the staging rows, so they cannot be handed out for writing "
+                              "before the next dispatch (a dispatch is a barrier of every rank)")
+        with self._on_device():
+            return self._backend.get_combine_buffer(handle, 0)
+
     def combine(self, x, handle: DispatchHandle, topk_weights=None, bias=None, config: Config | None = None,
-                previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False):
+                previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False,
+                zero_copy: bool = False):
         """Bring every rank's rows back to their source token and sum them in float32 (plus bias), in bf16.
 
         x: [N, H] bf16 (N = rows this rank received in the dispatch of handle, or its num_worst_tokens).
+        zero_copy: x is get_combine_buffer(handle) (or None for it), already in the buffer: no staging copy.
         Returns (combined_x [T, H] bf16, combined_topk_weights [T, K] float32 or None, event)."""
         self._check_open()
         if not isinstance(handle, DispatchHandle):
             raise ConfigError(f"handle: expected the DispatchHandle of a dispatch, got {type(handle).__name__}")
-        fw = framework_of(x, "x")
-        xin = self._in(x, "x")
         rows = handle.num_worst_tokens or handle.num_recv_tokens
-        v.check_array(xin, "x", (rows, handle.hidden), BF16, f"[{rows}, {handle.hidden}] bf16 (the dispatch's rows)")
+        if zero_copy and x is None:
+            # The caller's stream and framework: the weights', else the backend's own (the handle's arrays).
+            like = topk_weights if topk_weights is not None else handle.is_token_in_rank
+            fw = framework_of(like, "topk_weights")
+            xin = None
+        else:
+            like = x
+            fw = framework_of(x, "x")
+            xin = self._in(x, "x")
+            v.check_array(xin, "x", (rows, handle.hidden), BF16,
+                          f"[{rows}, {handle.hidden}] bf16 (the dispatch's rows)")
+        self._check_zero_copy_framework(zero_copy, fw)
         w = None
         if topk_weights is not None:
             w = self._in(topk_weights, "topk_weights")
@@ -260,8 +301,10 @@ class Buffer:
             items = bias if isinstance(bias, tuple) else (bias,)
             biases = v.check_bias(tuple(self._in(b, "bias") for b in items), handle.num_tokens, handle.hidden)
         config = config or Config(num_sms=Buffer.num_sms)
-        ctx = self._ctx(x, previous_event, async_finish, allocate_on_comm_stream)
-        combined, combined_w, ev = self._call("combine", xin, handle, w, biases, config, ctx=ctx)
+        ctx = self._ctx(like, previous_event, async_finish, allocate_on_comm_stream)
+        combined, combined_w, ev = self._call("combine", xin, handle, w, biases, config, ctx=ctx,
+                                              zero_copy=bool(zero_copy))
+        self._combined_since_dispatch = True
         return self._out(combined, fw), self._out(combined_w, fw), ev
 
     # -- low-latency mode ----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from . import reference as ref
+from .errors import ConfigError
 from .handles import DispatchHandle, Event, LowLatencyHandle
 
 
@@ -28,7 +29,8 @@ class CpuBackend:
         return (*ref.get_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.group.num_nodes), None)
 
     def dispatch(self, x, topk_idx, topk_weights, is_token_in_rank, num_experts, expert_alignment,
-                 num_worst_tokens, config, ctx=None):
+                 num_worst_tokens, config, ctx=None, zero_copy=False):
+        # zero_copy: the outputs are fresh arrays here, which keeps the promise (valid until the next dispatch).
         x = _fp8_view(x)
         msgs = ref.dispatch_send(x, topk_idx, topk_weights, is_token_in_rank)
         # Each message carries its sender's per-destination counts (row s of the [src, dst] count matrix), so the
@@ -47,13 +49,28 @@ class CpuBackend:
         return (res.recv_x, res.recv_topk_idx, res.recv_topk_weights, list(res.num_recv_tokens_per_expert_list),
                 handle, None)
 
-    def cached_dispatch(self, x, handle: DispatchHandle, config, ctx=None):
+    def cached_dispatch(self, x, handle: DispatchHandle, config, ctx=None, zero_copy=False):
         msgs = ref.dispatch_send(_fp8_view(x), None, None, handle.is_token_in_rank)
         res = ref.dispatch_recv(self.group.exchange(msgs, "cached_dispatch"), self.rank, self.num_ranks,
                                 handle.num_experts, 1, handle.num_worst_tokens)
         return res.recv_x, None
 
-    def combine(self, x, handle: DispatchHandle, topk_weights, bias, config, ctx=None):
+    def get_combine_buffer(self, handle: DispatchHandle, num_topk: int):
+        """An array kept with the handle; a zero-copy combine of the handle reads it (as the GPU's staging rows)."""
+        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        buf = handle.backend_state.get("combine_buffer")
+        if buf is None:
+            from .interop import BF16
+            buf = handle.backend_state["combine_buffer"] = np.zeros((rows, handle.hidden), BF16)
+        return buf
+
+    def combine(self, x, handle: DispatchHandle, topk_weights, bias, config, ctx=None, zero_copy=False):
+        if zero_copy:
+            view = self.get_combine_buffer(handle, 0)
+            if x is not None and x is not view and not np.shares_memory(x, view):
+                raise ConfigError("x: a zero-copy combine reads the array get_combine_buffer(handle) returned, and "
+                                  "this is another array; pass x=None or that array")
+            x = view
         n = handle.num_recv_tokens
         w = topk_weights[:n] if topk_weights is not None else None
         msgs = ref.combine_send(x[:n], handle.num_recv_tokens_per_source, w)

@@ -56,6 +56,10 @@ class GpuBackend:
         self.low_latency = None
         self.trace: list | None = None  # set to [] to record per-kernel timestamps (bench: graph_split, --trace)
         self.trace_stamps = cupy.zeros(256, cupy.uint64)
+        self.send_role_mask = 3  # diagnostics (bench): 1 = dispatch_send stores only peer rows, 2 = only own rows
+        # Whether the latest dispatch left its outputs in the buffer (zero-copy): combine then stages its rows above
+        # zero_copy_split. The same on every rank, as all ranks make the same calls.
+        self.outputs_in_buffer = False
         if low_latency_mode:
             from .low_latency import LowLatencyGpu
             self.low_latency = LowLatencyGpu(self, num_rdma_bytes)
@@ -152,8 +156,36 @@ class GpuBackend:
         host_wait(ready, f"rank {self.rank}: dispatch waiting for the receive count (call {seq})", self.timeout_s)
         self._check("dispatch notify")
 
+    def _recv_layout(self, row_bytes, num_scales, num_topk, zero_copy) -> "intra.RecvLayout":
+        area = intra.zero_copy_split(self.data_bytes) if zero_copy else self.data_bytes
+        return intra.RecvLayout.plan(area, row_bytes, num_scales, num_topk)
+
+    def _recv_outputs(self, lay, rows, h, dtype, s, k, zero_copy, ctx, with_meta=True):
+        """The dispatch outputs: fresh arrays, or (zero_copy) views of this rank's receive area (its rows are
+        already in receive order there); src_idx is always fresh (the handle keeps it past the next dispatch).
+        Returns (x, scales, topk_idx, topk_weights, src_idx); None where absent."""
+        cp = self.cp
+        if zero_copy and rows > lay.capacity_rows:
+            raise ConfigError(f"num_worst_tokens: a zero-copy dispatch holds at most {lay.capacity_rows} rows in this "
+                              f"Buffer, got {rows} (raise num_nvl_bytes: "
+                              "Config.get_nvl_buffer_size_hint(..., zero_copy=True))")
+        with self._alloc_stream(ctx):
+            src = cp.empty(rows, cp.int32) if with_meta else None
+            if not zero_copy:
+                return (cp.empty((rows, h), dtype), cp.empty((rows, s), cp.float32) if s else None,
+                        cp.empty((rows, k), cp.int64) if k and with_meta else None,
+                        cp.empty((rows, k), cp.float32) if k and with_meta else None, src)
+        loc, base = self.nvl.local, self.meta_bytes
+        return (loc.view(base + lay.off_x, (rows, h), dtype),
+                loc.view(base + lay.off_scales, (rows, s), cp.float32) if s else None,
+                loc.view(base + lay.off_idx, (rows, k), cp.int64) if k and with_meta else None,
+                loc.view(base + lay.off_w, (rows, k), cp.float32) if k and with_meta else None, src)
+
+    def _dispatched(self, zero_copy: bool) -> None:
+        self.outputs_in_buffer = bool(zero_copy)
+
     def dispatch(self, x, topk_idx, topk_weights, in_rank, num_experts, alignment, worst, config, ctx,
-                 num_tokens_per_expert=None):
+                 num_tokens_per_expert=None, zero_copy=False):
         cp = self.cp
         data, scales = x if isinstance(x, tuple) else (x, None)
         t, h = data.shape
@@ -164,7 +196,9 @@ class GpuBackend:
         if e_local > intra.MAX_LOCAL_EXPERTS:
             raise ConfigError(f"num_experts: expected at most {intra.MAX_LOCAL_EXPERTS} experts per rank, "
                               f"got {e_local}")
-        lay = intra.RecvLayout.plan(self.data_bytes, row_bytes, s, k)
+        lay = self._recv_layout(row_bytes, s, k, zero_copy)
+        if zero_copy and worst > lay.capacity_rows:
+            self._recv_outputs(lay, worst, h, data.dtype, s, k, zero_copy, ctx)  # raises the capacity error
         self._begin(ctx)
         with self._alloc_stream(ctx):
             send_pos = cp.empty((t, self.num_ranks), cp.int32)
@@ -184,14 +218,11 @@ class GpuBackend:
             n = int(self.host_info.host[0])
             rows = n
             counts = [int(c) for c in self.host_info.host[1:1 + e_local]]
-        with self._alloc_stream(ctx):
-            recv_x = cp.empty((rows, h), data.dtype)
-            recv_scales = cp.empty((rows, s), cp.float32) if scales is not None else None
-            recv_idx = cp.empty((rows, k), cp.int64) if k else None
-            recv_w = cp.empty((rows, k), cp.float32) if k else None
-            recv_src = cp.empty(rows, cp.int32)
+        recv_x, recv_scales, recv_idx, recv_w, recv_src = self._recv_outputs(lay, rows, h, data.dtype, s, k,
+                                                                             zero_copy, ctx)
         self._send_and_receive(data, scales, topk_idx, topk_weights, num_experts, in_rank, send_pos, matrix, info,
-                               lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config)
+                               lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config, zero_copy)
+        self._dispatched(zero_copy)
         handle = DispatchHandle(
             num_ranks=self.num_ranks, num_experts=num_experts, num_tokens=t, hidden=h, is_token_in_rank=in_rank,
             num_recv_tokens_per_source=matrix[:, self.rank], rank_prefix_matrix=prefix, recv_src_idx=recv_src,
@@ -202,7 +233,7 @@ class GpuBackend:
         return out_x, recv_idx, recv_w, counts, handle, ev
 
     def _send_and_receive(self, data, scales, topk_idx, topk_weights, num_experts, in_rank, send_pos, matrix, info,
-                          lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config):
+                          lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config, zero_copy):
         t, h = data.shape
         row_int4 = h * data.dtype.itemsize // 16
         s = scales.shape[1] if scales is not None else 0
@@ -211,54 +242,80 @@ class GpuBackend:
         stride_t = scales.strides[0] // itemsize if scales is not None else 0
         stride_s = scales.strides[1] // itemsize if scales is not None else 0
         grid = self._grid(config)
+        peer_blocks = (config.send_peer_sms if config.send_peer_sms is not None
+                       else intra.default_peer_sms(grid, self.num_ranks))
         get_kernel(intra.dispatch_send_spec(self.num_ranks, config.num_threads)).launch(
             grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts, in_rank,
                    send_pos, matrix, t, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx,
-                   lay.off_w, lay.off_src, recv_x, recv_scales, recv_idx, recv_w, recv_src, rows, self._counter(0),
-                   self._epoch_ptr(0)) + self._comm(), stream=self.stream)
+                   lay.off_w, lay.off_src, recv_x, recv_scales, recv_idx, recv_w, recv_src, rows, peer_blocks,
+                   self.send_role_mask, self._counter(0), self._epoch_ptr(0)) + self._comm(), stream=self.stream)
         self._mark("dispatch_send")
         get_kernel(intra.dispatch_recv_spec(self.num_ranks, config.num_threads)).launch(
             grid, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx, lay.off_w, lay.off_src,
                    row_int4, s, k, info, matrix, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src,
-                   self._epoch_ptr(0)) + self._comm(), stream=self.stream)
+                   1 if zero_copy else 0, self._epoch_ptr(0)) + self._comm(), stream=self.stream)
         self._mark("dispatch_recv")
 
     def _counter(self, i: int) -> int:
         return int(self.block_counters.data.ptr) + 4 * i
 
-    def cached_dispatch(self, x, handle: DispatchHandle, config, ctx):
-        cp = self.cp
+    def cached_dispatch(self, x, handle: DispatchHandle, config, ctx, zero_copy=False):
         data, scales = x if isinstance(x, tuple) else (x, None)
         t, h = data.shape
         if h != handle.hidden:
             raise ConfigError(f"x: expected hidden {handle.hidden} (the handle's), got [{t}, {h}]")
         st = handle.backend_state
         s = scales.shape[1] if scales is not None else 0
-        lay = intra.RecvLayout.plan(self.data_bytes, h * data.dtype.itemsize, s, 0)
+        lay = self._recv_layout(h * data.dtype.itemsize, s, 0, zero_copy)
         rows = handle.num_worst_tokens or handle.num_recv_tokens
+        recv_x, recv_scales, _, _, _ = self._recv_outputs(lay, rows, h, data.dtype, s, 0, zero_copy, ctx, False)
         self._begin(ctx)
         self._notify(handle.is_token_in_rank, t, None, handle.num_experts, 1, None, None, None, None,
                      lay.capacity_rows, False)
-        with self._alloc_stream(ctx):
-            recv_x = cp.empty((rows, h), data.dtype)
-            recv_scales = cp.empty((rows, s), cp.float32) if scales is not None else None
         self._send_and_receive(data, scales, None, None, handle.num_experts, handle.is_token_in_rank, handle.send_pos,
                                st["count_matrix"], st["info"], lay, rows, recv_x, recv_scales, None, None, None,
-                               config)
+                               config, zero_copy)
+        self._dispatched(zero_copy)
         ev = self._finish(ctx, (x,))
         return ((recv_x, recv_scales) if scales is not None else recv_x), ev
 
     # -- combine -------------------------------------------------------------------------------------------
-    def combine(self, x, handle: DispatchHandle, topk_weights, bias, config, ctx):
+    def _combine_layout(self, handle: DispatchHandle, k: int, what: str) -> "intra.CombineLayout":
+        """Where combine stages its rows: above zero_copy_split while the latest dispatch's outputs live in the
+        buffer, else from the start of the data region."""
+        base = intra.zero_copy_split(self.data_bytes) if self.outputs_in_buffer else 0
+        lay = intra.CombineLayout.plan(self.data_bytes, handle.hidden, k, base)
+        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        if rows > lay.capacity_rows:
+            hint = ", zero_copy=True" if self.outputs_in_buffer else ""
+            raise ConfigError(f"{what}: combine of {rows} rows of {handle.hidden * 2 + 4 * k} bytes needs that many "
+                              f"staging rows; this Buffer holds {lay.capacity_rows} (raise num_nvl_bytes, see "
+                              f"Config.get_nvl_buffer_size_hint(...{hint}))")
+        return lay
+
+    def _combine_view(self, lay, handle: DispatchHandle):
+        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        from .interop import BF16
+        return self.nvl.local.view(self.meta_bytes + lay.off_x, (rows, handle.hidden), BF16)
+
+    def get_combine_buffer(self, handle: DispatchHandle, num_topk: int):
+        """The [N, H] bf16 view of this rank's staging rows that a zero-copy combine of handle reads (see
+        Buffer.get_combine_buffer)."""
+        return self._combine_view(self._combine_layout(handle, num_topk, "get_combine_buffer"), handle)
+
+    def combine(self, x, handle: DispatchHandle, topk_weights, bias, config, ctx, zero_copy=False):
         cp = self.cp
         t, h, r = handle.num_tokens, handle.hidden, self.num_ranks
         k = topk_weights.shape[1] if topk_weights is not None else 0
-        lay = intra.CombineLayout.plan(self.data_bytes, h, k)
+        lay = self._combine_layout(handle, k, "x")
         rows = handle.num_worst_tokens or handle.num_recv_tokens
-        if rows > lay.capacity_rows:
-            raise ConfigError(f"x: combine of {rows} rows of {h * 2 + 4 * k} bytes needs that many staging rows; "
-                              f"this Buffer holds {lay.capacity_rows} (raise num_nvl_bytes, see "
-                              "Config.get_nvl_buffer_size_hint)")
+        if zero_copy:
+            view = self._combine_view(lay, handle)
+            if x is not None and int(x.data.ptr) != int(view.data.ptr):
+                raise ConfigError("x: a zero-copy combine reads the array get_combine_buffer(handle) returned, and "
+                                  "this is another array (or the buffer moved: call get_combine_buffer after the "
+                                  "latest dispatch); pass x=None or that array")
+            x = view
         st = handle.backend_state
         self._begin(ctx)
         with self._alloc_stream(ctx):
@@ -269,7 +326,8 @@ class GpuBackend:
         self._mark("start")
         get_kernel(intra.combine_stage_spec(r, config.num_threads)).launch(
             grid, (x, row_int4, topk_weights, k, st["count_matrix"], rows, self.nvl.peer_bases, self.meta_bytes,
-                   lay.off_x, lay.off_w, self._counter(1), self._epoch_ptr(1)) + self._comm(), stream=self.stream)
+                   lay.off_x, lay.off_w, 1 if zero_copy else 0, self._counter(1),
+                   self._epoch_ptr(1)) + self._comm(), stream=self.stream)
         self._mark("combine_stage")
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None

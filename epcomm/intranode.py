@@ -62,21 +62,49 @@ class CombineLayout:
     off_w: int
 
     @staticmethod
-    def plan(data_bytes: int, hidden: int, num_topk: int) -> "CombineLayout":
+    def plan(data_bytes: int, hidden: int, num_topk: int, base: int = 0) -> "CombineLayout":
+        """Rows of the region [base, data_bytes) of the data region."""
         per_row = hidden * 2 + num_topk * 4
-        cap = max(0, (data_bytes - 512) // per_row)
-        off_w = _align(cap * hidden * 2, 256)
-        return CombineLayout(cap, 0, off_w)
+        cap = max(0, (data_bytes - base - 512) // per_row)
+        off_w = base + _align(cap * hidden * 2, 256)
+        return CombineLayout(cap, base, off_w)
 
 
-def nvl_buffer_size_hint(num_max_tokens: int, hidden_bytes: int, num_ranks: int, num_topk: int = 16) -> int:
+def zero_copy_split(data_bytes: int) -> int:
+    """Where the data region is cut while zero-copy outputs are live: a zero-copy dispatch's receive area (its
+    outputs) is [0, split), and combine stages its rows in [split, data_bytes), so that a combine (and the expert
+    computation writing its zero-copy input) never overwrites the dispatch's outputs."""
+    return data_bytes // 2 // 4096 * 4096
+
+
+def nvl_buffer_size_hint(num_max_tokens: int, hidden_bytes: int, num_ranks: int, num_topk: int = 16,
+                         zero_copy: bool = False) -> int:
     """Bytes for the worst case: every rank sends all num_max_tokens tokens here (R * T rows of dispatch data,
-    FP8 scales and top-k included), which also covers combine's R * T returned rows."""
+    FP8 scales and top-k included), which also covers combine's R * T returned rows. zero_copy: room for both at
+    once (zero-copy dispatch outputs stay in the buffer while combine stages beside them: zero_copy_split)."""
     rows = num_ranks * num_max_tokens
     hidden = max(hidden_bytes // 2, 128)
     dispatch = rows * (hidden_bytes + (hidden // 128) * 4 + num_topk * 12 + 4) + 5 * 256
     combine = rows * (hidden * 2 + num_topk * 4) + 512
-    return meta_bytes(num_ranks) + _align(max(dispatch, combine), 4096)
+    area = _align(max(dispatch, combine), 4096)
+    return meta_bytes(num_ranks) + (2 * area if zero_copy else area)
+
+
+PEER_SM_WEIGHT = 2.0   # local-copy rate per SM / peer-store rate per SM (provisional until measured on a GPU)
+
+
+def default_peer_sms(num_sms: int, num_ranks: int) -> int:
+    """How many of dispatch_send's SMs store rows to peers (the others copy the rank's own rows beside them).
+
+    The split balances the two sides' times: peers get (R - 1) rows per own row, and an SM storing to a peer moves
+    about half what an SM copying locally moves (bench/NOTES.md, v7: probes and the measured sweep). One SM, or one
+    rank, cannot split: 0 means every SM does both."""
+    if num_sms < 2 or num_ranks < 2:
+        return 0
+    weight = PEER_SM_WEIGHT * (num_ranks - 1)
+    peers = round(num_sms * weight / (weight + 1))
+    return max(1, min(num_sms - 1, peers))
+
 
 
 # -- kernel specs (the ABI: params are the stub's parameter list and the launch conversion) -----------------
@@ -113,8 +141,8 @@ def dispatch_send_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
                 ("int", "num_tokens"), ("const uint64_t*", "peer_bases"), ("long long", "data_offset"),
                 ("long long", "off_x"), ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"),
                 ("long long", "off_src"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
-                ("float*", "out_w"), ("int*", "out_src"), ("int", "num_out_rows"), ("int*", "block_counter"),
-                ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
+                ("float*", "out_w"), ("int*", "out_src"), ("int", "num_out_rows"), ("int", "peer_blocks"),
+                ("int", "role_mask"), ("int*", "block_counter"), ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
         num_threads=num_threads)
 
 
@@ -126,7 +154,8 @@ def dispatch_recv_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
                 ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"), ("long long", "off_src"),
                 ("int", "row_int4"), ("int", "num_scales"), ("int", "num_topk"), ("const int*", "info"),
                 ("const int*", "count_matrix"), ("int", "num_out_rows"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
-                ("float*", "out_w"), ("int*", "out_src"), ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
+                ("float*", "out_w"), ("int*", "out_src"), ("int", "zero_copy"),
+                ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
         num_threads=num_threads)
 
 
@@ -136,7 +165,7 @@ def combine_stage_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
         family="intranode", op="combine_stage", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "topk_weights"), ("int", "num_topk"),
                 ("const int*", "count_matrix"), ("int", "num_rows"), ("const uint64_t*", "peer_bases"),
-                ("long long", "data_offset"), ("long long", "off_cx"), ("long long", "off_cw"),
+                ("long long", "data_offset"), ("long long", "off_cx"), ("long long", "off_cw"), ("int", "zero_copy"),
                 ("int*", "block_counter"), ("uint64_t*", "epoch_counter")) + COMM_PARAMS,
         num_threads=num_threads)
 

@@ -19,6 +19,16 @@ class DeviceBuffer:
         self.ptr = cupy.cuda.runtime.malloc(self.nbytes)
         cupy.cuda.runtime.memset(self.ptr, 0, self.nbytes)
 
+    def view(self, offset: int, shape: tuple, dtype):
+        """A CuPy array over bytes [offset, offset + size) of this buffer (no copy; invalid once freed)."""
+        import cupy
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if offset < 0 or offset + nbytes > self.nbytes:
+            raise ValueError(f"view of {nbytes} bytes at {offset} is outside the buffer of {self.nbytes} bytes")
+        mem = cupy.cuda.UnownedMemory(self.ptr + offset, max(nbytes, 1), self)
+        return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0))
+
     def free(self) -> None:
         if self.ptr:
             import cupy

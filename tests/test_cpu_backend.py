@@ -180,6 +180,48 @@ def test_dispatch_combine_round_trip_single_rank(buf):
     np.testing.assert_array_equal(combined_w[idx >= 0], w[idx >= 0])
 
 
+def _routed_round(buf, rng, zero_copy):
+    x, idx, w = make_x(rng, 12, 256, 0), make_topk(rng, 12, 2, 4), make_weights(rng, 12, 2)
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, 4)
+    return x, idx, w, buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                   num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,
+                                   zero_copy=zero_copy)
+
+
+def test_zero_copy_dispatch_and_combine_match_the_copying_calls(buf):
+    x, idx, w, (rx, ri, rw, counts, handle, _) = _routed_round(buf, np.random.default_rng(3), False)
+    want, want_w, _ = buf.combine(rx, handle, topk_weights=rw)
+    x, idx, w, (zx, zi, zw, zcounts, zhandle, _) = _routed_round(buf, np.random.default_rng(3), True)
+    np.testing.assert_array_equal(zx.view(np.uint16), rx.view(np.uint16))
+    np.testing.assert_array_equal(zi, ri)
+    assert zcounts == counts
+    cb = buf.get_combine_buffer(zhandle)
+    assert cb.shape == (zhandle.num_recv_tokens, 256) and cb.dtype == rx.dtype
+    cb[...] = zx                                            # the "expert": identity, written in place
+    got, got_w, _ = buf.combine(None, zhandle, topk_weights=zw, zero_copy=True)
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(got_w, want_w)
+    # The cached dispatch takes zero_copy too.
+    again = buf.dispatch(x, handle=zhandle, zero_copy=True)[0]
+    np.testing.assert_array_equal(again.view(np.uint16), zx.view(np.uint16))
+
+
+def test_get_combine_buffer_needs_a_dispatch_since_the_last_combine(buf):
+    from epcomm.errors import ConfigError
+    *_, (rx, _, rw, _, handle, _) = _routed_round(buf, np.random.default_rng(4), True)
+    cb = buf.get_combine_buffer(handle)
+    cb[...] = rx
+    buf.combine(cb, handle, topk_weights=rw, zero_copy=True)
+    with pytest.raises(ConfigError, match="a combine ran on this Buffer since the last dispatch"):
+        buf.get_combine_buffer(handle)
+    with pytest.raises(ConfigError, match="get_combine_buffer"):
+        buf.combine(rx.copy(), handle, zero_copy=True)      # another array than the combine buffer
+    with pytest.raises(ConfigError, match="handle"):
+        buf.get_combine_buffer("h")
+    *_, (_, _, _, _, handle2, _) = _routed_round(buf, np.random.default_rng(5), False)
+    assert buf.get_combine_buffer(handle2).shape[0] == handle2.num_recv_tokens
+
+
 def test_low_latency_round_trip_single_rank(buf):
     rng = np.random.default_rng(2)
     x, idx, w = make_x(rng, 5, 256, 0), make_topk(rng, 5, 2, 4), make_weights(rng, 5, 2)

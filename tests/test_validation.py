@@ -318,6 +318,18 @@ def test_config_num_threads():
     assert Config(num_threads=1024).num_threads == 1024 and Config().num_threads == 512
 
 
+def test_config_send_peer_sms():
+    for bad in (-1, 1.5, "8"):
+        raises(lambda: Config(send_peer_sms=bad), "Config.send_peer_sms", "None or an int >= 0", repr(bad))
+    assert Config().send_peer_sms is None and Config(send_peer_sms=0).send_peer_sms == 0
+
+
+def test_zero_copy_refused_for_jax_callers():
+    raises(lambda: epcomm.Buffer._check_zero_copy_framework(True, "jax"), "zero_copy", "JAX")
+    epcomm.Buffer._check_zero_copy_framework(False, "jax")
+    epcomm.Buffer._check_zero_copy_framework(True, "torch")
+
+
 def test_epcomm_backend_bad_value(monkeypatch):
     monkeypatch.setenv("EPCOMM_BACKEND", "tpu")
     raises(lambda: env("EPCOMM_BACKEND"), "EPCOMM_BACKEND", "auto, cpu or gpu", "'tpu'")

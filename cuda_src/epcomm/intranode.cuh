@@ -140,6 +140,26 @@ struct RowMeta {
     float w;
 };
 
+// A row's scales: lanes load s = lane and lane + 32 into the RowMeta before the row copy ...
+EPCOMM_DEVICE_INLINE void load_row_scales(RowMeta& meta, const float* row, long long stride, int num_scales, int lane) {
+    #pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int s = lane + j * kWarpSize;
+        meta.scale[j] = s < num_scales ? row[s * stride] : 0.0f;
+    }
+}
+
+// ... and store them after it; the tail past 64 scales (H > 8192) is copied straight from the source row.
+EPCOMM_DEVICE_INLINE void store_row_scales(const RowMeta& meta, float* out, const float* row, long long stride,
+                                           int num_scales, int lane) {
+    #pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int s = lane + j * kWarpSize;
+        if (s < num_scales) out[s] = meta.scale[j];
+    }
+    for (int s = lane + 2 * kWarpSize; s < num_scales; s += kWarpSize) out[s] = row[s * stride];
+}
+
 EPCOMM_DEVICE_INLINE uint8_t* peer_base(const uint64_t* peer_bases, int r) {
     return reinterpret_cast<uint8_t*>(peer_bases[r]);
 }
@@ -356,6 +376,10 @@ struct RowSink {
 // Dispatch send: one warp per token; the row is read once and stored to each destination's final row.
 // Rows for this rank itself go directly to the outputs (out_*; rows >= num_out_rows are dropped: dispatch_recv
 // reports that case as a capacity error), so the receive kernel copies only other ranks' rows.
+// Roles: with 0 < peer_blocks < gridDim.x, blocks [0, peer_blocks) store the rows bound for peers (link-bound) and
+// the other blocks copy this rank's own rows (bound by what an SM moves), so the two run side by side on different
+// SMs instead of taking turns in every warp; otherwise every block does both. role_mask (diagnostics only, 3 in
+// normal use) leaves out the peer rows (bit 0 clear) or the own rows (bit 1 clear), to time each alone.
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float* scales, long long scale_stride_t,
                                         long long scale_stride_s, int num_scales, const int64_t* topk_idx,
@@ -364,9 +388,9 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
                                         int num_tokens, const uint64_t* peer_bases, long long data_offset,
                                         long long off_x, long long off_scales, long long off_idx, long long off_w,
                                         long long off_src, int4* out_x, float* out_scales, int64_t* out_idx,
-                                        float* out_w, int* out_src, int num_out_rows, int* block_counter,
-                                        const uint64_t* epoch_counter, uint64_t err_record, long long timeout_ns,
-                                        int rank) {
+                                        float* out_w, int* out_src, int num_out_rows, int peer_blocks, int role_mask,
+                                        int* block_counter, const uint64_t* epoch_counter, uint64_t err_record,
+                                        long long timeout_ns, int rank) {
     const uint64_t epoch = *epoch_counter;  // advanced by this call's notify
     __shared__ int matrix[kNumRanks][kNumRanks];
     __shared__ int my_start[kNumRanks];
@@ -390,39 +414,39 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
         }
     }
     __syncthreads();
+    const bool split = peer_blocks > 0 && peer_blocks < static_cast<int>(gridDim.x);
+    const bool peer_role = !split || static_cast<int>(blockIdx.x) < peer_blocks;
+    const bool own_role = !split || static_cast<int>(blockIdx.x) >= peer_blocks;
+    const bool do_peers = peer_role && (role_mask & 1), do_own = own_role && (role_mask & 2);
+    const int role_block = (split && !peer_role) ? blockIdx.x - peer_blocks : blockIdx.x;
+    const int role_blocks = !split ? gridDim.x : (peer_role ? peer_blocks : gridDim.x - peer_blocks);
     const int lane = threadIdx.x % kWarpSize;
-    const int warps = kNumThreads / kWarpSize * gridDim.x;
+    const int warps = kNumThreads / kWarpSize * role_blocks;
     const int experts_per_rank = num_experts / kNumRanks;
-    for (int t = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; t < num_tokens && !skip; t += warps) {
+    for (int t = role_block * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; t < num_tokens && !skip; t += warps) {
         const long long tt = t;
-        RowMeta meta;
-        #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const int s = lane + j * kWarpSize;
-            meta.scale[j] = s < num_scales ? scales[tt * scale_stride_t + s * scale_stride_s] : 0.0f;
-        }
-        meta.idx = (topk_idx && lane < num_topk) ? topk_idx[tt * num_topk + lane] : -1;
-        meta.w = (topk_idx && lane < num_topk) ? topk_weights[tt * num_topk + lane] : 0.0f;
         long long row[kNumRanks];
         int4* dst[kNumRanks];
+        bool any = false;
         #pragma unroll
         for (int d = 0; d < kNumRanks; ++d) {
-            bool in = is_token_in_rank[tt * kNumRanks + d];
+            bool in = is_token_in_rank[tt * kNumRanks + d] && (d == rank ? do_own : do_peers);
             row[d] = in ? my_start[d] + send_pos[tt * kNumRanks + d] : -1;
             if (d == rank && row[d] >= num_out_rows) row[d] = -1;
             dst[d] = row[d] >= 0 ? sink[d].x + row[d] * row_int4 : nullptr;
+            any |= row[d] >= 0;
         }
+        if (!any) continue;  // uniform across the warp: every lane read the same flags
+        const float* scale_row = scales + tt * scale_stride_t;
+        RowMeta meta;
+        load_row_scales(meta, scale_row, scale_stride_s, num_scales, lane);
+        meta.idx = (topk_idx && lane < num_topk) ? topk_idx[tt * num_topk + lane] : -1;
+        meta.w = (topk_idx && lane < num_topk) ? topk_weights[tt * num_topk + lane] : 0.0f;
         warp_copy_row<kSendUnrollFor<kNumRanks>, kNumRanks>(x + tt * row_int4, dst, row_int4, lane);
         #pragma unroll
         for (int d = 0; d < kNumRanks; ++d) {
             if (row[d] < 0) continue;
-            #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const int s = lane + j * kWarpSize;
-                if (s < num_scales) sink[d].scales[row[d] * num_scales + s] = meta.scale[j];
-            }
-            for (int s = lane + 2 * kWarpSize; s < num_scales; s += kWarpSize)
-                sink[d].scales[row[d] * num_scales + s] = scales[tt * scale_stride_t + s * scale_stride_s];
+            store_row_scales(meta, sink[d].scales + row[d] * num_scales, scale_row, scale_stride_s, num_scales, lane);
             if (topk_idx) {
                 const int64_t lo = static_cast<int64_t>(d) * experts_per_rank, hi = lo + experts_per_rank;
                 if (lane < num_topk) {
@@ -446,13 +470,17 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
 // Dispatch receive: wait for every source's done flag, then copy other sources' rows of [0, N) from the receive
 // area to the outputs (this rank's own block was written there by dispatch_send); rows [N, num_out_rows)
 // (num_worst_tokens padding) get topk_idx = -1, weight 0, src_idx -1.
+// zero_copy: the outputs are views of the receive area itself (dispatch_send wrote this rank's own rows there too),
+// so after the wait only src_idx (a fresh array: the handle keeps it past the next dispatch) and the padding rows
+// are written.
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long data_offset, long long off_x,
                                         long long off_scales, long long off_idx, long long off_w, long long off_src,
                                         int row_int4, int num_scales, int num_topk, const int* info,
                                         const int* count_matrix, int num_out_rows, int4* out_x, float* out_scales,
-                                        int64_t* out_idx, float* out_w, int* out_src, const uint64_t* epoch_counter,
-                                        uint64_t err_record, long long timeout_ns, int rank) {
+                                        int64_t* out_idx, float* out_w, int* out_src, int zero_copy,
+                                        const uint64_t* epoch_counter, uint64_t err_record, long long timeout_ns,
+                                        int rank) {
     using M = Meta<kNumRanks>;
     const uint64_t epoch = *epoch_counter;  // advanced by this call's notify
     comm::Waiter waiter(err_record, timeout_ns, rank);
@@ -473,28 +501,23 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
     const int warps = kNumThreads / kWarpSize * gridDim.x;
     for (int r = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; r < num_out_rows; r += warps) {
         if (r >= self_begin && r < self_end) continue;  // written directly by dispatch_send
+        if (r < copy_rows && zero_copy) {
+            if (lane == 0 && out_src) out_src[r] = reinterpret_cast<const int*>(data + off_src)[r];
+            continue;
+        }
         if (r < copy_rows) {
             const long long rr = r;
             const float* in_scales = reinterpret_cast<const float*>(data + off_scales) + rr * num_scales;
             const int64_t* in_idx = reinterpret_cast<const int64_t*>(data + off_idx) + rr * num_topk;
             const float* in_w = reinterpret_cast<const float*>(data + off_w) + rr * num_topk;
             RowMeta meta;
-            #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const int s = lane + j * kWarpSize;
-                meta.scale[j] = s < num_scales ? in_scales[s] : 0.0f;
-            }
+            load_row_scales(meta, in_scales, 1, num_scales, lane);
             meta.idx = (out_idx && lane < num_topk) ? in_idx[lane] : -1;
             meta.w = (out_idx && lane < num_topk) ? in_w[lane] : 0.0f;
             const int src_idx = (lane == 0 && out_src) ? reinterpret_cast<const int*>(data + off_src)[r] : -1;
             warp_copy_row_coherent<kCopyUnrollFor<kNumRanks>>(
                 reinterpret_cast<const int4*>(data + off_x) + rr * row_int4, out_x + rr * row_int4, row_int4, lane);
-            #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const int s = lane + j * kWarpSize;
-                if (s < num_scales) out_scales[rr * num_scales + s] = meta.scale[j];
-            }
-            for (int s = lane + 2 * kWarpSize; s < num_scales; s += kWarpSize) out_scales[rr * num_scales + s] = in_scales[s];
+            store_row_scales(meta, out_scales + rr * num_scales, in_scales, 1, num_scales, lane);
             if (out_idx) {
                 if (lane < num_topk) {
                     out_idx[rr * num_topk + lane] = meta.idx;
@@ -526,10 +549,11 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
 
 // Combine stage: barrier (every peer finished reading my region: its earlier kernels are done), then one warp per
 // received row n whose source is another rank copies x[n] (and its top-k weights) to row n of my own region.
+// zero_copy: the caller wrote x into that region itself (Buffer.get_combine_buffer), so only the weights are copied.
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float* topk_weights, int num_topk,
                                         const int* count_matrix, int num_rows, const uint64_t* peer_bases,
-                                        long long data_offset, long long off_cx, long long off_cw,
+                                        long long data_offset, long long off_cx, long long off_cw, int zero_copy,
                                         int* block_counter, uint64_t* epoch_counter, uint64_t err_record,
                                         long long timeout_ns, int rank) {
     using M = Meta<kNumRanks>;
@@ -551,14 +575,15 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
     const bool skip = comm::block_has_error(waiter);
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
-    const int rows = num_rows < recv_start[kNumRanks] ? num_rows : recv_start[kNumRanks];
+    const int all_rows = num_rows < recv_start[kNumRanks] ? num_rows : recv_start[kNumRanks];
+    const int rows = (zero_copy && !topk_weights) ? 0 : all_rows;
     uint8_t* data = peer_base(peer_bases, rank) + data_offset;
     for (int n = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; n < rows && !skip; n += warps) {
         if (n >= recv_start[rank] && n < recv_start[rank + 1]) continue;  // my own tokens: the reduce reads x
         const long long nn = n;
         const float w = (topk_weights && lane < num_topk) ? topk_weights[nn * num_topk + lane] : 0.0f;
         int4* const dst[1] = {reinterpret_cast<int4*>(data + off_cx) + nn * row_int4};
-        warp_copy_row<kCopyUnrollFor<kNumRanks>, 1>(x + nn * row_int4, dst, row_int4, lane);
+        if (!zero_copy) warp_copy_row<kCopyUnrollFor<kNumRanks>, 1>(x + nn * row_int4, dst, row_int4, lane);
         if (topk_weights) {
             float* cw = reinterpret_cast<float*>(data + off_cw) + nn * num_topk;
             if (lane < num_topk) cw[lane] = w;

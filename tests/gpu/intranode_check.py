@@ -28,7 +28,7 @@ args = ap.parse_args()
 from mpi4py import MPI  # noqa: E402
 
 buf = epcomm.Buffer(None, num_nvl_bytes=nvl_buffer_size_hint(4096 if not args.oversubscribed else 256, 7680 * 2,
-                                                               MPI.COMM_WORLD.size, 16), backend="gpu")
+                                                               MPI.COMM_WORLD.size, 16, zero_copy=True), backend="gpu")
 group = buf.group
 R, rank = buf.num_ranks, buf.rank
 cases = Cases(group.comm)
@@ -63,8 +63,16 @@ def make_inputs(seed, tokens, h, k, e, skew=None, drop=0.0):
 
 
 def normal_case(h, k, e, tokens, fp8=False, topk=True, async_=False, worst=0, cached=False, align=1, skew=None,
-                bias=0, seed=0):
+                bias=0, seed=0, zero_copy=False, peer_sms=None):
+    """zero_copy: dispatch outputs are views of the buffer, and combine reads get_combine_buffer (written here by a
+    copy, as an expert would); peer_sms: Config.send_peer_sms (None: the default split, 0: every SM does both)."""
     poison_pool()
+    if zero_copy:  # poison the buffer too: its receive area is the output
+        loc = buf._backend.nvl.local
+        loc.view(buf._backend.meta_bytes, (buf._backend.data_bytes,), cp.uint8).fill(0xA5)
+        cp.cuda.Device().synchronize()
+        group.barrier()
+    cfg = epcomm.Config(send_peer_sms=peer_sms)
     xs, idxs, ws = make_inputs(seed, tokens, h, k, e, skew=skew)
     if fp8:
         pairs = [ref.per_token_cast_to_fp8(x) for x in xs]
@@ -88,7 +96,7 @@ def normal_case(h, k, e, tokens, fp8=False, topk=True, async_=False, worst=0, ca
     recv_x, recv_idx, recv_w, counts, handle, ev = buf.dispatch(
         x_dev, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
         expert_alignment=align, num_worst_tokens=worst, async_finish=async_, previous_event=ev if async_ else None,
-        **kw)
+        zero_copy=zero_copy, config=cfg, **kw)
     if async_:
         ev.current_stream_wait()
     n = want.num_recv_tokens
@@ -122,7 +130,7 @@ def normal_case(h, k, e, tokens, fp8=False, topk=True, async_=False, worst=0, ca
         else:
             x2 = cp.asarray(xs2[rank])
             want2 = ref.dispatch(xs2, idxs, None, e, num_worst_tokens=worst)[rank].recv_x
-        got2, _, _, _, _, _ = buf.dispatch(x2, handle=handle)
+        got2, _, _, _, _, _ = buf.dispatch(x2, handle=handle, zero_copy=zero_copy, config=cfg)
         g = got2[0] if fp8 else got2
         w2 = want2[0].view(np.uint8) if fp8 else want2
         assert_bitwise_equal(host(g)[:n], w2[:n], "cached recv_x")
@@ -140,13 +148,23 @@ def normal_case(h, k, e, tokens, fp8=False, topk=True, async_=False, worst=0, ca
             bias_dev = tuple(cp.asarray(b) for b in bl[rank]) if bias == 2 else cp.asarray(bl[rank][0])
         want_c = ref.combine([rr.recv_x for rr in results], results, in_ranks,
                              [rr.recv_topk_weights for rr in results] if topk else None, biases)[rank]
-        combined, combined_w, ev = buf.combine(recv_x, handle, topk_weights=recv_w if topk else None, bias=bias_dev,
-                                               async_finish=async_)
+        if zero_copy:
+            if cached:  # the cached dispatch replaced the outputs: the combine input is the first dispatch's rows
+                recv_x = cp.asarray(results[rank].recv_x.view(np.uint16)).view(recv_x.dtype)
+            cb = buf.get_combine_buffer(handle)
+            cb.view(cp.uint16)[...] = recv_x.view(cp.uint16)
+            combined, combined_w, ev = buf.combine(cb, handle, topk_weights=recv_w if topk else None, bias=bias_dev,
+                                                   async_finish=async_, zero_copy=True)
+        else:
+            combined, combined_w, ev = buf.combine(recv_x, handle, topk_weights=recv_w if topk else None,
+                                                   bias=bias_dev, async_finish=async_)
         if async_:
             ev.current_stream_wait()
         bf16_close(host(combined), want_c[0], "combined_x")
         if topk:
             np.testing.assert_allclose(host(combined_w), want_c[1], rtol=1e-6, atol=1e-6)
+        if zero_copy and not cached:  # the zero-copy outputs outlive the combine
+            assert_bitwise_equal(host(recv_x)[:n], want.recv_x[:n], "zero-copy recv_x after the combine")
 
 
 def determinism(iters):
@@ -170,7 +188,9 @@ def determinism(iters):
             raise AssertionError(f"iteration {i}: results drifted (hash {digest[:12]} != {first[:12]})")
 
 
-def cuda_graph():
+def cuda_graph(zero_copy=False):
+    """Layout + dispatch (num_worst_tokens) + combine captured once, replayed with new inputs; zero_copy: the
+    outputs are buffer views and the combine reads get_combine_buffer, filled by a copy inside the graph."""
     h, k, e, worst_rows = 2048, 8, 64, 0
     tokens = [96] * R
     worst_rows = sum(tokens)
@@ -183,8 +203,13 @@ def cuda_graph():
         per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
         rx, ri, rw, _, hd, _ = buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                                             num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,
-                                            num_worst_tokens=worst_rows)
-        c, _, _ = buf.combine(rx, hd)
+                                            num_worst_tokens=worst_rows, zero_copy=zero_copy)
+        if zero_copy:
+            cb = buf.get_combine_buffer(hd)
+            cb.view(cp.uint16)[...] = rx.view(cp.uint16)
+            c, _, _ = buf.combine(None, hd, zero_copy=True)
+        else:
+            c, _, _ = buf.combine(rx, hd)
         out.update(recv_x=rx, recv_idx=ri, combined=c, handle=hd)
 
     with s:
@@ -247,6 +272,9 @@ if args.oversubscribed:
         ("bf16_async_cached_worst", dict(h=2048, k=8, e=64, tokens=[17] * R, async_=True, cached=True, worst=17 * R)),
         ("bf16_skew_one_expert_bias2", dict(h=2048, k=1, e=16, tokens=[20] * R, skew="one_expert", bias=2)),
         ("bf16_notopk_align4", dict(h=2048, k=8, e=256, tokens=[33] * R, topk=False)),
+        ("bf16_zero_copy_cached_worst_bias1", dict(h=2048, k=8, e=64, tokens=[19] * R, zero_copy=True, cached=True,
+                                                   worst=19 * R, bias=1)),
+        ("fp8_zero_copy_one_peer_sm", dict(h=2048, k=6, e=16, tokens=[23] * R, fp8=True, zero_copy=True, peer_sms=1)),
     ]
 else:
     plan = [
@@ -263,6 +291,14 @@ else:
         ("bf16_skew_one_expert", dict(h=2048, k=6, e=64, tokens=[128] * R, skew="one_expert")),
         ("bf16_skew_rank_gets_nothing", dict(h=2048, k=6, e=64, tokens=[128] * R, skew=f"avoid_rank:{R}:{R - 1}")),
         ("bf16_k16_e256", dict(h=2048, k=16, e=256, tokens=[64] * R)),
+        ("bf16_h7168_k8_e256_t4096_zero_copy", dict(h=7168, k=8, e=256, tokens=[4096] * R, zero_copy=True)),
+        ("fp8_h7168_k8_e256_t4096_zero_copy_cached", dict(h=7168, k=8, e=256, tokens=[4096] * R, fp8=True,
+                                                          zero_copy=True, cached=True)),
+        ("bf16_h4096_worst_zero_copy_cached_bias1", dict(h=4096, k=8, e=64, tokens=[255] * R, worst=255 * R + 5,
+                                                         zero_copy=True, cached=True, bias=1, async_=True)),
+        ("bf16_h7168_every_sm_both_roles", dict(h=7168, k=8, e=256, tokens=[1000] * R, peer_sms=0)),
+        ("fp8_h7168_one_peer_sm", dict(h=7168, k=6, e=64, tokens=[777] * R, fp8=True, peer_sms=1)),
+        ("bf16_h2048_one_own_sm", dict(h=2048, k=8, e=256, tokens=[600, 3] + [50] * (R - 2), peer_sms=23)),
     ]
     if args.quick:
         plan = plan[:4]
@@ -271,6 +307,7 @@ for i, (name, kw) in enumerate(plan):
 cases.run("determinism_x1000" if not args.oversubscribed else "determinism_x20", determinism,
           20 if (args.oversubscribed or args.quick) else 1000)
 cases.run("cuda_graph_worst_tokens", cuda_graph)
+cases.run("cuda_graph_worst_tokens_zero_copy", cuda_graph, True)
 cases.run("timeout_names_rank_peer_phase", timeout_case)
 code = cases.finish()
 try:

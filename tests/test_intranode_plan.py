@@ -1,0 +1,46 @@
+"""Host-side planning of the intranode kernels (no GPU): SM roles of dispatch_send, the zero-copy split of the data
+region, and the size hints that must cover it."""
+from __future__ import annotations
+
+import pytest
+
+from epcomm import Config
+from epcomm import intranode as intra
+
+
+@pytest.mark.parametrize("num_sms", [1, 2, 8, 24, 32, 132])
+@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+def test_default_peer_sms_leaves_both_roles_an_sm(num_sms, num_ranks):
+    peers = intra.default_peer_sms(num_sms, num_ranks)
+    if num_sms < 2 or num_ranks < 2:
+        assert peers == 0                                   # no split: every SM does both
+    else:
+        assert 1 <= peers <= num_sms - 1
+
+
+def test_default_peer_sms_gives_peers_more_with_more_ranks():
+    shares = [intra.default_peer_sms(24, r) for r in (2, 4, 8)]
+    assert shares == sorted(shares) and shares[0] < shares[-1]
+
+
+def test_zero_copy_split_keeps_dispatch_and_combine_apart():
+    hidden, topk, rows = 7168, 8, 2 * 4096
+    size = intra.nvl_buffer_size_hint(4096, hidden * 2, 2, topk, zero_copy=True)
+    data = size - intra.meta_bytes(2)
+    split = intra.zero_copy_split(data)
+    assert split % 4096 == 0
+    recv = intra.RecvLayout.plan(split, hidden * 2, 0, topk)   # a zero-copy BF16 dispatch: [0, split)
+    comb = intra.CombineLayout.plan(data, hidden, topk, base=split)
+    assert recv.capacity_rows >= rows and comb.capacity_rows >= rows
+    assert recv.off_src + recv.capacity_rows * 4 <= split <= comb.off_x
+    assert comb.off_w + comb.capacity_rows * topk * 4 <= data
+    # Without zero_copy the hint is half the areas (one area serves dispatch and combine in turn).
+    plain = intra.nvl_buffer_size_hint(4096, hidden * 2, 2, topk)
+    assert plain - intra.meta_bytes(2) == (size - intra.meta_bytes(2)) // 2
+    assert Config().get_nvl_buffer_size_hint(hidden * 2, 2, zero_copy=True) == intra.nvl_buffer_size_hint(
+        4096, hidden * 2, 2, zero_copy=True)
+
+
+def test_combine_layout_base_zero_is_unchanged():
+    a = intra.CombineLayout.plan(1 << 24, 4096, 8)
+    assert a.off_x == 0 and a.off_w >= a.capacity_rows * 4096 * 2
