@@ -206,7 +206,7 @@ except Exception as exc:  # torch missing or NCCL unusable: say so in the table
 
 # -- epcomm ---------------------------------------------------------------------------------------------------
 rows = []
-sweep = sorted({8, 16, 24, 32, sms_all})
+sweep = sorted({8, 16, 24, 32, 48, 64, sms_all})
 rows.append(record("layout", "int64", R, gpus, T, H, K, E, None, layout_us, 0, 0, card))
 rows.append(record("layout", "int64", R, gpus, T, H, K, E, None, layout_graph_us, 0, 0, card, variant="graph"))
 for sms in sweep:
@@ -261,7 +261,8 @@ def graph_split(name, fn, n=10, repeats=5):
             _segments(marks, segs)
     be._check("graph split")
     med = {k: float(np.median(v)) for k, v in segs.items()}
-    log(f"graph split {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + " us")
+    for r_, m in enumerate(g.allgather(med)):  # every rank's: the slowest rank sets the call's time
+        log(f"graph split {name}, rank {r_}: " + ", ".join(f"{k} {v:.1f}" for k, v in m.items()) + " us")
     return med
 
 
@@ -301,19 +302,22 @@ graph_split("fp8 cached dispatch, 24 SMs", fp8_cached)
 graph_split("bf16 cached dispatch, 24 SMs", bf16_cached)
 graph_split("bf16 combine, 24 SMs", lambda: buf.combine(recv_bf16, handle, config=cfg24))
 
-# dispatch_send's SM roles (Config.send_peer_sms): each role alone (diagnostics: the other role's rows are not written,
-# so these calls' outputs are wrong), then the split swept at 24 SMs.
+# dispatch_send's parts (diagnostics: the parts left out are not written, so these calls' outputs are wrong): peer
+# rows, own rows, per-row metadata (scales, top-k, source index); each role alone with and without the metadata, on all
+# 24 SMs and on its share of the default split. Then the split swept at 24 SMs.
 default_split = default_peer_sms(24, R)
-for label, mask, peers in (("peer rows only, 24 SMs", 1, 0), ("own rows only, 24 SMs", 2, 0),
-                           (f"peer rows only, {default_split} SMs", 1, default_split),
-                           (f"own rows only, {24 - default_split} SMs", 2, default_split)):
+for label, mask, peers in (("peer rows + metadata, 24 SMs", 5, 0), ("peer rows, no metadata, 24 SMs", 1, 0),
+                           ("own rows + metadata, 24 SMs", 6, 0), ("own rows, no metadata, 24 SMs", 2, 0),
+                           ("all rows, no metadata, 24 SMs", 3, 0),
+                           (f"peer rows + metadata, {default_split} SMs", 5, default_split),
+                           (f"own rows + metadata, {24 - default_split} SMs", 6, default_split)):
     buf._backend.send_role_mask = mask
     try:
         graph_split(f"fp8 cached dispatch, {label}", lambda: fp8_cached(epcomm.Config(num_sms=24, send_peer_sms=peers)))
     finally:
-        buf._backend.send_role_mask = 3
+        buf._backend.send_role_mask = 7
 log(f"send_peer_sms sweep at 24 SMs (default {default_split}), graph, cached dispatch:")
-for peers in sorted({0, 8, 12, 14, 16, 18, 20, default_split}):
+for peers in sorted({0, 10, 12, 14, 16, 18, default_split}):
     cfg_p = epcomm.Config(num_sms=24, send_peer_sms=peers)
     f8p = agree(timed_graph(lambda: fp8_cached(cfg_p)))
     b16p = agree(timed_graph(lambda: bf16_cached(cfg_p)))

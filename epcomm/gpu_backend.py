@@ -56,7 +56,8 @@ class GpuBackend:
         self.low_latency = None
         self.trace: list | None = None  # set to [] to record per-kernel timestamps (bench: graph_split, --trace)
         self.trace_stamps = cupy.zeros(256, cupy.uint64)
-        self.send_role_mask = 3  # diagnostics (bench): 1 = dispatch_send stores only peer rows, 2 = only own rows
+        # Diagnostics (bench): dispatch_send's parts, bit 0 peer rows, bit 1 own rows, bit 2 per-row metadata.
+        self.send_role_mask = 7
         # Whether the latest dispatch left its outputs in the buffer (zero-copy): combine then stages its rows above
         # zero_copy_split. The same on every rank, as all ranks make the same calls.
         self.outputs_in_buffer = False
@@ -220,7 +221,7 @@ class GpuBackend:
             counts = [int(c) for c in self.host_info.host[1:1 + e_local]]
         recv_x, recv_scales, recv_idx, recv_w, recv_src = self._recv_outputs(lay, rows, h, data.dtype, s, k,
                                                                              zero_copy, ctx)
-        self._send_and_receive(data, scales, topk_idx, topk_weights, num_experts, in_rank, send_pos, matrix, info,
+        self._send_and_receive(data, scales, topk_idx, topk_weights, num_experts, send_pos, matrix, info,
                                lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config, zero_copy)
         self._dispatched(zero_copy)
         handle = DispatchHandle(
@@ -232,7 +233,7 @@ class GpuBackend:
         out_x = (recv_x, recv_scales) if scales is not None else recv_x
         return out_x, recv_idx, recv_w, counts, handle, ev
 
-    def _send_and_receive(self, data, scales, topk_idx, topk_weights, num_experts, in_rank, send_pos, matrix, info,
+    def _send_and_receive(self, data, scales, topk_idx, topk_weights, num_experts, send_pos, matrix, info,
                           lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config, zero_copy):
         t, h = data.shape
         row_int4 = h * data.dtype.itemsize // 16
@@ -245,7 +246,7 @@ class GpuBackend:
         peer_blocks = (config.send_peer_sms if config.send_peer_sms is not None
                        else intra.default_peer_sms(grid, self.num_ranks))
         get_kernel(intra.dispatch_send_spec(self.num_ranks, config.num_threads)).launch(
-            grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts, in_rank,
+            grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts,
                    send_pos, matrix, t, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx,
                    lay.off_w, lay.off_src, recv_x, recv_scales, recv_idx, recv_w, recv_src, rows, peer_blocks,
                    self.send_role_mask, self._counter(0), self._epoch_ptr(0)) + self._comm(), stream=self.stream)
@@ -272,7 +273,7 @@ class GpuBackend:
         self._begin(ctx)
         self._notify(handle.is_token_in_rank, t, None, handle.num_experts, 1, None, None, None, None,
                      lay.capacity_rows, False)
-        self._send_and_receive(data, scales, None, None, handle.num_experts, handle.is_token_in_rank, handle.send_pos,
+        self._send_and_receive(data, scales, None, None, handle.num_experts, handle.send_pos,
                                st["count_matrix"], st["info"], lay, rows, recv_x, recv_scales, None, None, None,
                                config, zero_copy)
         self._dispatched(zero_copy)

@@ -90,15 +90,16 @@ def nvl_buffer_size_hint(num_max_tokens: int, hidden_bytes: int, num_ranks: int,
     return meta_bytes(num_ranks) + (2 * area if zero_copy else area)
 
 
-PEER_SM_WEIGHT = 2.0   # local-copy rate per SM / peer-store rate per SM (provisional until measured on a GPU)
+# An SM copying the rank's own rows moves about 1.4x what an SM storing to a peer moves (EP2, 2x H200, a6d764d:
+# the send_peer_sms sweep at 24 SMs was fastest at 12-14 peer SMs for FP8 and 14-16 for BF16; bench/NOTES.md v7).
+PEER_SM_WEIGHT = 1.4
 
 
 def default_peer_sms(num_sms: int, num_ranks: int) -> int:
     """How many of dispatch_send's SMs store rows to peers (the others copy the rank's own rows beside them).
 
     The split balances the two sides' times: peers get (R - 1) rows per own row, and an SM storing to a peer moves
-    about half what an SM copying locally moves (bench/NOTES.md, v7: probes and the measured sweep). One SM, or one
-    rank, cannot split: 0 means every SM does both."""
+    less than an SM copying locally (PEER_SM_WEIGHT). One SM, or one rank, cannot split: 0 means every SM does both."""
     if num_sms < 2 or num_ranks < 2:
         return 0
     weight = PEER_SM_WEIGHT * (num_ranks - 1)
@@ -137,7 +138,7 @@ def dispatch_send_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "scales"), ("long long", "scale_stride_t"),
                 ("long long", "scale_stride_s"), ("int", "num_scales"), ("const int64_t*", "topk_idx"),
                 ("const float*", "topk_weights"), ("int", "num_topk"), ("int", "num_experts"),
-                ("const bool*", "is_token_in_rank"), ("const int*", "send_pos"), ("const int*", "count_matrix"),
+                ("const int*", "send_pos"), ("const int*", "count_matrix"),
                 ("int", "num_tokens"), ("const uint64_t*", "peer_bases"), ("long long", "data_offset"),
                 ("long long", "off_x"), ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"),
                 ("long long", "off_src"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),

@@ -378,13 +378,14 @@ struct RowSink {
 // reports that case as a capacity error), so the receive kernel copies only other ranks' rows.
 // Roles: with 0 < peer_blocks < gridDim.x, blocks [0, peer_blocks) store the rows bound for peers (link-bound) and
 // the other blocks copy this rank's own rows (bound by what an SM moves), so the two run side by side on different
-// SMs instead of taking turns in every warp; otherwise every block does both. role_mask (diagnostics only, 3 in
-// normal use) leaves out the peer rows (bit 0 clear) or the own rows (bit 1 clear), to time each alone.
+// SMs instead of taking turns in every warp; otherwise every block does both. role_mask (diagnostics only, 7 in
+// normal use) leaves out the peer rows (bit 0 clear), the own rows (bit 1 clear) or every row's scales, top-k and
+// source index (bit 2 clear), to time each part alone.
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float* scales, long long scale_stride_t,
                                         long long scale_stride_s, int num_scales, const int64_t* topk_idx,
                                         const float* topk_weights, int num_topk, int num_experts,
-                                        const bool* is_token_in_rank, const int* send_pos, const int* count_matrix,
+                                        const int* send_pos, const int* count_matrix,
                                         int num_tokens, const uint64_t* peer_bases, long long data_offset,
                                         long long off_x, long long off_scales, long long off_idx, long long off_w,
                                         long long off_src, int4* out_x, float* out_scales, int64_t* out_idx,
@@ -417,35 +418,48 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
     const bool split = peer_blocks > 0 && peer_blocks < static_cast<int>(gridDim.x);
     const bool peer_role = !split || static_cast<int>(blockIdx.x) < peer_blocks;
     const bool own_role = !split || static_cast<int>(blockIdx.x) >= peer_blocks;
-    const bool do_peers = peer_role && (role_mask & 1), do_own = own_role && (role_mask & 2);
+    const bool do_peers = peer_role && (role_mask & 1), do_own = own_role && (role_mask & 2), do_meta = role_mask & 4;
     const int role_block = (split && !peer_role) ? blockIdx.x - peer_blocks : blockIdx.x;
     const int role_blocks = !split ? gridDim.x : (peer_role ? peer_blocks : gridDim.x - peer_blocks);
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * role_blocks;
     const int experts_per_rank = num_experts / kNumRanks;
-    for (int t = role_block * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; t < num_tokens && !skip; t += warps) {
+    // The routing of a token is its send_pos row (-1: not sent there), lane d holding destination d's entry; the
+    // next token's is loaded before this token's row copy, so no load latency separates one row from the next.
+    const auto route = [&](int t) {
+        return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
+    };
+    const int first = role_block * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize;
+    int next_pos = route(first);
+    for (int t = first; t < num_tokens && !skip; t += warps) {
         const long long tt = t;
+        const int my_pos = next_pos;
+        next_pos = route(t + warps);
         long long row[kNumRanks];
         int4* dst[kNumRanks];
         bool any = false;
         #pragma unroll
         for (int d = 0; d < kNumRanks; ++d) {
-            bool in = is_token_in_rank[tt * kNumRanks + d] && (d == rank ? do_own : do_peers);
-            row[d] = in ? my_start[d] + send_pos[tt * kNumRanks + d] : -1;
-            if (d == rank && row[d] >= num_out_rows) row[d] = -1;
-            dst[d] = row[d] >= 0 ? sink[d].x + row[d] * row_int4 : nullptr;
-            any |= row[d] >= 0;
+            const int pos = __shfl_sync(kFullWarpMask, my_pos, d);
+            const bool in = pos >= 0 && (d == rank ? do_own : do_peers);
+            long long r = in ? my_start[d] + pos : -1;
+            if (d == rank && r >= num_out_rows) r = -1;
+            row[d] = r;
+            dst[d] = r >= 0 ? sink[d].x + r * row_int4 : nullptr;
+            any |= r >= 0;
         }
         if (!any) continue;  // uniform across the warp: every lane read the same flags
         const float* scale_row = scales + tt * scale_stride_t;
         RowMeta meta;
-        load_row_scales(meta, scale_row, scale_stride_s, num_scales, lane);
-        meta.idx = (topk_idx && lane < num_topk) ? topk_idx[tt * num_topk + lane] : -1;
-        meta.w = (topk_idx && lane < num_topk) ? topk_weights[tt * num_topk + lane] : 0.0f;
+        if (do_meta) {
+            load_row_scales(meta, scale_row, scale_stride_s, num_scales, lane);
+            meta.idx = (topk_idx && lane < num_topk) ? topk_idx[tt * num_topk + lane] : -1;
+            meta.w = (topk_idx && lane < num_topk) ? topk_weights[tt * num_topk + lane] : 0.0f;
+        }
         warp_copy_row<kSendUnrollFor<kNumRanks>, kNumRanks>(x + tt * row_int4, dst, row_int4, lane);
         #pragma unroll
         for (int d = 0; d < kNumRanks; ++d) {
-            if (row[d] < 0) continue;
+            if (row[d] < 0 || !do_meta) continue;
             store_row_scales(meta, sink[d].scales + row[d] * num_scales, scale_row, scale_stride_s, num_scales, lane);
             if (topk_idx) {
                 const int64_t lo = static_cast<int64_t>(d) * experts_per_rank, hi = lo + experts_per_rank;

@@ -224,7 +224,8 @@ def cuda_graph(zero_copy=False):
         x[...] = cp.asarray(xs[rank])
         idx[...] = cp.asarray(idxs[rank])
         w[...] = cp.asarray(ws[rank])
-        s.synchronize()
+        # The copies above ran on CuPy's current stream, which the non-blocking replay stream does not wait for.
+        cp.cuda.Device().synchronize()
         group.barrier()
         graph.launch(s)
         s.synchronize()
