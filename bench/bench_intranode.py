@@ -231,11 +231,26 @@ for sms in sweep:
         rows.append(record(op, dt, R, gpus, T, H, K, E, sms, us, lb, pb, card, b,
                            ceiling_one_way_gbps=round(ceiling_one_way, 1), **extra))
 
-def _segments(marks, into):
-    """Append the gaps between consecutive timestamp marks (us) of the last traced call to into[name]."""
-    ts = buf._backend.trace_stamps[:len(marks)].get().astype(np.int64)
+KERNEL_PHASES = {  # in-kernel marks (intranode.cuh, mark()): slot -> what block 0 (slots 0-3) or the last block (4) did
+    "dispatch_send": ("start", "set up", "rows done", "counted out", "last signalled"),
+    "dispatch_recv": ("start", "waited", "rows done"),
+    "combine_stage": ("start", "waited", "rows done", "counted out", "last signalled"),
+    "combine_reduce": ("start", "waited", "rows done"),
+}
+
+
+def _segments(marks, into, kernels=False):
+    """Append the gaps between consecutive timestamp marks (us) of the last traced call to into[name], and with
+    kernel_trace each kernel's in-kernel marks as offsets from the stream mark before it to into["kernel/phase"]."""
+    be = buf._backend
+    stamps = be.trace_stamps.get().astype(np.int64)
+    ts = stamps[:len(marks)]
     for i in range(1, len(marks)):
         into.setdefault(marks[i], []).append((ts[i] - ts[i - 1]) / 1e3)
+        if kernels and marks[i] in KERNEL_PHASES:
+            base = be.MARKS_BASE + 8 * be.KERNEL_MARKS.index(marks[i])
+            for j, phase in enumerate(KERNEL_PHASES[marks[i]]):
+                into.setdefault(f"  {marks[i]}/{phase}", []).append((stamps[base + j] - ts[i - 1]) / 1e3)
 
 
 def graph_split(name, fn, n=10, repeats=5):
@@ -247,10 +262,13 @@ def graph_split(name, fn, n=10, repeats=5):
         fn()
         s.synchronize()
         g.barrier()
-        be.trace = []
+        be.trace, be.kernel_trace = [], True
         s.begin_capture()
-        fn()
-        graph = s.end_capture()
+        try:
+            fn()
+        finally:
+            graph = s.end_capture()
+            be.kernel_trace = False
         marks, be.trace = be.trace, None
         segs = {}
         for _ in range(repeats):
@@ -258,11 +276,14 @@ def graph_split(name, fn, n=10, repeats=5):
             for _ in range(n):
                 graph.launch(s)
             s.synchronize()
-            _segments(marks, segs)
+            _segments(marks, segs, kernels=True)
     be._check("graph split")
     med = {k: float(np.median(v)) for k, v in segs.items()}
     for r_, m in enumerate(g.allgather(med)):  # every rank's: the slowest rank sets the call's time
-        log(f"graph split {name}, rank {r_}: " + ", ".join(f"{k} {v:.1f}" for k, v in m.items()) + " us")
+        log(f"graph split {name}, rank {r_}: " + ", ".join(f"{k} {v:.1f}" for k, v in m.items()
+                                                          if not k.startswith(" ")) + " us")
+        log("    in-kernel (us after the kernel's stream mark): " +
+            ", ".join(f"{k.strip()} {v:.1f}" for k, v in m.items() if k.startswith(" ")))
     return med
 
 

@@ -56,6 +56,7 @@ class GpuBackend:
         self.low_latency = None
         self.trace: list | None = None  # set to [] to record per-kernel timestamps (bench: graph_split, --trace)
         self.trace_stamps = cupy.zeros(256, cupy.uint64)
+        self.kernel_trace = False  # diagnostics (bench): kernels also write in-kernel timestamps (see _marks)
         # Diagnostics (bench): dispatch_send's parts, bit 0 peer rows, bit 1 own rows, bit 2 per-row metadata.
         self.send_role_mask = 7
         # Whether the latest dispatch left its outputs in the buffer (zero-copy): combine then stages its rows above
@@ -72,8 +73,18 @@ class GpuBackend:
         self.trace_stamps (uint64, ns) gets the time the stream reached the i-th mark."""
         if self.trace is not None:
             from .probe import timestamp
-            timestamp(self.trace_stamps, len(self.trace) % 256, stream=self.stream)
+            timestamp(self.trace_stamps, len(self.trace) % self.MARKS_BASE, stream=self.stream)
             self.trace.append(name)
+
+    KERNEL_MARKS = ("dispatch_send", "dispatch_recv", "combine_stage", "combine_reduce")
+    MARKS_BASE = 128  # kernel marks live in trace_stamps[128:], 8 per kernel (the stream marks use [0, 128))
+
+    def _marks(self, kernel: str) -> int:
+        """Diagnostics (bench, kernel_trace): where `kernel` writes its in-kernel timestamps, or 0 (none)."""
+        if not self.kernel_trace:
+            return 0
+        slot = self.MARKS_BASE + 8 * self.KERNEL_MARKS.index(kernel)
+        return int(self.trace_stamps.data.ptr) + 8 * slot
 
     def _comm(self):
         return tuple(self.err.wait_params())
@@ -249,12 +260,14 @@ class GpuBackend:
             grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts,
                    send_pos, matrix, t, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx,
                    lay.off_w, lay.off_src, recv_x, recv_scales, recv_idx, recv_w, recv_src, rows, peer_blocks,
-                   self.send_role_mask, self._counter(0), self._epoch_ptr(0)) + self._comm(), stream=self.stream)
+                   self.send_role_mask, self._counter(0), self._epoch_ptr(0), self._marks("dispatch_send")) + self._comm(),
+            stream=self.stream)
         self._mark("dispatch_send")
         get_kernel(intra.dispatch_recv_spec(self.num_ranks, config.num_threads)).launch(
             grid, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx, lay.off_w, lay.off_src,
                    row_int4, s, k, info, matrix, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src,
-                   1 if zero_copy else 0, self._epoch_ptr(0)) + self._comm(), stream=self.stream)
+                   1 if zero_copy else 0, self._epoch_ptr(0), self._marks("dispatch_recv")) + self._comm(),
+            stream=self.stream)
         self._mark("dispatch_recv")
 
     def _counter(self, i: int) -> int:
@@ -328,7 +341,7 @@ class GpuBackend:
         get_kernel(intra.combine_stage_spec(r, config.num_threads)).launch(
             grid, (x, row_int4, topk_weights, k, st["count_matrix"], rows, self.nvl.peer_bases, self.meta_bytes,
                    lay.off_x, lay.off_w, 1 if zero_copy else 0, self._counter(1),
-                   self._epoch_ptr(1)) + self._comm(), stream=self.stream)
+                   self._epoch_ptr(1), self._marks("combine_stage")) + self._comm(), stream=self.stream)
         self._mark("combine_stage")
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
@@ -336,8 +349,8 @@ class GpuBackend:
         get_kernel(intra.combine_reduce_spec(r, config.num_threads)).launch(
             grid if t else 1, (self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
                                handle.is_token_in_rank, handle.send_pos, st["count_matrix"], t, b0, b1, x, topk_weights,
-                               out, out_w,
-                               self._epoch_ptr(1)) + self._comm(), stream=self.stream)
+                               out, out_w, self._epoch_ptr(1),
+                               self._marks("combine_reduce")) + self._comm(), stream=self.stream)
         self._mark("combine_reduce")
         ev = self._finish(ctx, (x, topk_weights, bias))
         return out, out_w, ev

@@ -143,7 +143,8 @@ def dispatch_send_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
                 ("long long", "off_x"), ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"),
                 ("long long", "off_src"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
                 ("float*", "out_w"), ("int*", "out_src"), ("int", "num_out_rows"), ("int", "peer_blocks"),
-                ("int", "role_mask"), ("int*", "block_counter"), ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
+                ("int", "role_mask"), ("int*", "block_counter"), ("const uint64_t*", "epoch_counter"),
+                ("unsigned long long*", "marks")) + COMM_PARAMS,
         num_threads=num_threads)
 
 
@@ -156,7 +157,7 @@ def dispatch_recv_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
                 ("int", "row_int4"), ("int", "num_scales"), ("int", "num_topk"), ("const int*", "info"),
                 ("const int*", "count_matrix"), ("int", "num_out_rows"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
                 ("float*", "out_w"), ("int*", "out_src"), ("int", "zero_copy"),
-                ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
+                ("const uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,
         num_threads=num_threads)
 
 
@@ -167,7 +168,7 @@ def combine_stage_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "topk_weights"), ("int", "num_topk"),
                 ("const int*", "count_matrix"), ("int", "num_rows"), ("const uint64_t*", "peer_bases"),
                 ("long long", "data_offset"), ("long long", "off_cx"), ("long long", "off_cw"), ("int", "zero_copy"),
-                ("int*", "block_counter"), ("uint64_t*", "epoch_counter")) + COMM_PARAMS,
+                ("int*", "block_counter"), ("uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,
         num_threads=num_threads)
 
 
@@ -180,7 +181,7 @@ def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kerne
                 ("const int*", "send_pos"), ("const int*", "count_matrix"), ("int", "num_tokens"),
                 ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
                 ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"),
-                ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
+                ("const uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,
         num_threads=num_threads)
 
 

@@ -160,6 +160,12 @@ EPCOMM_DEVICE_INLINE void store_row_scales(const RowMeta& meta, float* out, cons
     for (int s = lane + 2 * kWarpSize; s < num_scales; s += kWarpSize) out[s] = row[s * stride];
 }
 
+// Diagnostics (bench: kernel_trace): thread 0 of block 0 writes the global timer (ns) to marks[slot] at a phase
+// boundary of its kernel; marks == nullptr, as in normal use, writes nothing.
+EPCOMM_DEVICE_INLINE void mark(unsigned long long* marks, int slot) {
+    if (marks != nullptr && blockIdx.x == 0 && threadIdx.x == 0) marks[slot] = globaltimer_ns();
+}
+
 EPCOMM_DEVICE_INLINE uint8_t* peer_base(const uint64_t* peer_bases, int r) {
     return reinterpret_cast<uint8_t*>(peer_bases[r]);
 }
@@ -336,9 +342,10 @@ EPCOMM_DEVICE_INLINE int block_start(const int (*matrix)[kNumRanks], int src, in
 }
 
 // Signal `kind` to every peer once all blocks of this grid are done (last block out releases the flags).
+// marks (diagnostics): [3] block 0 counted out, [4] the last block signalled.
 template <int kNumRanks>
 EPCOMM_DEVICE_INLINE void grid_done_signal(int* block_counter, const uint64_t* peer_bases, int kind, int rank,
-                                           uint64_t epoch, uint64_t* epoch_counter = nullptr) {
+                                           uint64_t epoch, uint64_t* epoch_counter, unsigned long long* marks) {
     __syncthreads();
     __shared__ int is_last;
     if (threadIdx.x == 0) {
@@ -346,6 +353,7 @@ EPCOMM_DEVICE_INLINE void grid_done_signal(int* block_counter, const uint64_t* p
         fence_acq_rel_sys();
         is_last = atomicAdd(block_counter, 1) == static_cast<int>(gridDim.x) - 1;
     }
+    mark(marks, 3);
     __syncthreads();
     if (is_last && threadIdx.x < kNumRanks) {
         fence_acq_rel_sys();  // pairs with the acquire waits on kind's flag at every peer
@@ -353,6 +361,7 @@ EPCOMM_DEVICE_INLINE void grid_done_signal(int* block_counter, const uint64_t* p
         if (threadIdx.x == 0) {
             *block_counter = 0;
             if (epoch_counter) *epoch_counter = epoch;  // every block has read the old value (all counted in)
+            if (marks != nullptr) marks[4] = globaltimer_ns();
         }
     }
 }
@@ -390,8 +399,9 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
                                         long long off_x, long long off_scales, long long off_idx, long long off_w,
                                         long long off_src, int4* out_x, float* out_scales, int64_t* out_idx,
                                         float* out_w, int* out_src, int num_out_rows, int peer_blocks, int role_mask,
-                                        int* block_counter, const uint64_t* epoch_counter, uint64_t err_record,
-                                        long long timeout_ns, int rank) {
+                                        int* block_counter, const uint64_t* epoch_counter, unsigned long long* marks,
+                                        uint64_t err_record, long long timeout_ns, int rank) {
+    mark(marks, 0);
     const uint64_t epoch = *epoch_counter;  // advanced by this call's notify
     __shared__ int matrix[kNumRanks][kNumRanks];
     __shared__ int my_start[kNumRanks];
@@ -415,6 +425,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
         }
     }
     __syncthreads();
+    mark(marks, 1);
     const bool split = peer_blocks > 0 && peer_blocks < static_cast<int>(gridDim.x);
     const bool peer_role = !split || static_cast<int>(blockIdx.x) < peer_blocks;
     const bool own_role = !split || static_cast<int>(blockIdx.x) >= peer_blocks;
@@ -478,7 +489,8 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
             if (lane == 0 && sink[d].src) sink[d].src[row[d]] = t;
         }
     }
-    grid_done_signal<kNumRanks>(block_counter, peer_bases, kFlagDispatchDone, rank, epoch);
+    mark(marks, 2);
+    grid_done_signal<kNumRanks>(block_counter, peer_bases, kFlagDispatchDone, rank, epoch, nullptr, marks);
 }
 
 // Dispatch receive: wait for every source's done flag, then copy other sources' rows of [0, N) from the receive
@@ -493,8 +505,9 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
                                         int row_int4, int num_scales, int num_topk, const int* info,
                                         const int* count_matrix, int num_out_rows, int4* out_x, float* out_scales,
                                         int64_t* out_idx, float* out_w, int* out_src, int zero_copy,
-                                        const uint64_t* epoch_counter, uint64_t err_record, long long timeout_ns,
-                                        int rank) {
+                                        const uint64_t* epoch_counter, unsigned long long* marks,
+                                        uint64_t err_record, long long timeout_ns, int rank) {
+    mark(marks, 0);
     using M = Meta<kNumRanks>;
     const uint64_t epoch = *epoch_counter;  // advanced by this call's notify
     comm::Waiter waiter(err_record, timeout_ns, rank);
@@ -503,6 +516,7 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
                        threadIdx.x, phase::kDispatch);
     __syncthreads();
     if (comm::block_has_error(waiter)) return;
+    mark(marks, 1);
     const int n = info[0];
     const int copy_rows = n < num_out_rows ? n : num_out_rows;
     int self_begin = 0;
@@ -513,12 +527,15 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
     const uint8_t* data = local_base + data_offset;
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
-    for (int r = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; r < num_out_rows; r += warps) {
+    if (zero_copy && out_src) {  // one row per thread: many independent loads in flight, not one per warp
+        const int* in_src = reinterpret_cast<const int*>(data + off_src);
+        for (int r = blockIdx.x * kNumThreads + threadIdx.x; r < copy_rows; r += kNumThreads * gridDim.x)
+            if (r < self_begin || r >= self_end) out_src[r] = in_src[r];
+    }
+    const int first_row = zero_copy ? copy_rows : 0;  // zero_copy: rows [0, n) are in place (src_idx done above)
+    for (int r = first_row + blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; r < num_out_rows;
+         r += warps) {
         if (r >= self_begin && r < self_end) continue;  // written directly by dispatch_send
-        if (r < copy_rows && zero_copy) {
-            if (lane == 0 && out_src) out_src[r] = reinterpret_cast<const int*>(data + off_src)[r];
-            continue;
-        }
         if (r < copy_rows) {
             const long long rr = r;
             const float* in_scales = reinterpret_cast<const float*>(data + off_scales) + rr * num_scales;
@@ -552,6 +569,7 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
             if (lane == 0 && out_src) out_src[r] = -1;
         }
     }
+    mark(marks, 2);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -568,8 +586,9 @@ template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float* topk_weights, int num_topk,
                                         const int* count_matrix, int num_rows, const uint64_t* peer_bases,
                                         long long data_offset, long long off_cx, long long off_cw, int zero_copy,
-                                        int* block_counter, uint64_t* epoch_counter, uint64_t err_record,
-                                        long long timeout_ns, int rank) {
+                                        int* block_counter, uint64_t* epoch_counter, unsigned long long* marks,
+                                        uint64_t err_record, long long timeout_ns, int rank) {
+    mark(marks, 0);
     using M = Meta<kNumRanks>;
     // NOTES: this kernel owns the combine epoch: every block reads counter + 1 at its start; the last block out
     // stores it back (after every block has read it), where combine_reduce reads it.
@@ -587,6 +606,7 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
                        threadIdx.x, phase::kCombine);
     __syncthreads();
     const bool skip = comm::block_has_error(waiter);
+    mark(marks, 1);
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
     const int all_rows = num_rows < recv_start[kNumRanks] ? num_rows : recv_start[kNumRanks];
@@ -604,7 +624,8 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
             for (int k = lane + kWarpSize; k < num_topk; k += kWarpSize) cw[k] = topk_weights[nn * num_topk + k];
         }
     }
-    grid_done_signal<kNumRanks>(block_counter, peer_bases, kFlagCombineDone, rank, epoch, epoch_counter);
+    mark(marks, 2);
+    grid_done_signal<kNumRanks>(block_counter, peer_bases, kFlagCombineDone, rank, epoch, epoch_counter, marks);
 }
 
 // Combine reduce: wait until every rank has staged its rows, then out[t] = bias0 + bias1 + sum over ranks d (in
@@ -616,8 +637,9 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
                                          const int* send_pos, const int* count_matrix, int num_tokens,
                                          const int4* bias0, const int4* bias1, const int4* x_local,
                                          const float* w_local, int4* out, float* out_w,
-                                         const uint64_t* epoch_counter, uint64_t err_record, long long timeout_ns,
-                                         int rank) {
+                                         const uint64_t* epoch_counter, unsigned long long* marks,
+                                         uint64_t err_record, long long timeout_ns, int rank) {
+    mark(marks, 0);
     using M = Meta<kNumRanks>;
     const uint64_t epoch = *epoch_counter;  // advanced by this call's combine_stage
     __shared__ int area_start[kNumRanks];   // my block in rank d's receive order (= in d's staged rows, or in x_local)
@@ -634,6 +656,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     }
     __syncthreads();
     if (comm::block_has_error(waiter)) return;
+    mark(marks, 1);
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
     for (int t = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; t < num_tokens; t += warps) {
@@ -686,6 +709,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
             }
         }
     }
+    mark(marks, 2);
 }
 
 }  // namespace intranode
