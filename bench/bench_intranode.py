@@ -231,11 +231,13 @@ for sms in sweep:
         rows.append(record(op, dt, R, gpus, T, H, K, E, sms, us, lb, pb, card, b,
                            ceiling_one_way_gbps=round(ceiling_one_way, 1), **extra))
 
-KERNEL_PHASES = {  # in-kernel marks (intranode.cuh, mark()): slot -> what block 0 (slots 0-3) or the last block (4) did
-    "dispatch_send": ("start", "set up", "rows done", "counted out", "last signalled"),
-    "dispatch_recv": ("start", "waited", "rows done"),
-    "combine_stage": ("start", "waited", "rows done", "counted out", "last signalled"),
-    "combine_reduce": ("start", "waited", "rows done"),
+KERNEL_PHASES = {  # in-kernel marks (intranode.cuh, mark()): slot -> what block 0 (the last block: slot 4) did
+    "dispatch_send": ("start", "set up", "rows done", "counted out", "last signalled", "before error read",
+                      "arrived at the count"),
+    "dispatch_recv": ("start", "waited", "rows done", None, None, "before error read"),
+    "combine_stage": ("start", "waited", "rows done", "counted out", "last signalled", "before error read",
+                      "arrived at the count"),
+    "combine_reduce": ("start", "waited", "rows done", None, None, "before error read"),
 }
 
 
@@ -250,6 +252,8 @@ def _segments(marks, into, kernels=False):
         if kernels and marks[i] in KERNEL_PHASES:
             base = be.MARKS_BASE + 8 * be.KERNEL_MARKS.index(marks[i])
             for j, phase in enumerate(KERNEL_PHASES[marks[i]]):
+                if phase is None:
+                    continue
                 into.setdefault(f"  {marks[i]}/{phase}", []).append((stamps[base + j] - ts[i - 1]) / 1e3)
 
 

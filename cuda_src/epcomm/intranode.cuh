@@ -342,12 +342,13 @@ EPCOMM_DEVICE_INLINE int block_start(const int (*matrix)[kNumRanks], int src, in
 }
 
 // Signal `kind` to every peer once all blocks of this grid are done (last block out releases the flags).
-// marks (diagnostics): [3] block 0 counted out, [4] the last block signalled.
+// marks (diagnostics): [6] block 0 arrived, [3] block 0 counted out, [4] the last block signalled.
 template <int kNumRanks>
 EPCOMM_DEVICE_INLINE void grid_done_signal(int* block_counter, const uint64_t* peer_bases, int kind, int rank,
                                            uint64_t epoch, uint64_t* epoch_counter, unsigned long long* marks) {
     __syncthreads();
     __shared__ int is_last;
+    mark(marks, 6);
     if (threadIdx.x == 0) {
         // Cumulative fence: this block's stores (all threads, ordered by the barrier above) before the count.
         fence_acq_rel_sys();
@@ -410,6 +411,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
     if (threadIdx.x < kNumRanks) my_start[threadIdx.x] = block_start<kNumRanks>(matrix, rank, threadIdx.x);
     __syncthreads();
     comm::Waiter waiter(err_record, timeout_ns, rank);
+    mark(marks, 5);  // diagnostics: before the error-record read (host memory, across PCIe)
     const bool skip = comm::block_has_error(waiter);  // e.g. a capacity error from notify: address nothing
     // In shared memory: kNumRanks x 5 pointers in registers would spill at 8 ranks.
     __shared__ RowSink sink[kNumRanks];
@@ -515,6 +517,7 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
         comm::wait_geq(M::flag(const_cast<uint8_t*>(local_base), kFlagDispatchDone, threadIdx.x), epoch, waiter,
                        threadIdx.x, phase::kDispatch);
     __syncthreads();
+    mark(marks, 5);  // diagnostics: before the error-record read (host memory, across PCIe)
     if (comm::block_has_error(waiter)) return;
     mark(marks, 1);
     const int n = info[0];
@@ -605,6 +608,7 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
         comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineReady, threadIdx.x), epoch, waiter,
                        threadIdx.x, phase::kCombine);
     __syncthreads();
+    mark(marks, 5);  // diagnostics: before the error-record read (host memory, across PCIe)
     const bool skip = comm::block_has_error(waiter);
     mark(marks, 1);
     const int lane = threadIdx.x % kWarpSize;
@@ -655,6 +659,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
         comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineDone, d), epoch, waiter, d, phase::kCombine);
     }
     __syncthreads();
+    mark(marks, 5);  // diagnostics: before the error-record read (host memory, across PCIe)
     if (comm::block_has_error(waiter)) return;
     mark(marks, 1);
     const int lane = threadIdx.x % kWarpSize;
