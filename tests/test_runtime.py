@@ -335,11 +335,11 @@ __device__ void run(uint64_t* u64, uint32_t* u32, int32_t* s32, int64_t* s64, in
     const comm::Waiter w(err_record, timeout_ns, rank);
     uint64_t acc = ld_acquire_sys_u64(u64) + ld_acquire_sys_u32(u32) + ld_acquire_sys_s32(s32);
     acc += ld_acquire_gpu_u64(u64) + ld_acquire_gpu_u32(u32) + ld_acquire_gpu_s32(s32);
-    acc += ld_relaxed_sys_u64(u64) + ld_relaxed_sys_u32(u32) + ld_relaxed_sys_s32(s32);
+    acc += ld_relaxed_sys_u64(u64) + ld_relaxed_sys_u32(u32) + ld_relaxed_sys_s32(s32) + ld_relaxed_gpu_s32(s32);
     st_release_sys_u64(u64 + 1, acc); st_release_sys_u32(u32 + 1, 1u); st_release_sys_s32(s32 + 1, 2);
     st_release_gpu_u64(u64 + 2, acc); st_release_gpu_s32(s32 + 2, 3);
     st_relaxed_sys_u64(u64 + 3, acc); st_relaxed_sys_u32(u32 + 3, 4u); st_relaxed_sys_s32(s32 + 3, 5);
-    st_relaxed_sys_s64(s64, 6);
+    st_relaxed_sys_s64(s64, 6); st_relaxed_gpu_s32(s32 + 11, 7);
     acc += atomic_add_release_sys_u64(u64 + 4, 1) + atomic_add_release_sys_s32(s32 + 4, 1);
     acc += atomic_add_release_gpu_s32(s32 + 5, 1) + atomic_add_relaxed_gpu_s32(s32 + 6, 1);
     acc += atomic_cas_acq_rel_gpu_s32(s32 + 7, 0, 1);

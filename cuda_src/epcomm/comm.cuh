@@ -3,7 +3,7 @@
 //
 // Kernel convention: every communicating kernel takes these three parameters LAST, in this order,
 //     ..., uint64_t err_record, long long timeout_ns, int rank)
-// (err_record: device address of the host-mapped ErrorRecord, 0 for none; timeout_ns: bound of each wait, from
+// (err_record: device address of the process's ErrorSlot, 0 for none; timeout_ns: bound of each wait, from
 // EPCOMM_TIMEOUT_S; rank: this rank, for the report), and builds one `comm::Waiter w(err_record, timeout_ns, rank)`.
 // Python passes them as `*error_record.wait_params()`.
 //
@@ -50,17 +50,28 @@ struct ErrorRecord {
 };
 static_assert(sizeof(ErrorRecord) == 56, "ErrorRecord layout is mirrored by watchdog.ERROR_RECORD_DTYPE");
 
+// Where a process's errors go, in device memory (one per process; watchdog.ErrorRecord allocates it): the address
+// of the host-mapped ErrorRecord the host reads, and `seen`, a device copy of "some thread of this process recorded
+// an error" that has_error reads instead of the record. Reading host memory across PCIe from every block of a grid at
+// once cost 12-25 us per kernel (measured with in-kernel marks, bench/NOTES.md v7); a device read costs well under one.
+struct ErrorSlot {
+    ErrorRecord* record;    // host-mapped (device address); may be nullptr
+    int32_t seen;           // 0 until record_error runs on this GPU
+    int32_t reserved;
+};
+static_assert(sizeof(ErrorSlot) == 16, "ErrorSlot layout is mirrored by watchdog.ErrorRecord (two u64 words)");
+
 // How long to wait and where to report; built once per kernel from its three trailing parameters.
 struct Waiter {
-    ErrorRecord* err;       // nullptr: report nowhere (the wait still gives up and returns false)
+    ErrorSlot* slot;        // nullptr: report nowhere (the wait still gives up and returns false)
     long long timeout_ns;   // bound of each single wait
     int rank;               // this rank, for the report
 
     EPCOMM_DEVICE_INLINE Waiter(uint64_t err_record, long long timeout_ns_, int rank_)
-        : err(reinterpret_cast<ErrorRecord*>(err_record)), timeout_ns(timeout_ns_), rank(rank_) {}
+        : slot(reinterpret_cast<ErrorSlot*>(err_record)), timeout_ns(timeout_ns_), rank(rank_) {}
 };
 
-// Polls of the flag between two reads of the timer and of the error record (the record sits across PCIe).
+// Polls of the flag between two reads of the timer and of the error slot.
 constexpr uint32_t kPollsPerCheck = 64;
 // Back-off between polls: from kMinSleepNs doubling to kMaxSleepNs. Unpaced spinning of thousands of threads with
 // system-scope acquire loads competes with the peers' incoming NVLink writes into the same memory (measured: EP4
@@ -69,17 +80,18 @@ constexpr uint32_t kPollsPerCheck = 64;
 constexpr uint32_t kMinSleepNs = 32;
 constexpr uint32_t kMaxSleepNs = 256;
 
-// True when some thread of this process has already recorded an error: stop working and return.
+// True when some thread of this process has already recorded an error: stop working and return. A device-memory read
+// (ErrorSlot::seen): errors recorded by earlier kernels of this process are seen too.
 EPCOMM_DEVICE_INLINE bool has_error(const Waiter& w) {
-    return w.err != nullptr && ld_relaxed_sys_s32(&w.err->code) != kErrNone;
+    return w.slot != nullptr && ld_relaxed_gpu_s32(&w.slot->seen) != 0;
 }
 
 // True in every thread of the block iff ok was true in every thread; a block-wide barrier (all threads must call it).
 // Use it where a failed wait in one thread must make the whole block skip its remaining work together.
 EPCOMM_DEVICE_INLINE bool block_all_ok(bool ok) { return __syncthreads_and(ok ? 1 : 0) != 0; }
 
-// has_error for a whole block: ONE thread reads the record (it sits in host memory, across PCIe: a read per thread
-// of every block costs milliseconds) and the answer reaches every thread through a block-wide barrier.
+// has_error for a whole block: ONE thread reads the slot and the answer reaches every thread through a block-wide
+// barrier.
 EPCOMM_DEVICE_INLINE bool block_has_error(const Waiter& w) {
     return __syncthreads_or(threadIdx.x == 0 && has_error(w)) != 0;
 }
@@ -90,7 +102,9 @@ EPCOMM_DEVICE_INLINE bool block_has_error(const Waiter& w) {
 // NOTES: the CAS is GPU scope: only this GPU's threads write this process's record; the host only reads it.
 EPCOMM_DEVICE_INLINE void record_error(const Waiter& w, int32_t code, int peer, int phase, int64_t observed,
                                        int64_t expected, int64_t waited_ns = 0, int32_t cmp = kCmpGeq) {
-    ErrorRecord* err = w.err;
+    if (w.slot == nullptr) return;
+    st_relaxed_gpu_s32(&w.slot->seen, 1);  // every thread of this GPU stops at its next has_error
+    ErrorRecord* err = w.slot->record;
     if (err == nullptr || atomic_cas_acq_rel_gpu_s32(&err->code, kErrNone, kErrWriting) != kErrNone) return;
     st_relaxed_sys_s32(&err->rank, w.rank);
     st_relaxed_sys_s32(&err->peer, peer);

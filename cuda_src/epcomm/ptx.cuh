@@ -74,6 +74,13 @@ EPCOMM_DEVICE_INLINE int32_t ld_relaxed_sys_s32(const int32_t* ptr) {
     return value;
 }
 
+// Relaxed load of an s32, GPU scope (a word only this GPU's threads write).
+EPCOMM_DEVICE_INLINE int32_t ld_relaxed_gpu_s32(const int32_t* ptr) {
+    int32_t value;
+    asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+    return value;
+}
+
 // ---- Release stores: everything this thread wrote before becomes visible to whoever acquires the new value.
 
 // Release store of a u64 flag, system scope.
@@ -116,6 +123,11 @@ EPCOMM_DEVICE_INLINE void st_relaxed_sys_u32(uint32_t* ptr, uint32_t value) {
 // Relaxed store of an s32, system scope.
 EPCOMM_DEVICE_INLINE void st_relaxed_sys_s32(int32_t* ptr, int32_t value) {
     asm volatile("st.relaxed.sys.global.s32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+// Relaxed store of an s32, GPU scope.
+EPCOMM_DEVICE_INLINE void st_relaxed_gpu_s32(int32_t* ptr, int32_t value) {
+    asm volatile("st.relaxed.gpu.global.s32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
 
 // Relaxed store of an s64, system scope.

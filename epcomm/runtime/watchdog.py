@@ -95,10 +95,12 @@ def decode_error(record: np.ndarray, context: str = "") -> EpcommError | None:
 
 class ErrorRecord:
     """One comm::ErrorRecord in host-mapped pinned memory: the device writes it when a bounded wait expires and the
-    host reads it without synchronising (it is readable even while a kernel hangs).
+    host reads it without synchronising (it is readable even while a kernel hangs). Beside it, in device memory, the
+    comm::ErrorSlot kernels take: the record's device address and `seen`, the flag kernels poll instead of the record
+    (a read of host memory from every block of a grid cost 12-25 us per kernel).
 
-    rank: this rank, passed to kernels for the report. device_ptr: the address kernels take as err_record.
-    Needs a CUDA device (CuPy); allocate one per process (or per buffer) and reuse it.
+    rank: this rank, passed to kernels for the report. device_ptr: the address kernels take as err_record (the slot).
+    Needs a CUDA device (CuPy), current when it is made; allocate one per process (or per buffer) and reuse it.
     """
 
     def __init__(self, rank: int = 0):
@@ -110,9 +112,11 @@ class ErrorRecord:
         self._host_ptr = runtime.hostAlloc(self._size, runtime.hostAllocMapped | runtime.hostAllocPortable)
         self._free_host = runtime.freeHost
         from ..memory import mapped_device_pointer
-        self.device_ptr = mapped_device_pointer(self._host_ptr)
+        self.record_device_ptr = mapped_device_pointer(self._host_ptr)
         buffer = (ctypes.c_byte * self._size).from_address(self._host_ptr)
         self._view = np.ndarray((1,), dtype=ERROR_RECORD_DTYPE, buffer=buffer)
+        self._slot = cupy.zeros(2, dtype=cupy.uint64)  # comm::ErrorSlot: {record, seen | reserved << 32}
+        self.device_ptr = int(self._slot.data.ptr)
         self.reset()
 
     def wait_params(self) -> tuple[int, int, int]:
@@ -134,15 +138,17 @@ class ErrorRecord:
             raise error
 
     def reset(self) -> None:
-        """Clear the record (only while no kernel that may write it is running)."""
+        """Clear the record and the slot's flag (only while no kernel that may write them is running)."""
         self._view[...] = np.zeros((1,), dtype=ERROR_RECORD_DTYPE)
+        self._slot.set(np.array([self.record_device_ptr, 0], dtype=np.uint64))  # a synchronous copy from the host
 
     def close(self) -> None:
         if self._host_ptr:
             self._view = None
             self._free_host(self._host_ptr)
             self._host_ptr = 0
-            self.device_ptr = 0
+            self.device_ptr = self.record_device_ptr = 0
+            self._slot = None
 
     def __del__(self):
         try:
