@@ -364,6 +364,16 @@ graph_split("bf16 combine, zero-copy, 24 SMs", lambda: buf.combine(None, handle,
 zc_d8 = agree(timed(lambda: buf.dispatch((x_fp8, scales_cm), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                                          num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, config=cfg24,
                                          zero_copy=True)))
+log("send_peer_sms sweep at 24 SMs, zero-copy, graph, cached dispatch:")
+for peers in (10, 12, 14, 16, 18):
+    cfg_p = epcomm.Config(num_sms=24, send_peer_sms=peers)
+    f8p = agree(timed_graph(lambda: fp8_cached(cfg_p, zc=True)))
+    b16p = agree(timed_graph(lambda: bf16_cached(cfg_p, zc=True)))
+    log(f"  send_peer_sms {peers:2d}: fp8 {f8p:.1f} us, bf16 {b16p:.1f} us")
+    add_row("dispatch", "fp8", f8p, f"cached-graph, zero-copy, send_peer_sms {peers}", send_peer_sms=peers,
+            zero_copy=True)
+    add_row("dispatch", "bf16", b16p, f"cached-graph, zero-copy, send_peer_sms {peers}", send_peer_sms=peers,
+            zero_copy=True)
 for op, dt, us, variant in (("dispatch", "fp8", zc_f8, "cached-graph, zero-copy"),
                             ("dispatch", "bf16", zc_b16, "cached-graph, zero-copy"),
                             ("combine", "bf16", zc_c, "graph, zero-copy"),

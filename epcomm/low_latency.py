@@ -6,12 +6,16 @@ alternate halves (call count parity), and so do combine calls, independently. Pe
 
     dispatch_signals [E_local][R] u64      (epoch << 32) | (count + 1) from each source, per local expert
     combine_signals  [E] u64               epoch from the owner of each global expert
-    dispatch_recv    [E_local][R][Tmax]    messages of msg_stride bytes: 16-byte header (int32 source token index)
-                                           + bf16 [H], or e4m3 [H] + float32 scale_inv [H / 128]
+    dispatch_recv    [E_local][R][Tmax]    messages of msg_stride bytes: 16-byte header (int32 source token index,
+                                           int32 1 when the payload is in dispatch_tokens, else 0) + bf16 [H], or
+                                           e4m3 [H] + float32 scale_inv [H / 128] (only the header when the payload
+                                           went to dispatch_tokens)
     combine_recv     [E][Tmax]             bf16 [H] rows: expert e's output for this rank's token t
     combine_send     [E_local][R*Tmax]     bf16 [H]: get_next_low_latency_combine_buffer (zero-copy input); staging
                                            of the NVSHMEM path otherwise
     dispatch_send    [Tmax]                messages: staging of the NVSHMEM path
+    dispatch_tokens  [R][Tmax]             messages: [s][t] = source s's token t, sent ONCE to this rank however many
+                                           of its experts here it names (NVLink peers; once_per_rank)
 
 Every region starts on a 256-byte boundary; offsets depend only on (Tmax, H, R, E), never on dtype options.
 """
@@ -82,6 +86,7 @@ class LowLatencyLayout:
     off_combine_recv: int
     off_combine_send: int
     off_dispatch_send: int
+    off_dispatch_tokens: int
     half_bytes: int
 
     @staticmethod
@@ -104,9 +109,11 @@ class LowLatencyLayout:
         off_combine_recv = _align(off_dispatch_recv + e_local * r * tmax * msg_stride)
         off_combine_send = _align(off_combine_recv + e * tmax * row_bytes)
         off_dispatch_send = _align(off_combine_send + e_local * r * tmax * row_bytes)
-        half_bytes = _align(off_dispatch_send + tmax * msg_stride)
+        off_dispatch_tokens = _align(off_dispatch_send + tmax * msg_stride)
+        half_bytes = _align(off_dispatch_tokens + r * tmax * msg_stride)
         return LowLatencyLayout(tmax, h, r, e, msg_stride, off_dispatch_signals, off_combine_signals, signal_bytes,
-                                off_dispatch_recv, off_combine_recv, off_combine_send, off_dispatch_send, half_bytes)
+                                off_dispatch_recv, off_combine_recv, off_combine_send, off_dispatch_send,
+                                off_dispatch_tokens, half_bytes)
 
     @property
     def key(self) -> tuple:
@@ -134,7 +141,8 @@ class LowLatencyLayout:
                 ("dispatch_recv", self.off_dispatch_recv, e_local * r * tmax * self.msg_stride),
                 ("combine_recv", self.off_combine_recv, self.num_experts * tmax * row),
                 ("combine_send", self.off_combine_send, e_local * r * tmax * row),
-                ("dispatch_send", self.off_dispatch_send, tmax * self.msg_stride)]
+                ("dispatch_send", self.off_dispatch_send, tmax * self.msg_stride),
+                ("dispatch_tokens", self.off_dispatch_tokens, r * tmax * self.msg_stride)]
 
 
 def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
@@ -162,9 +170,10 @@ def dispatch_send_spec(use_fp8: bool, round_scale: bool) -> KernelSpec:
         params=(("const int4*", "x"), ("const int64_t*", "topk_idx"), ("int", "num_tokens"), ("int", "num_topk"),
                 ("int", "hidden"), ("int", "num_experts"), ("int", "num_ranks"), ("int", "tmax"),
                 ("uint8_t*", "sym_base"), ("long long", "off_signals"), ("long long", "off_recv"),
-                ("long long", "off_staging"), ("int", "msg_stride"), ("int", "msg_bytes"),
-                ("int*", "expert_counters"), ("int*", "block_counter"), ("uint64_t*", "epoch_counter"),
-                ("int", "force_nvshmem"), ("int*", "num_bad_indices")) + COMM_PARAMS,
+                ("long long", "off_staging"), ("long long", "off_tokens"), ("int", "msg_stride"),
+                ("int", "msg_bytes"), ("int*", "expert_counters"), ("int*", "block_counter"),
+                ("uint64_t*", "epoch_counter"), ("int", "force_nvshmem"), ("int", "once_per_rank"),
+                ("int*", "num_bad_indices")) + COMM_PARAMS,
         num_threads=DISPATCH_SEND_THREADS, uses_nvshmem=True)
 
 
@@ -175,7 +184,8 @@ def dispatch_recv_spec(use_fp8: bool, use_ue8m0: bool) -> KernelSpec:
         template_args=(("kNumThreads", DISPATCH_RECV_THREADS), ("kUseFp8", bool(use_fp8)),
                        ("kUseUe8m0", bool(use_fp8 and use_ue8m0))),
         params=(("const uint8_t*", "local_base"), ("long long", "off_signals"), ("long long", "off_recv"),
-                ("int", "msg_stride"), ("int", "hidden"), ("int", "num_ranks"), ("int", "num_local_experts"),
+                ("long long", "off_tokens"), ("int", "msg_stride"), ("int", "hidden"), ("int", "num_ranks"),
+                ("int", "num_local_experts"),
                 ("int", "tmax"), ("int", "blocks_per_expert"), ("const uint64_t*", "epoch_counter"),
                 ("int4*", "out_x"), ("void*", "out_scales"), ("int*", "out_src_info"),
                 ("int64_t*", "out_layout_range"), ("int*", "out_count"), ("int*", "cumulative_stats"),
@@ -248,6 +258,11 @@ class LowLatencyGpu:
         if self.num_ranks > MAX_RANKS:
             raise ConfigError(f"low_latency_mode: expected at most {MAX_RANKS} ranks, got {self.num_ranks}")
         self.force_nvshmem = bool(env("EPCOMM_FORCE_NVSHMEM"))
+        # Dispatch sends a token's payload once per NVLink-reachable destination rank (dispatch_tokens) and only a
+        # 16-byte header per expert; False sends the whole message per (token, expert) as DeepEP does (kept for
+        # comparison: tests and bench/bench_low_latency.py run both). Peers reached by NVSHMEM puts always get
+        # whole messages.
+        self.once_per_rank = True
         self.nbytes = int(num_rdma_bytes)
         self.num_sms = backend.num_sms_device
         self.sym = None            # uint8 CuPy array over the symmetric buffer (nvshmem.core.array)
@@ -420,9 +435,10 @@ class LowLatencyGpu:
         get_kernel(dispatch_send_spec(use_fp8, round_scale)).launch(
             max(1, min(t, 2 * self.num_sms)),
             (x, topk_idx, t, k, h, num_experts, r, tmax, base, half_off + lay.off_dispatch_signals,
-             half_off + lay.off_dispatch_recv, half_off + lay.off_dispatch_send, lay.msg_stride,
-             message_bytes(h, use_fp8), self.expert_counters, self._counter_ptr(0),
-             self._epoch_ptr(EPOCH_DISPATCH, half), int(self.force_nvshmem), be.bad_index.device_ptr) + comm,
+             half_off + lay.off_dispatch_recv, half_off + lay.off_dispatch_send, half_off + lay.off_dispatch_tokens,
+             lay.msg_stride, message_bytes(h, use_fp8), self.expert_counters, self._counter_ptr(0),
+             self._epoch_ptr(EPOCH_DISPATCH, half), int(self.force_nvshmem), int(self.once_per_rank),
+             be.bad_index.device_ptr) + comm,
             stream=be.stream)
         handle = LowLatencyHandle(src_info, layout_range, tmax, h, num_experts, t, half,
                                   backend_state={"layout": lay.key})
@@ -431,8 +447,8 @@ class LowLatencyGpu:
         def receive():
             get_kernel(dispatch_recv_spec(use_fp8, use_ue8m0)).launch(
                 e_local * bpe,
-                (base, half_off + lay.off_dispatch_signals, half_off + lay.off_dispatch_recv, lay.msg_stride, h, r,
-                 e_local, tmax, bpe, self._epoch_ptr(EPOCH_DISPATCH, half), data, scales, src_info, layout_range,
+                (base, half_off + lay.off_dispatch_signals, half_off + lay.off_dispatch_recv,
+                 half_off + lay.off_dispatch_tokens, lay.msg_stride, h, r, e_local, tmax, bpe, self._epoch_ptr(EPOCH_DISPATCH, half), data, scales, src_info, layout_range,
                  recv_count, cumulative_stats, wait_stats) + tuple(be.err.wait_params()),
                 stream=be.stream)
 

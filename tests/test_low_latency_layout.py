@@ -22,7 +22,7 @@ def test_regions_aligned_disjoint_and_inside_half(tmax, hidden, ranks, experts):
     lay = ll.LowLatencyLayout.plan(tmax, hidden, ranks, experts)
     regions = lay.regions()
     assert [name for name, _, _ in regions] == ["dispatch_signals", "combine_signals", "dispatch_recv",
-                                                "combine_recv", "combine_send", "dispatch_send"]
+                                                "combine_recv", "combine_send", "dispatch_send", "dispatch_tokens"]
     end = 0
     for name, off, size in regions:
         assert off % ll.ALIGN == 0, name
@@ -56,6 +56,9 @@ def test_slot_addresses_stay_in_their_region(tmax, hidden, ranks, experts):
         inside("dispatch_recv", lay.off_dispatch_recv + ((j * ranks + src) * tmax + slot) * lay.msg_stride,
                ll.message_bytes(hidden, fp8))
         inside("dispatch_send", lay.off_dispatch_send + (tmax - 1) * lay.msg_stride, ll.message_bytes(hidden, fp8))
+        # once_per_rank: token t of source rank src, once per destination rank
+        inside("dispatch_tokens", lay.off_dispatch_tokens + (src * tmax + tmax - 1) * lay.msg_stride,
+               ll.message_bytes(hidden, fp8))
     inside("dispatch_signals", lay.off_dispatch_signals + (j * ranks + src) * 8, 8)
     # combine_send: row (global expert e, token t) at the source; signal [e]
     inside("combine_recv", lay.off_combine_recv + ((experts - 1) * tmax + tmax - 1) * 2 * hidden, 2 * hidden)

@@ -7,8 +7,10 @@
 //                                           my local expert j in the dispatch numbered `epoch` on this half
 //   combine_signals  [E] u64               [e] = epoch: the owner of global expert e sent back all its rows for me
 //   dispatch_recv    [E_local][R][Tmax] messages of msg_stride bytes: [j][s][slot]
-//                    message = 16-byte header (int32 source token index, 12 bytes unused) + payload
-//                    payload = bf16 [H], or e4m3 [H] followed by float32 scale_inv [H / 128]
+//                    message = 16-byte header (int32 source token index t, int32 kPayloadInTokens or 0, 8 bytes
+//                    unused) + payload; payload = bf16 [H], or e4m3 [H] followed by float32 scale_inv [H / 128]
+//   dispatch_tokens  [R][Tmax] messages: [s][t] = the payload of source s's token t, stored once per destination rank
+//                    (once_per_rank, NVLink peers); the (token, expert) messages then carry only their header
 //   combine_recv     [E][Tmax] bf16 [H] rows: [e][t] = expert e's output for my token t
 //   combine_send     [E_local][R * Tmax] bf16 [H]: the zero-copy combine input (and NVSHMEM-path staging)
 //   dispatch_send    [Tmax] messages: staging of the NVSHMEM path (a put's source must stay put until quiet)
@@ -41,6 +43,7 @@ constexpr int kMaxRanks = 256;        // shared-memory tables are sized for this
 constexpr int kMaxTopk = 256;         // and this many top-k entries per token
 constexpr int kMsgHeaderBytes = 16;   // header in front of every dispatch message
 constexpr int kCopyUnroll = 4;        // 16-byte loads in flight per lane in the row copies
+constexpr int kPayloadInTokens = 1;   // header word 1: the payload is in dispatch_tokens[source][token]
 
 // The dispatch signal value: which call (epoch) and how many messages (count + 1, so that 0 means "nothing yet").
 EPCOMM_DEVICE_INLINE uint64_t dispatch_signal_value(uint64_t epoch, int count) {
@@ -109,15 +112,18 @@ EPCOMM_DEVICE_INLINE void load_peer_bases(uint8_t** peer_bases, uint8_t* sym_bas
 // Dispatch send: one block per token (grid-stride). Each valid (t, k) takes the next slot of expert topk_idx[t, k]
 // for this source (a per-expert atomic counter), the block casts the row once (FP8: per 128 channels) and stores the
 // message straight into every NVLink-reachable destination slot (other destinations get an NVSHMEM put of a staged
-// copy). The last block out sends every expert's count signal and advances the epoch. Never waits.
-// Grid: any number of blocks >= 1 (also with num_tokens == 0: the counts, all zero, must still be signalled).
+// copy). With once_per_rank, an NVLink-reachable rank gets the payload once, in its dispatch_tokens[rank][t], and
+// each of its slots only the header (marked kPayloadInTokens): at EP2 with top-8 of 256 that is 1 row per
+// destination rank instead of 4. The last block out sends every expert's count signal and advances the epoch. Never
+// waits. Grid: any number of blocks >= 1 (also with num_tokens == 0: the counts, all zero, must still be signalled).
 template <int kNumThreads, bool kUseFp8, bool kRoundScale>
 EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, int num_tokens, int num_topk,
                                         int hidden, int num_experts, int num_ranks, int tmax, uint8_t* sym_base,
                                         long long off_signals, long long off_recv, long long off_staging,
-                                        int msg_stride, int msg_bytes, int* expert_counters, int* block_counter,
-                                        uint64_t* epoch_counter, int force_nvshmem, int* num_bad_indices,
-                                        uint64_t err_record, long long timeout_ns, int rank) {
+                                        long long off_tokens, int msg_stride, int msg_bytes, int* expert_counters,
+                                        int* block_counter, uint64_t* epoch_counter, int force_nvshmem,
+                                        int once_per_rank, int* num_bad_indices, uint64_t err_record,
+                                        long long timeout_ns, int rank) {
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
     constexpr int kNumWarps = kNumThreads / kWarpSize;
     constexpr int kGroupChannels = kWarpSize * 16;  // FP8: a warp casts 512 channels (4 scale blocks) per step
@@ -125,6 +131,8 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
     const uint64_t epoch = *epoch_counter + 1;
     __shared__ uint8_t* peer_bases[kMaxRanks];
     __shared__ uint8_t* dst_ptr[kMaxTopk];     // direct address of (t, k)'s message slot, nullptr if none / remote
+    __shared__ uint8_t* payload_ptr[kMaxTopk]; // where (t, k) stores the payload: its slot, its owner's token slot
+                                               // (first k of each owner, once_per_rank), or nullptr
     __shared__ long long dst_off[kMaxTopk];    // its offset in the symmetric buffer, -1 if (t, k) sends nothing
     __shared__ int dst_pe[kMaxTopk];           // the owner rank
     const comm::Waiter waiter(err_record, timeout_ns, rank);
@@ -162,6 +170,18 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
         }
         // Publishes dst_*; any_remote is block-uniform.
         const bool any_remote = __syncthreads_or(remote ? 1 : 0) != 0;
+        for (int k = threadIdx.x; k < num_topk; k += kNumThreads) {
+            uint8_t* payload = dst_ptr[k];
+            if (once_per_rank && payload != nullptr) {
+                bool first = true;  // the first k naming an expert of this owner carries the payload
+                for (int k2 = 0; k2 < k && first; ++k2) first = !(dst_ptr[k2] != nullptr && dst_pe[k2] == dst_pe[k]);
+                payload = first ? peer_bases[dst_pe[k]] + off_tokens +
+                                      (static_cast<long long>(rank) * tmax + t) * msg_stride
+                                : nullptr;
+            }
+            payload_ptr[k] = payload;
+        }
+        __syncthreads();  // publishes payload_ptr
         uint8_t* staging = sym_base + off_staging + static_cast<long long>(t) * msg_stride;
         const int4* row = x + static_cast<long long>(t) * (hidden / 8);
 
@@ -197,7 +217,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
                 const long long scale_at = kMsgHeaderBytes + hidden + (c0 / fp8::kBlock) * 4;
                 const bool scale_lane = lane % 8 == 0;
                 for (int k = 0; k < num_topk; ++k) {
-                    uint8_t* dst = dst_ptr[k];
+                    uint8_t* dst = payload_ptr[k];
                     if (dst == nullptr) continue;
                     st_global_na_v4(reinterpret_cast<int4*>(dst + data_at), q);
                     if (scale_lane) *reinterpret_cast<float*>(dst + scale_at) = sc.scale_inv;
@@ -212,17 +232,17 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
             for (int c = threadIdx.x; c < row_int4; c += kNumThreads) {
                 const int4 v = ld_global_nc_na_v4(row + c);
                 for (int k = 0; k < num_topk; ++k) {
-                    uint8_t* dst = dst_ptr[k];
+                    uint8_t* dst = payload_ptr[k];
                     if (dst != nullptr) st_global_na_v4(reinterpret_cast<int4*>(dst + kMsgHeaderBytes) + c, v);
                 }
                 if (any_remote) st_global_v4(reinterpret_cast<int4*>(staging + kMsgHeaderBytes) + c, v);
             }
         }
         if (threadIdx.x == 0) {
-            const int4 header = make_int4(t, 0, 0, 0);
+            const int4 header = make_int4(t, once_per_rank ? kPayloadInTokens : 0, 0, 0);
             for (int k = 0; k < num_topk; ++k)
                 if (dst_ptr[k] != nullptr) st_global_na_v4(reinterpret_cast<int4*>(dst_ptr[k]), header);
-            if (any_remote) st_global_v4(reinterpret_cast<int4*>(staging), header);
+            if (any_remote) st_global_v4(reinterpret_cast<int4*>(staging), make_int4(t, 0, 0, 0));
         }
 
         // 3. NVSHMEM puts of the staged message to the destinations without a direct address.
@@ -353,7 +373,8 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
 // Data rows past the count are left as they were.
 template <int kNumThreads, bool kUseFp8, bool kUseUe8m0>
 EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long off_signals, long long off_recv,
-                                        int msg_stride, int hidden, int num_ranks, int num_local_experts, int tmax,
+                                        long long off_tokens, int msg_stride, int hidden, int num_ranks,
+                                        int num_local_experts, int tmax,
                                         int blocks_per_expert, const uint64_t* epoch_counter, int4* out_x,
                                         void* out_scales, int* out_src_info, int64_t* out_layout_range, int* out_count,
                                         int* cumulative_stats, long long* wait_stats, uint64_t err_record,
@@ -418,11 +439,15 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long off
         const int slot = m - begins[r];
         const uint8_t* msg = recv + (static_cast<long long>(j * num_ranks + r) * tmax + slot) * msg_stride;
         const long long row = j * rows_per_expert + m;
-        warp_copy_v4<false>(reinterpret_cast<const int4*>(msg + kMsgHeaderBytes), out_x + row * data_int4, data_int4,
-                            lane);
-        if (lane == 0) out_src_info[row] = *reinterpret_cast<const int*>(msg);
+        const int4 header = ld_global_v4(reinterpret_cast<const int4*>(msg));
+        const bool in_tokens = header.y == kPayloadInTokens && header.x >= 0 && header.x < tmax;
+        const uint8_t* payload =
+            in_tokens ? local_base + off_tokens + (static_cast<long long>(r) * tmax + header.x) * msg_stride : msg;
+        warp_copy_v4<false>(reinterpret_cast<const int4*>(payload + kMsgHeaderBytes), out_x + row * data_int4,
+                            data_int4, lane);
+        if (lane == 0) out_src_info[row] = header.x;
         if constexpr (kUseFp8) {
-            const float* scales = reinterpret_cast<const float*>(msg + kMsgHeaderBytes + hidden);
+            const float* scales = reinterpret_cast<const float*>(payload + kMsgHeaderBytes + hidden);
             if constexpr (kUseUe8m0) {
                 const int num_words = (num_scales + 3) / 4;
                 for (int w = lane; w < num_words; w += kWarpSize) {

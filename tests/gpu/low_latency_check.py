@@ -191,8 +191,20 @@ def receive_event(hk, async_finish, tag):
 
 
 def ll_case(h, k, e, tokens="big", fp8=False, round_scale=False, ue8m0=False, hook=False, zero_copy=False,
-            drop=0.1, skew=None, seed=0, b=None, overlap=False, tmax=TMAX, async_finish=False):
+            drop=0.1, skew=None, seed=0, b=None, overlap=False, tmax=TMAX, async_finish=False, per_expert=False):
+    """per_expert: dispatch sends the whole message per (token, expert), as DeepEP does (once_per_rank off)."""
     b = b or buf
+    ll = b._backend.low_latency
+    before, ll.once_per_rank = ll.once_per_rank, not per_expert
+    try:
+        _ll_case(b, h, k, e, tokens, fp8, round_scale, ue8m0, hook, zero_copy, drop, skew, seed, overlap, tmax,
+                 async_finish)
+    finally:
+        ll.once_per_rank = before
+
+
+def _ll_case(b, h, k, e, tokens, fp8, round_scale, ue8m0, hook, zero_copy, drop, skew, seed, overlap, tmax,
+             async_finish):
     if e % R:
         print(f"rank {rank}: skipped (num_experts {e} not a multiple of {R} ranks)", flush=True)
         return
@@ -361,6 +373,7 @@ if args.oversubscribed:
                                                         zero_copy=True)),
         ("bf16_h2048_k1_e16_one_hook_zero_copy", dict(h=2048, k=1, e=16, tokens="one", hook=True, zero_copy=True)),
         ("fp8_h2048_k8_e64_hook_async", dict(h=2048, k=8, e=64, fp8=True, hook=True, async_finish=True)),
+        ("fp8_h2048_k8_e64_per_expert", dict(h=2048, k=8, e=64, fp8=True, per_expert=True)),
     ]
 else:
     plan = [
@@ -387,6 +400,9 @@ else:
         ("fp8_h4096_k8_e64_hook_async", dict(h=4096, k=8, e=64, fp8=True, hook=True, async_finish=True)),
         ("bf16_h2048_k8_e64_zero_copy_hook_async", dict(h=2048, k=8, e=64, hook=True, zero_copy=True,
                                                         async_finish=True)),
+        ("fp8_h7168_k8_e256_big_per_expert", dict(h=7168, k=8, e=256, fp8=True, per_expert=True)),
+        ("bf16_h4096_k8_e64_mixed_hook_per_expert", dict(h=4096, k=8, e=64, tokens="mixed", hook=True,
+                                                         per_expert=True)),
     ]
     if args.quick:
         plan = plan[:4]
