@@ -330,7 +330,7 @@ graph_split("bf16 combine, 24 SMs", lambda: buf.combine(recv_bf16, handle, confi
 # dispatch_send's parts (diagnostics: the parts left out are not written, so these calls' outputs are wrong): peer
 # rows, own rows, per-row metadata (scales, top-k, source index); each role alone with and without the metadata, on all
 # 24 SMs and on its share of the default split. Then the split swept at 24 SMs.
-default_split = default_peer_sms(24, R)
+default_split = default_peer_sms(24, R, fp8=True)
 for label, mask, peers in (("peer rows + metadata, 24 SMs", 5, 0), ("peer rows, no metadata, 24 SMs", 1, 0),
                            ("own rows + metadata, 24 SMs", 6, 0), ("own rows, no metadata, 24 SMs", 2, 0),
                            ("all rows, no metadata, 24 SMs", 3, 0),
@@ -341,7 +341,8 @@ for label, mask, peers in (("peer rows + metadata, 24 SMs", 5, 0), ("peer rows, 
         graph_split(f"fp8 cached dispatch, {label}", lambda: fp8_cached(epcomm.Config(num_sms=24, send_peer_sms=peers)))
     finally:
         buf._backend.send_role_mask = 7
-log(f"send_peer_sms sweep at 24 SMs (default {default_split}), graph, cached dispatch:")
+log(f"send_peer_sms sweep at 24 SMs (default fp8 {default_split}, bf16 {default_peer_sms(24, R)}), graph, cached "
+    "dispatch:")
 for peers in sorted({0, 10, 12, 14, 16, 18, default_split}):
     cfg_p = epcomm.Config(num_sms=24, send_peer_sms=peers)
     f8p = agree(timed_graph(lambda: fp8_cached(cfg_p)))

@@ -94,7 +94,8 @@ class Config:
     num_threads: threads per block of the dispatch / combine kernels (a multiple of 32 in 128..1024; a tuning knob:
         512 keeps every row copy in registers without spills, see bench/NOTES.md).
     send_peer_sms: of the dispatch send kernel's SMs, how many store rows to other ranks while the rest copy the
-        rank's own rows beside them (a tuning knob). None: chosen from the rank count (intranode.default_peer_sms);
+        rank's own rows beside them (a tuning knob). None: chosen from the rank count and the row type
+        (intranode.default_peer_sms);
         0: every SM does both.
     """
     num_sms: int = 24

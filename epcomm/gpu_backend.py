@@ -255,7 +255,7 @@ class GpuBackend:
         stride_s = scales.strides[1] // itemsize if scales is not None else 0
         grid = self._grid(config)
         peer_blocks = (config.send_peer_sms if config.send_peer_sms is not None
-                       else intra.default_peer_sms(grid, self.num_ranks))
+                       else intra.default_peer_sms(grid, self.num_ranks, scales is not None))
         get_kernel(intra.dispatch_send_spec(self.num_ranks, config.num_threads)).launch(
             grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts,
                    send_pos, matrix, t, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx,

@@ -90,19 +90,21 @@ def nvl_buffer_size_hint(num_max_tokens: int, hidden_bytes: int, num_ranks: int,
     return meta_bytes(num_ranks) + (2 * area if zero_copy else area)
 
 
-# An SM copying the rank's own rows moves about 1.4x what an SM storing to a peer moves (EP2, 2x H200, a6d764d:
-# the send_peer_sms sweep at 24 SMs was fastest at 12-14 peer SMs for FP8 and 14-16 for BF16; bench/NOTES.md v7).
-PEER_SM_WEIGHT = 1.4
+# How much more an SM copying the rank's own rows moves than an SM storing rows to a peer, per row type: the split
+# that balances the two sides. Measured (EP2, H 7168, 24 SMs, 2x H200, 0cf75c9, graph replays of the zero-copy and
+# copying dispatch): FP8 fastest at 10 peer SMs of 24 (105.7 us zero-copy; 12-16: 111-112 us), BF16 at 16 (191.0 us;
+# 14: 195.5, 12: 198.6). bench/NOTES.md v7 has the sweeps.
+PEER_SM_WEIGHT = {"fp8": 10 / 14, "bf16": 16 / 8}
 
 
-def default_peer_sms(num_sms: int, num_ranks: int) -> int:
+def default_peer_sms(num_sms: int, num_ranks: int, fp8: bool = False) -> int:
     """How many of dispatch_send's SMs store rows to peers (the others copy the rank's own rows beside them).
 
-    The split balances the two sides' times: peers get (R - 1) rows per own row, and an SM storing to a peer moves
-    less than an SM copying locally (PEER_SM_WEIGHT). One SM, or one rank, cannot split: 0 means every SM does both."""
+    The split balances the two sides' times: peers get (R - 1) rows per own row, weighted by PEER_SM_WEIGHT for the
+    row type (fp8: e4m3 rows with scales; else bf16). One SM, or one rank, cannot split: 0 means every SM does both."""
     if num_sms < 2 or num_ranks < 2:
         return 0
-    weight = PEER_SM_WEIGHT * (num_ranks - 1)
+    weight = PEER_SM_WEIGHT["fp8" if fp8 else "bf16"] * (num_ranks - 1)
     peers = round(num_sms * weight / (weight + 1))
     return max(1, min(num_sms - 1, peers))
 

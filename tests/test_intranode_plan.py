@@ -10,17 +10,23 @@ from epcomm import intranode as intra
 
 @pytest.mark.parametrize("num_sms", [1, 2, 8, 24, 32, 132])
 @pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
-def test_default_peer_sms_leaves_both_roles_an_sm(num_sms, num_ranks):
-    peers = intra.default_peer_sms(num_sms, num_ranks)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_default_peer_sms_leaves_both_roles_an_sm(num_sms, num_ranks, fp8):
+    peers = intra.default_peer_sms(num_sms, num_ranks, fp8)
     if num_sms < 2 or num_ranks < 2:
         assert peers == 0                                   # no split: every SM does both
     else:
         assert 1 <= peers <= num_sms - 1
 
 
-def test_default_peer_sms_gives_peers_more_with_more_ranks():
-    shares = [intra.default_peer_sms(24, r) for r in (2, 4, 8)]
+@pytest.mark.parametrize("fp8", [False, True])
+def test_default_peer_sms_gives_peers_more_with_more_ranks(fp8):
+    shares = [intra.default_peer_sms(24, r, fp8) for r in (2, 4, 8)]
     assert shares == sorted(shares) and shares[0] < shares[-1]
+
+
+def test_default_peer_sms_is_the_measured_split_at_ep2():
+    assert intra.default_peer_sms(24, 2, fp8=True) == 10 and intra.default_peer_sms(24, 2, fp8=False) == 16
 
 
 def test_zero_copy_split_keeps_dispatch_and_combine_apart():

@@ -42,7 +42,9 @@ namespace epcomm::low_latency {
 constexpr int kMaxRanks = 256;        // shared-memory tables are sized for this many ranks
 constexpr int kMaxTopk = 256;         // and this many top-k entries per token
 constexpr int kMsgHeaderBytes = 16;   // header in front of every dispatch message
-constexpr int kCopyUnroll = 4;        // 16-byte loads in flight per lane in the row copies
+// 16-byte loads in flight per lane in the row copies: 8 moves an FP8 row of H 7168 in two steps (a bf16 row in
+// four); each step is a memory round trip of the copying warp. Was 4 (2a75e51; bench/NOTES.md, low latency v2).
+constexpr int kCopyUnroll = 8;
 constexpr int kPayloadInTokens = 1;   // header word 1: the payload is in dispatch_tokens[source][token]
 
 // The dispatch signal value: which call (epoch) and how many messages (count + 1, so that 0 means "nothing yet").
@@ -483,7 +485,8 @@ EPCOMM_DEVICE_INLINE void combine_recv(const uint8_t* local_base, long long off_
                                        const uint64_t* epoch_counter, int4* out, uint64_t err_record,
                                        long long timeout_ns, int rank) {
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
-    constexpr int kLoadsInFlight = 4;  // top-k rows loaded before they are added (in k order)
+    // Top-k rows loaded before they are added (in k order): 8 covers top-8 in one memory round trip per step (was 4).
+    constexpr int kLoadsInFlight = 8;
     const uint64_t epoch = *epoch_counter;  // advanced by this call's combine_send
     __shared__ long long rows[kMaxTopk];  // row of (t, k) in combine_recv, -1 if none
     __shared__ float weights[kMaxTopk];
