@@ -232,12 +232,12 @@ for sms in sweep:
                            ceiling_one_way_gbps=round(ceiling_one_way, 1), **extra))
 
 KERNEL_PHASES = {  # in-kernel marks (intranode.cuh, mark()): slot -> what block 0 (the last block: slot 4) did
-    "dispatch_send": ("start", "set up", "rows done", "counted out", "last signalled", "before error read",
+    "dispatch_send": ("start", "set up", "rows done", "counted out", "last signalled", "before error check",
                       "arrived at the count"),
-    "dispatch_recv": ("start", "waited", "rows done", None, None, "before error read"),
-    "combine_stage": ("start", "waited", "rows done", "counted out", "last signalled", "before error read",
+    "dispatch_recv": ("start", "waited", "rows done", None, None, "before error check"),
+    "combine_stage": ("start", "waited", "rows done", "counted out", "last signalled", "before error check",
                       "arrived at the count"),
-    "combine_reduce": ("start", "waited", "rows done", None, None, "before error read"),
+    "combine_reduce": ("start", "waited", "rows done", None, None, "before error check"),
 }
 
 

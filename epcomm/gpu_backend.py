@@ -348,7 +348,7 @@ class GpuBackend:
         # Launched also with no tokens: it still waits for every rank's staged flag, closing the call.
         get_kernel(intra.combine_reduce_spec(r, config.num_threads)).launch(
             grid if t else 1, (self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
-                               handle.is_token_in_rank, handle.send_pos, st["count_matrix"], t, b0, b1, x, topk_weights,
+                               handle.send_pos, st["count_matrix"], t, b0, b1, x, topk_weights,
                                out, out_w, self._epoch_ptr(1),
                                self._marks("combine_reduce")) + self._comm(), stream=self.stream)
         self._mark("combine_reduce")

@@ -179,8 +179,8 @@ def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kerne
     return KernelSpec(
         family="intranode", op="combine_reduce", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const uint64_t*", "peer_bases"), ("long long", "data_offset"), ("long long", "off_cx"),
-                ("long long", "off_cw"), ("int", "row_int4"), ("int", "num_topk"), ("const bool*", "is_token_in_rank"),
-                ("const int*", "send_pos"), ("const int*", "count_matrix"), ("int", "num_tokens"),
+                ("long long", "off_cw"), ("int", "row_int4"), ("int", "num_topk"), ("const int*", "send_pos"),
+                ("const int*", "count_matrix"), ("int", "num_tokens"),
                 ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
                 ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"),
                 ("const uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,

@@ -411,7 +411,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
     if (threadIdx.x < kNumRanks) my_start[threadIdx.x] = block_start<kNumRanks>(matrix, rank, threadIdx.x);
     __syncthreads();
     comm::Waiter waiter(err_record, timeout_ns, rank);
-    mark(marks, 5);  // diagnostics: before the error-record read (host memory, across PCIe)
+    mark(marks, 5);  // diagnostics: before the error check
     const bool skip = comm::block_has_error(waiter);  // e.g. a capacity error from notify: address nothing
     // In shared memory: kNumRanks x 5 pointers in registers would spill at 8 ranks.
     __shared__ RowSink sink[kNumRanks];
@@ -517,7 +517,7 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
         comm::wait_geq(M::flag(const_cast<uint8_t*>(local_base), kFlagDispatchDone, threadIdx.x), epoch, waiter,
                        threadIdx.x, phase::kDispatch);
     __syncthreads();
-    mark(marks, 5);  // diagnostics: before the error-record read (host memory, across PCIe)
+    mark(marks, 5);  // diagnostics: before the error check
     if (comm::block_has_error(waiter)) return;
     mark(marks, 1);
     const int n = info[0];
@@ -608,7 +608,7 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
         comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineReady, threadIdx.x), epoch, waiter,
                        threadIdx.x, phase::kCombine);
     __syncthreads();
-    mark(marks, 5);  // diagnostics: before the error-record read (host memory, across PCIe)
+    mark(marks, 5);  // diagnostics: before the error check
     const bool skip = comm::block_has_error(waiter);
     mark(marks, 1);
     const int lane = threadIdx.x % kWarpSize;
@@ -637,7 +637,7 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
 // to bf16 once. One warp per token, 8 channels per lane step.
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long data_offset, long long off_cx,
-                                         long long off_cw, int row_int4, int num_topk, const bool* is_token_in_rank,
+                                         long long off_cw, int row_int4, int num_topk,
                                          const int* send_pos, const int* count_matrix, int num_tokens,
                                          const int4* bias0, const int4* bias1, const int4* x_local,
                                          const float* w_local, int4* out, float* out_w,
@@ -659,18 +659,27 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
         comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineDone, d), epoch, waiter, d, phase::kCombine);
     }
     __syncthreads();
-    mark(marks, 5);  // diagnostics: before the error-record read (host memory, across PCIe)
+    mark(marks, 5);  // diagnostics: before the error check
     if (comm::block_has_error(waiter)) return;
     mark(marks, 1);
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
-    for (int t = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize; t < num_tokens; t += warps) {
+    // A token's routing is its send_pos row (-1: not sent there), lane d holding rank d's entry; the next token's is
+    // loaded before this token's rows, so no load latency separates one token from the next (as in dispatch_send).
+    const auto route = [&](int t) {
+        return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
+    };
+    const int first = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize;
+    int next_pos = route(first);
+    for (int t = first; t < num_tokens; t += warps) {
+        const int my_pos = next_pos;
+        next_pos = route(t + warps);
         const int4* src[kNumRanks];
         long long rows[kNumRanks];
         #pragma unroll
         for (int d = 0; d < kNumRanks; ++d) {
-            bool in = is_token_in_rank[static_cast<long long>(t) * kNumRanks + d];
-            rows[d] = in ? area_start[d] + send_pos[static_cast<long long>(t) * kNumRanks + d] : -1;
+            const int pos = __shfl_sync(kFullWarpMask, my_pos, d);
+            rows[d] = pos >= 0 ? area_start[d] + pos : -1;
             src[d] = rows[d] < 0 ? nullptr
                      : d == rank ? x_local + rows[d] * row_int4
                                  : reinterpret_cast<const int4*>(area[d] + off_cx) + rows[d] * row_int4;
