@@ -494,29 +494,11 @@ EPCOMM_DEVICE_INLINE void combine_recv(const uint8_t* local_base, long long off_
     const int num_local_experts = num_experts / num_ranks;
     bool ok = true;
     // One warp per block polls (every block needs every expert's rows): kNumThreads pollers per block compete with
-    // the incoming writes. Each lane first reads kFlagsInFlight of its signals at once with relaxed loads (acquire
-    // loads would each wait for the one before: E / 32 round trips in a row, ~4 us at E 256), waits (bounded,
-    // acquire) only for those not yet set, and then fences: relaxed loads that saw the releases + fence.acq_rel
-    // form the acquire pattern for all of them.
-    constexpr int kFlagsInFlight = 8;
-    const uint64_t* signals = reinterpret_cast<const uint64_t*>(local_base + off_signals);
-    if (threadIdx.x < kWarpSize) {
-        for (int e0 = threadIdx.x; e0 < num_experts; e0 += kWarpSize * kFlagsInFlight) {
-            uint64_t seen[kFlagsInFlight];
-#pragma unroll
-            for (int u = 0; u < kFlagsInFlight; ++u) {
-                const int e = e0 + u * kWarpSize;
-                seen[u] = e < num_experts ? ld_relaxed_sys_u64(signals + e) : epoch;
-            }
-#pragma unroll
-            for (int u = 0; u < kFlagsInFlight; ++u) {
-                const int e = e0 + u * kWarpSize;
-                // Pairs with the release of the signal by the owner's combine_send (its last block out).
-                if (e < num_experts && seen[u] < epoch)
-                    ok = comm::wait_geq(signals + e, epoch, waiter, e / num_local_experts, phase::kLlCombineRecv) && ok;
-            }
-        }
-        fence_acq_rel_sys();
+    // the incoming writes.
+    for (int e = threadIdx.x; e < num_experts && threadIdx.x < kWarpSize; e += kWarpSize) {
+        const uint64_t* sig = reinterpret_cast<const uint64_t*>(local_base + off_signals) + e;
+        // Pairs with the release of the signal by the owner's combine_send (its last block out).
+        ok = comm::wait_geq(sig, epoch, waiter, e / num_local_experts, phase::kLlCombineRecv) && ok;
     }
     if (!comm::block_all_ok(ok)) return;
 
