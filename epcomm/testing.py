@@ -101,3 +101,36 @@ def make_x(rng: np.random.Generator, num_tokens: int, hidden: int, rank: int) ->
 def make_weights(rng: np.random.Generator, num_tokens: int, num_topk: int) -> np.ndarray:
     """[num_tokens, num_topk] float32 top-k weights, uniform in [0, 1)."""
     return rng.random((num_tokens, num_topk), dtype=np.float32)
+
+
+def pairwise_cases(factors: dict, seed: int = 0, candidates: int = 64) -> list[dict]:
+    """A small set of cases (dicts factor -> level) in which every pair of levels of every two factors occurs at least
+    once ("all-pairs" coverage of the cross product, which would be far too large to run in full). Greedy and seeded:
+    each new case is the best of `candidates` random ones at covering pairs not yet covered, with its first factor
+    pinned to a level that still has an uncovered pair."""
+    names = list(factors)
+    levels = [list(factors[n]) for n in names]
+    if any(not lv for lv in levels):
+        raise ConfigError("factors: expected at least one level per factor")
+    uncovered = {(i, a, j, b) for i in range(len(names)) for j in range(i + 1, len(names))
+                 for a in range(len(levels[i])) for b in range(len(levels[j]))}
+    rng = np.random.default_rng(seed)
+    cases = []
+
+    def pairs_of(choice):
+        return {(i, choice[i], j, choice[j]) for i in range(len(names)) for j in range(i + 1, len(names))}
+
+    while uncovered:
+        i0, a0, j0, b0 = min(uncovered)
+        best, best_gain = None, -1
+        for _ in range(candidates):
+            choice = [int(rng.integers(len(lv))) for lv in levels]
+            choice[i0], choice[j0] = a0, b0
+            gain = len(pairs_of(choice) & uncovered)
+            if gain > best_gain:
+                best, best_gain = choice, gain
+        uncovered -= pairs_of(best)
+        cases.append({n: levels[k][best[k]] for k, n in enumerate(names)})
+    if not names or len(names) == 1:
+        cases = [{names[0]: lv} for lv in levels[0]] if names else []
+    return cases

@@ -50,3 +50,17 @@ def test_zero_copy_split_keeps_dispatch_and_combine_apart():
 def test_combine_layout_base_zero_is_unchanged():
     a = intra.CombineLayout.plan(1 << 24, 4096, 8)
     assert a.off_x == 0 and a.off_w >= a.capacity_rows * 4096 * 2
+
+
+def test_pairwise_cases_cover_every_pair_and_stay_small():
+    from itertools import combinations
+    from epcomm.testing import pairwise_cases
+    factors = {"dtype": ["bf16", "fp8"], "topk": [True, False], "H": [2048, 4096, 7168, 7680], "K": [1, 6, 8],
+               "E": [16, 64, 256], "tokens": [0, 1, 17, 4096], "worst": [False, True]}
+    cases = pairwise_cases(factors, seed=3)
+    for a, b in combinations(factors, 2):
+        seen = {(c[a], c[b]) for c in cases}
+        assert seen == {(x, y) for x in factors[a] for y in factors[b]}, (a, b)
+    assert 16 <= len(cases) <= 30                          # 4 x 4 levels need 16; the full product is 2304
+    assert cases == pairwise_cases(factors, seed=3)         # seeded: the same plan on every rank
+    assert pairwise_cases({"x": [1, 2, 3]}) == [{"x": 1}, {"x": 2}, {"x": 3}]

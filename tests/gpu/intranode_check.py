@@ -18,7 +18,7 @@ from _harness import Cases, exit_with  # noqa: E402
 import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
 from epcomm.intranode import nvl_buffer_size_hint  # noqa: E402
-from epcomm.testing import assert_bitwise_equal, make_topk, make_weights, make_x  # noqa: E402
+from epcomm.testing import assert_bitwise_equal, make_topk, make_weights, make_x, pairwise_cases  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--quick", action="store_true")
@@ -303,6 +303,26 @@ else:
     ]
     if args.quick:
         plan = plan[:4]
+# Issue 3's correctness matrix (dtype x top-k x sync/async x cached x num_worst_tokens x H x K x E x tokens per rank,
+# with skew), plus zero-copy, bias and alignment: all of it is thousands of cases, so every PAIR of levels is covered
+# instead (epcomm.testing.pairwise_cases, seeded: the same plan on every rank). Token levels go to the ranks in
+# rotation, so ranks always dispatch different counts.
+token_levels = [0, 1, 17, 96 if args.oversubscribed else 4096]
+matrix = pairwise_cases({"fp8": [False, True], "topk": [True, False], "async_": [False, True], "cached": [False, True],
+                         "worst": [False, True], "zero_copy": [False, True], "h": [2048, 4096, 7168, 7680],
+                         "k": [1, 6, 8], "e": [16, 64, 256], "tokens": token_levels,
+                         "skew": [None, "one_expert", "avoid_rank"], "bias": [0, 1, 2], "align": [1, 8]}, seed=11)
+if not args.quick:
+    for i, c in enumerate(matrix):
+        first = token_levels.index(c.pop("tokens"))
+        toks = [token_levels[(first + r) % len(token_levels)] for r in range(R)]
+        c["worst"] = sum(toks) + 3 if c["worst"] else 0
+        if c["skew"] == "avoid_rank":
+            c["skew"] = f"avoid_rank:{R}:{R - 1}"
+        name = (f"pairwise_{i:02d}_{'fp8' if c['fp8'] else 'bf16'}_h{c['h']}_k{c['k']}_e{c['e']}_t{toks[0]}"
+                + "".join(f"_{k}" for k in ("async_", "cached", "zero_copy") if c[k]) + ("_worst" if c["worst"] else "")
+                + ("" if c["topk"] else "_notopk") + (f"_{c['skew'].split(':')[0]}" if c["skew"] else ""))
+        plan.append((name, dict(tokens=toks, **c)))
 for i, (name, kw) in enumerate(plan):
     cases.run(name, normal_case, seed=i, **kw)
 cases.run("determinism_x1000" if not args.oversubscribed else "determinism_x20", determinism,
