@@ -68,6 +68,10 @@ def normal_case(h, k, e, tokens, fp8=False, topk=True, async_=False, worst=0, ca
     copy, as an expert would); peer_sms: Config.send_peer_sms (None: the default split, 0: every SM does both)."""
     poison_pool()
     if zero_copy:  # poison the buffer too: its receive area is the output
+        # Only once every rank is done with the previous case: a slower rank's combine may still be reading this
+        # rank's staged rows (found by the pairwise cases at EP4/EP8: the poison showed up as a missing contribution).
+        cp.cuda.Device().synchronize()
+        group.barrier()
         loc = buf._backend.nvl.local
         loc.view(buf._backend.meta_bytes, (buf._backend.data_bytes,), cp.uint8).fill(0xA5)
         cp.cuda.Device().synchronize()
