@@ -260,8 +260,8 @@ class GpuBackend:
             grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts,
                    send_pos, matrix, t, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx,
                    lay.off_w, lay.off_src, recv_x, recv_scales, recv_idx, recv_w, recv_src, rows, peer_blocks,
-                   self.send_role_mask, self._counter(0), self._epoch_ptr(0), self._marks("dispatch_send")) + self._comm(),
-            stream=self.stream)
+                   self.send_role_mask, self._counter(0), self._epoch_ptr(0),
+                   self._marks("dispatch_send")) + self._comm(), stream=self.stream)
         self._mark("dispatch_send")
         get_kernel(intra.dispatch_recv_spec(self.num_ranks, config.num_threads)).launch(
             grid, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx, lay.off_w, lay.off_src,

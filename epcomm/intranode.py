@@ -170,7 +170,8 @@ def combine_stage_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "topk_weights"), ("int", "num_topk"),
                 ("const int*", "count_matrix"), ("int", "num_rows"), ("const uint64_t*", "peer_bases"),
                 ("long long", "data_offset"), ("long long", "off_cx"), ("long long", "off_cw"), ("int", "zero_copy"),
-                ("int*", "block_counter"), ("uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,
+                ("int*", "block_counter"), ("uint64_t*", "epoch_counter"),
+                ("unsigned long long*", "marks")) + COMM_PARAMS,
         num_threads=num_threads)
 
 

@@ -448,8 +448,9 @@ class LowLatencyGpu:
             get_kernel(dispatch_recv_spec(use_fp8, use_ue8m0)).launch(
                 e_local * bpe,
                 (base, half_off + lay.off_dispatch_signals, half_off + lay.off_dispatch_recv,
-                 half_off + lay.off_dispatch_tokens, lay.msg_stride, h, r, e_local, tmax, bpe, self._epoch_ptr(EPOCH_DISPATCH, half), data, scales, src_info, layout_range,
-                 recv_count, cumulative_stats, wait_stats) + tuple(be.err.wait_params()),
+                 half_off + lay.off_dispatch_tokens, lay.msg_stride, h, r, e_local, tmax, bpe,
+                 self._epoch_ptr(EPOCH_DISPATCH, half), data, scales, src_info, layout_range, recv_count,
+                 cumulative_stats, wait_stats) + tuple(be.err.wait_params()),
                 stream=be.stream)
 
         hook, ev = self._split(ctx, (x, topk_idx, cumulative_stats, wait_stats), lay, receive, return_recv_hook,
