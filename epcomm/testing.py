@@ -106,12 +106,15 @@ def make_weights(rng: np.random.Generator, num_tokens: int, num_topk: int) -> np
 def pairwise_cases(factors: dict, seed: int = 0, candidates: int = 64) -> list[dict]:
     """A small set of cases (dicts factor -> level) in which every pair of levels of every two factors occurs at least
     once ("all-pairs" coverage of the cross product, which would be far too large to run in full). Greedy and seeded:
-    each new case is the best of `candidates` random ones at covering pairs not yet covered, with its first factor
-    pinned to a level that still has an uncovered pair."""
+    each new case is the best of `candidates` random ones at covering pairs not yet covered, each candidate holding
+    the first pair still uncovered (so every case covers at least one). Fewer than two factors have no pairs: every
+    level of the one factor is a case."""
     names = list(factors)
     levels = [list(factors[n]) for n in names]
     if any(not lv for lv in levels):
         raise ConfigError("factors: expected at least one level per factor")
+    if len(names) < 2:
+        return [{n: lv} for n, lvs in zip(names, levels) for lv in lvs]
     uncovered = {(i, a, j, b) for i in range(len(names)) for j in range(i + 1, len(names))
                  for a in range(len(levels[i])) for b in range(len(levels[j]))}
     rng = np.random.default_rng(seed)
@@ -131,6 +134,4 @@ def pairwise_cases(factors: dict, seed: int = 0, candidates: int = 64) -> list[d
                 best, best_gain = choice, gain
         uncovered -= pairs_of(best)
         cases.append({n: levels[k][best[k]] for k, n in enumerate(names)})
-    if not names or len(names) == 1:
-        cases = [{names[0]: lv} for lv in levels[0]] if names else []
     return cases
