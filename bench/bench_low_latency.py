@@ -77,6 +77,9 @@ tokens_remote = agree(sum(len(set(row.tolist()) - {-1, rank}) for row in owners)
 msg_fp8, row_bf16 = message_bytes(H, True), 2 * H
 header_bytes = 16
 physical_once = tokens_remote * msg_fp8 + rows_remote * header_bytes
+# Combine once per rank: a float32 partial row per (token, remote rank) back, after a 4-byte weight per remote
+# (token, k) pair the other way.
+physical_combine_once = tokens_remote * 4 * H + rows_remote * 4
 
 
 def timed(fn, n=iters, warmup=3):
@@ -119,8 +122,12 @@ ll = buf._backend.low_latency
 ll.once_per_rank = False  # DeepEP's way, for comparison: the whole message per (token, expert)
 per_expert_us = agree(timed_graph(two_dispatches, 2))
 ll.once_per_rank = True
+ll.combine_once_per_rank = False  # likewise: every (token, expert) row back
+combine_per_expert_us = agree(timed_graph(two_combines, 2))
+ll.combine_once_per_rank = True
 results = {
     "ll_dispatch_per_expert": per_expert_us,
+    "ll_combine_per_expert": combine_per_expert_us,
     "ll_dispatch": agree(timed_graph(two_dispatches, 2)),
     "ll_combine": agree(timed_graph(two_combines, 2)),
     "ll_pair": agree(timed_graph(pair, 1)),
@@ -270,6 +277,8 @@ for op, dt, key, nbytes, variant in (("ll_dispatch", "fp8", "ll_dispatch", msg_f
                                      ("ll_dispatch", "fp8", "ll_dispatch_per_expert", msg_fp8,
                                       "graph, a message per (token, expert) as DeepEP"),
                                      ("ll_combine", "bf16", "ll_combine", row_bf16, "graph"),
+                                     ("ll_combine", "bf16", "ll_combine_per_expert", row_bf16,
+                                      "graph, a row per (token, expert) as DeepEP"),
                                      ("ll_dispatch", "fp8", "ll_dispatch_eager", msg_fp8, "eager"),
                                      ("ll_combine", "bf16", "ll_combine_eager", row_bf16, "eager"),
                                      ("ll_dispatch", "fp8", "ll_dispatch_send_hook", msg_fp8,
@@ -293,14 +302,17 @@ for op, dt, key, nbytes, variant in (("ll_dispatch", "fp8", "ll_dispatch", msg_f
     b = {"name": "torch NCCL all_to_all_single of the same bytes (pre-permuted)", "median_us": round(base, 1)} \
         if base else None
     # Physical bytes: what crosses NVLink; a dispatch that sends once per rank moves fewer than its logical bytes.
+    per_expert = key.endswith("_per_expert")
     physical = rows_remote * nbytes
-    if op == "ll_dispatch" and key != "ll_dispatch_per_expert" and "recv" not in key:
+    if op == "ll_dispatch" and not per_expert and "recv" not in key:
         physical = physical_once
+    elif op == "ll_combine" and not per_expert and "recv" not in key:
+        physical = physical_combine_once
     elif op == "ll_pair":
-        physical = physical_once + rows_remote * row_bf16
+        physical = physical_once + physical_combine_once
     rows.append(record(op, dt, R, gpus, T, H, K, E, None, us, rows_total * nbytes, physical, card, b,
                        variant=variant, pair_us=round(results["ll_pair"], 2),
-                       compute_x2_us=round(results["compute_x2"], 2), once_per_rank=key != "ll_dispatch_per_expert"))
+                       compute_x2_us=round(results["compute_x2"], 2), once_per_rank=not per_expert))
 
 if rank == 0:
     print(f"\n{card} x{gpus}, EP{R}, {T} tokens/rank, hidden {H}, top-{K} of {E}; (token, k) pairs {rows_total} "

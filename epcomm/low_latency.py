@@ -5,7 +5,8 @@ Buffer: one NVSHMEM symmetric allocation of two halves with the same layout (Low
 alternate halves (call count parity), and so do combine calls, independently. Per half, in order:
 
     dispatch_signals [E_local][R] u64      (epoch << 32) | (count + 1) from each source, per local expert
-    combine_signals  [E] u64               epoch from the owner of each global expert
+    combine_signals  [E] u64               (epoch << 1) | partial from the owner of each global expert
+    weight_signals   [R] u64               epoch from each source: its top-k weights are in combine_weights
     dispatch_recv    [E_local][R][Tmax]    messages of msg_stride bytes: 16-byte header (int32 source token index,
                                            int32 1 when the payload is in dispatch_tokens, else 0) + bf16 [H], or
                                            e4m3 [H] + float32 scale_inv [H / 128] (only the header when the payload
@@ -16,6 +17,10 @@ alternate halves (call count parity), and so do combine calls, independently. Pe
     dispatch_send    [Tmax]                messages: staging of the NVSHMEM path
     dispatch_tokens  [R][Tmax]             messages: [s][t] = source s's token t, sent ONCE to this rank however many
                                            of its experts here it names (NVLink peers; once_per_rank)
+    combine_weights  [R][Tmax][E_local]    f32: [s][t][j] = source s's top-k weight of local expert j for its token t
+    combine_partial  [R][Tmax]             f32 [H] rows: [d][t] = rank d's weighted sum of its experts' outputs for
+                                           this rank's token t, sent ONCE per (token, rank) (NVLink peers;
+                                           combine_once_per_rank)
 
 Every region starts on a 256-byte boundary; offsets depend only on (Tmax, H, R, E), never on dtype options.
 """
@@ -81,12 +86,15 @@ class LowLatencyLayout:
     msg_stride: int
     off_dispatch_signals: int
     off_combine_signals: int
+    off_weight_signals: int
     signal_bytes: int
     off_dispatch_recv: int
     off_combine_recv: int
     off_combine_send: int
     off_dispatch_send: int
     off_dispatch_tokens: int
+    off_combine_weights: int
+    off_combine_partial: int
     half_bytes: int
 
     @staticmethod
@@ -104,16 +112,20 @@ class LowLatencyLayout:
         row_bytes = 2 * h
         off_dispatch_signals = 0
         off_combine_signals = _align(off_dispatch_signals + e_local * r * 8)
-        signal_bytes = _align(off_combine_signals + e * 8)
+        off_weight_signals = _align(off_combine_signals + e * 8)
+        signal_bytes = _align(off_weight_signals + r * 8)
         off_dispatch_recv = signal_bytes
         off_combine_recv = _align(off_dispatch_recv + e_local * r * tmax * msg_stride)
         off_combine_send = _align(off_combine_recv + e * tmax * row_bytes)
         off_dispatch_send = _align(off_combine_send + e_local * r * tmax * row_bytes)
         off_dispatch_tokens = _align(off_dispatch_send + tmax * msg_stride)
-        half_bytes = _align(off_dispatch_tokens + r * tmax * msg_stride)
-        return LowLatencyLayout(tmax, h, r, e, msg_stride, off_dispatch_signals, off_combine_signals, signal_bytes,
-                                off_dispatch_recv, off_combine_recv, off_combine_send, off_dispatch_send,
-                                off_dispatch_tokens, half_bytes)
+        off_combine_weights = _align(off_dispatch_tokens + r * tmax * msg_stride)
+        off_combine_partial = _align(off_combine_weights + tmax * e * 4)
+        half_bytes = _align(off_combine_partial + r * tmax * h * 4)
+        return LowLatencyLayout(tmax, h, r, e, msg_stride, off_dispatch_signals, off_combine_signals,
+                                off_weight_signals, signal_bytes, off_dispatch_recv, off_combine_recv,
+                                off_combine_send, off_dispatch_send, off_dispatch_tokens, off_combine_weights,
+                                off_combine_partial, half_bytes)
 
     @property
     def key(self) -> tuple:
@@ -138,17 +150,22 @@ class LowLatencyLayout:
             2 * self.hidden
         return [("dispatch_signals", self.off_dispatch_signals, e_local * r * 8),
                 ("combine_signals", self.off_combine_signals, self.num_experts * 8),
+                ("weight_signals", self.off_weight_signals, r * 8),
                 ("dispatch_recv", self.off_dispatch_recv, e_local * r * tmax * self.msg_stride),
                 ("combine_recv", self.off_combine_recv, self.num_experts * tmax * row),
                 ("combine_send", self.off_combine_send, e_local * r * tmax * row),
                 ("dispatch_send", self.off_dispatch_send, tmax * self.msg_stride),
-                ("dispatch_tokens", self.off_dispatch_tokens, r * tmax * self.msg_stride)]
+                ("dispatch_tokens", self.off_dispatch_tokens, r * tmax * self.msg_stride),
+                ("combine_weights", self.off_combine_weights, tmax * self.num_experts * 4),
+                ("combine_partial", self.off_combine_partial, r * tmax * self.hidden * 4)]
 
 
 def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
     """Bytes of NVSHMEM memory for low-latency mode: two alternating halves, each holding the signals, the worst-case
     dispatch receive area [E_local, R*Tmax] messages, the combine receive area [E, Tmax] bf16 rows, the zero-copy
-    combine input [E_local, R*Tmax] bf16 rows and a [Tmax]-message staging area (LowLatencyLayout)."""
+    combine input [E_local, R*Tmax] bf16 rows, a [Tmax]-message staging area, the once-per-rank dispatch area
+    [R, Tmax] messages and the once-per-rank combine areas (weights [R, Tmax, E_local] f32, partial sums
+    [R, Tmax, H] f32) (LowLatencyLayout)."""
     return LowLatencyLayout.plan(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts).total_bytes
 
 
@@ -173,7 +190,7 @@ def dispatch_send_spec(use_fp8: bool, round_scale: bool) -> KernelSpec:
                 ("long long", "off_staging"), ("long long", "off_tokens"), ("int", "msg_stride"),
                 ("int", "msg_bytes"), ("int*", "expert_counters"), ("int*", "block_counter"),
                 ("uint64_t*", "epoch_counter"), ("int", "force_nvshmem"), ("int", "once_per_rank"),
-                ("int*", "num_bad_indices")) + COMM_PARAMS,
+                ("int*", "num_bad_indices"), ("int*", "expert_rows"), ("int", "expert_rows_len")) + COMM_PARAMS,
         num_threads=DISPATCH_SEND_THREADS, uses_nvshmem=True)
 
 
@@ -185,11 +202,10 @@ def dispatch_recv_spec(use_fp8: bool, use_ue8m0: bool) -> KernelSpec:
                        ("kUseUe8m0", bool(use_fp8 and use_ue8m0))),
         params=(("const uint8_t*", "local_base"), ("long long", "off_signals"), ("long long", "off_recv"),
                 ("long long", "off_tokens"), ("int", "msg_stride"), ("int", "hidden"), ("int", "num_ranks"),
-                ("int", "num_local_experts"),
-                ("int", "tmax"), ("int", "blocks_per_expert"), ("const uint64_t*", "epoch_counter"),
-                ("int4*", "out_x"), ("void*", "out_scales"), ("int*", "out_src_info"),
-                ("int64_t*", "out_layout_range"), ("int*", "out_count"), ("int*", "cumulative_stats"),
-                ("long long*", "wait_stats")) + COMM_PARAMS,
+                ("int", "num_local_experts"), ("int", "tmax"), ("int", "blocks_per_expert"),
+                ("const uint64_t*", "epoch_counter"), ("int4*", "out_x"), ("void*", "out_scales"),
+                ("int*", "out_src_info"), ("int64_t*", "out_layout_range"), ("int*", "out_count"),
+                ("int*", "cumulative_stats"), ("long long*", "wait_stats"), ("int*", "out_expert_rows")) + COMM_PARAMS,
         num_threads=DISPATCH_RECV_THREADS)
 
 
@@ -202,7 +218,10 @@ def combine_send_spec() -> KernelSpec:
                 ("int", "tmax"), ("int", "blocks_per_expert"), ("uint8_t*", "sym_base"),
                 ("long long", "off_signals"), ("long long", "off_recv"), ("long long", "off_staging"),
                 ("int", "zero_copy"), ("int*", "block_counter"), ("uint64_t*", "epoch_counter"),
-                ("int", "force_nvshmem")) + COMM_PARAMS,
+                ("int", "force_nvshmem"), ("int", "once_per_rank"), ("const int64_t*", "topk_idx"),
+                ("const float*", "topk_weights"), ("int", "num_tokens"), ("int", "num_topk"),
+                ("const int*", "expert_rows"), ("long long", "off_weight_signals"), ("long long", "off_weights"),
+                ("long long", "off_partial")) + COMM_PARAMS,
         num_threads=COMBINE_SEND_THREADS, uses_nvshmem=True)
 
 
@@ -211,9 +230,9 @@ def combine_recv_spec() -> KernelSpec:
     return KernelSpec(
         family="low_latency", op="combine_recv", template_args=(("kNumThreads", COMBINE_RECV_THREADS),),
         params=(("const uint8_t*", "local_base"), ("long long", "off_signals"), ("long long", "off_recv"),
-                ("int", "hidden"), ("int", "num_experts"), ("int", "num_ranks"), ("int", "tmax"),
-                ("const int64_t*", "topk_idx"), ("const float*", "topk_weights"), ("int", "num_tokens"),
-                ("int", "num_topk"), ("const uint64_t*", "epoch_counter"), ("int4*", "out")) + COMM_PARAMS,
+                ("long long", "off_partial"), ("int", "hidden"), ("int", "num_experts"), ("int", "num_ranks"),
+                ("int", "tmax"), ("const int64_t*", "topk_idx"), ("const float*", "topk_weights"),
+                ("int", "num_tokens"), ("int", "num_topk"), ("const uint64_t*", "epoch_counter"), ("int4*", "out")) + COMM_PARAMS,
         num_threads=COMBINE_RECV_THREADS)
 
 
@@ -263,6 +282,12 @@ class LowLatencyGpu:
         # comparison: tests and bench/bench_low_latency.py run both). Peers reached by NVSHMEM puts always get
         # whole messages.
         self.once_per_rank = True
+        # Combine sums a token's rows at each NVLink-reachable expert rank (weighted, float32; the token owner's
+        # top-k weights cross first) and sends one float32 row per (token, rank) instead of a bf16 row per
+        # (token, expert); False sends every row back as DeepEP does (kept for comparison). The sum's order differs
+        # from the reference's k order (float32 reassociation, then one bf16 rounding), so results can differ from
+        # the per-expert path in the last bf16 bit; tests compare at calc_diff < 1e-5 as DeepEP's do.
+        self.combine_once_per_rank = True
         self.nbytes = int(num_rdma_bytes)
         self.num_sms = backend.num_sms_device
         self.sym = None            # uint8 CuPy array over the symmetric buffer (nvshmem.core.array)
@@ -431,6 +456,7 @@ class LowLatencyGpu:
             src_info = cp.empty((e_local, rows), cp.int32)
             layout_range = cp.empty((e_local, r), cp.int64)
             recv_count = cp.empty(e_local, cp.int32)
+            expert_rows = cp.empty(r * tmax * e_local, cp.int32)  # (source, token, local expert) -> row
         comm = tuple(be.err.wait_params())
         get_kernel(dispatch_send_spec(use_fp8, round_scale)).launch(
             max(1, min(t, 2 * self.num_sms)),
@@ -438,10 +464,10 @@ class LowLatencyGpu:
              half_off + lay.off_dispatch_recv, half_off + lay.off_dispatch_send, half_off + lay.off_dispatch_tokens,
              lay.msg_stride, message_bytes(h, use_fp8), self.expert_counters, self._counter_ptr(0),
              self._epoch_ptr(EPOCH_DISPATCH, half), int(self.force_nvshmem), int(self.once_per_rank),
-             be.bad_index.device_ptr) + comm,
+             be.bad_index.device_ptr, expert_rows, expert_rows.size) + comm,
             stream=be.stream)
         handle = LowLatencyHandle(src_info, layout_range, tmax, h, num_experts, t, half,
-                                  backend_state={"layout": lay.key})
+                                  backend_state={"layout": lay.key, "expert_rows": expert_rows})
         bpe = blocks_per_expert(e_local, self.num_sms)
 
         def receive():
@@ -450,7 +476,7 @@ class LowLatencyGpu:
                 (base, half_off + lay.off_dispatch_signals, half_off + lay.off_dispatch_recv,
                  half_off + lay.off_dispatch_tokens, lay.msg_stride, h, r, e_local, tmax, bpe,
                  self._epoch_ptr(EPOCH_DISPATCH, half), data, scales, src_info, layout_range, recv_count,
-                 cumulative_stats, wait_stats) + tuple(be.err.wait_params()),
+                 cumulative_stats, wait_stats, expert_rows) + tuple(be.err.wait_params()),
                 stream=be.stream)
 
         hook, ev = self._split(ctx, (x, topk_idx, cumulative_stats, wait_stats), lay, receive, return_recv_hook,
@@ -485,23 +511,28 @@ class LowLatencyGpu:
         with be._alloc_stream(ctx):
             result = out if out is not None else cp.empty((t, h), BF16)
         bpe = blocks_per_expert(e_local, self.num_sms)
+        expert_rows = handle.backend_state.get("expert_rows")
+        once = bool(self.combine_once_per_rank and expert_rows is not None)
         get_kernel(combine_send_spec()).launch(
             e_local * bpe,
             (x, h, handle.src_info, handle.layout_range, r, e_local, tmax, bpe, base,
              half_off + lay.off_combine_signals, half_off + lay.off_combine_recv, half_off + lay.off_combine_send,
              int(bool(zero_copy)), self._counter_ptr(1), self._epoch_ptr(EPOCH_COMBINE, half),
-             int(self.force_nvshmem)) + tuple(be.err.wait_params()),
+             int(self.force_nvshmem), int(once), topk_idx, topk_weights, t, k, expert_rows if once else None,
+             half_off + lay.off_weight_signals, half_off + lay.off_combine_weights,
+             half_off + lay.off_combine_partial) + tuple(be.err.wait_params()),
             stream=be.stream)
 
         def receive():
             get_kernel(combine_recv_spec()).launch(
                 max(1, min(t, 2 * self.num_sms)),
-                (base, half_off + lay.off_combine_signals, half_off + lay.off_combine_recv, h, e, r, tmax, topk_idx,
-                 topk_weights, t, k, self._epoch_ptr(EPOCH_COMBINE, half), result) + tuple(be.err.wait_params()),
+                (base, half_off + lay.off_combine_signals, half_off + lay.off_combine_recv,
+                 half_off + lay.off_combine_partial, h, e, r, tmax, topk_idx, topk_weights, t, k,
+                 self._epoch_ptr(EPOCH_COMBINE, half), result) + tuple(be.err.wait_params()),
                 stream=be.stream)
 
-        hook, ev = self._split(ctx, (x, topk_idx, topk_weights, handle.src_info, handle.layout_range, result), lay,
-                               receive, return_recv_hook, "combine")
+        hook, ev = self._split(ctx, (x, topk_idx, topk_weights, handle.src_info, handle.layout_range, expert_rows,
+                                     result), lay, receive, return_recv_hook, "combine")
         return result, hook, ev
 
     # -- lifetime ------------------------------------------------------------------------------------------

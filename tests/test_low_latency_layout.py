@@ -21,8 +21,9 @@ SHAPES = [(1, 8, 1, 1), (128, 7168, 2, 256), (128, 7168, 8, 288), (7, 2048, 4, 1
 def test_regions_aligned_disjoint_and_inside_half(tmax, hidden, ranks, experts):
     lay = ll.LowLatencyLayout.plan(tmax, hidden, ranks, experts)
     regions = lay.regions()
-    assert [name for name, _, _ in regions] == ["dispatch_signals", "combine_signals", "dispatch_recv",
-                                                "combine_recv", "combine_send", "dispatch_send", "dispatch_tokens"]
+    assert [name for name, _, _ in regions] == ["dispatch_signals", "combine_signals", "weight_signals",
+                                                "dispatch_recv", "combine_recv", "combine_send", "dispatch_send",
+                                                "dispatch_tokens", "combine_weights", "combine_partial"]
     end = 0
     for name, off, size in regions:
         assert off % ll.ALIGN == 0, name
@@ -31,7 +32,7 @@ def test_regions_aligned_disjoint_and_inside_half(tmax, hidden, ranks, experts):
         end = off + size
     assert end <= lay.half_bytes and lay.half_bytes % ll.ALIGN == 0
     assert lay.signal_bytes == lay.off_dispatch_recv  # clean zeroes exactly the signal regions
-    assert lay.signal_bytes >= lay.off_combine_signals + experts * 8
+    assert lay.signal_bytes >= lay.off_weight_signals + ranks * 8
     assert lay.total_bytes == 2 * lay.half_bytes == ll.rdma_size_hint(tmax, hidden, ranks, experts)
     assert lay.half_offset(1) == lay.half_bytes and lay.half_offset(0) == 0
     with pytest.raises(ValueError):
@@ -65,6 +66,12 @@ def test_slot_addresses_stay_in_their_region(tmax, hidden, ranks, experts):
     inside("combine_signals", lay.off_combine_signals + (experts - 1) * 8, 8)
     inside("combine_send", lay.off_combine_send + ((e_local - 1) * ranks * tmax + ranks * tmax - 1) * 2 * hidden,
            2 * hidden)
+    # once-per-rank combine: the weight of (source src, token t, local expert j) at the expert's owner, its signal
+    # [src], and rank src's partial row for token t at the token's owner (float32 [H], 16-byte stores)
+    inside("combine_weights", lay.off_combine_weights + ((src * tmax + tmax - 1) * e_local + j) * 4, 4)
+    inside("weight_signals", lay.off_weight_signals + src * 8, 8)
+    inside("combine_partial", lay.off_combine_partial + (src * tmax + tmax - 1) * hidden * 4, hidden * 4)
+    assert lay.off_combine_partial % 16 == 0 and (hidden * 4) % 16 == 0
     # 16-byte alignment of every vector access
     assert lay.msg_stride % 16 == 0 and (2 * hidden) % 16 == 0
     if hidden % 128 == 0:  # FP8: the scales after the e4m3 row start 16-aligned

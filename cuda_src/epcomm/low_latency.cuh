@@ -5,7 +5,9 @@
 // Buffer (offsets from epcomm/low_latency.py, LowLatencyLayout, passed in as kernel arguments; two halves):
 //   dispatch_signals [E_local][R] u64      [j][s] = (epoch << 32) | (count + 1): source s sent `count` messages to
 //                                           my local expert j in the dispatch numbered `epoch` on this half
-//   combine_signals  [E] u64               [e] = epoch: the owner of global expert e sent back all its rows for me
+//   combine_signals  [E] u64               [e] = (epoch << 1) | partial: the owner of global expert e sent back all
+//                                           its rows for me; partial: as one sum per token in combine_partial
+//   weight_signals   [R] u64               [s] = epoch: source s stored its top-k weights in combine_weights
 //   dispatch_recv    [E_local][R][Tmax] messages of msg_stride bytes: [j][s][slot]
 //                    message = 16-byte header (int32 source token index t, int32 kPayloadInTokens or 0, 8 bytes
 //                    unused) + payload; payload = bf16 [H], or e4m3 [H] followed by float32 scale_inv [H / 128]
@@ -14,10 +16,14 @@
 //   combine_recv     [E][Tmax] bf16 [H] rows: [e][t] = expert e's output for my token t
 //   combine_send     [E_local][R * Tmax] bf16 [H]: the zero-copy combine input (and NVSHMEM-path staging)
 //   dispatch_send    [Tmax] messages: staging of the NVSHMEM path (a put's source must stay put until quiet)
+//   combine_weights  [R][Tmax][E_local] f32: [s][t][j] = source s's top-k weight of my local expert j for its token t
+//   combine_partial  [R][Tmax] f32 [H]: [d][t] = rank d's weighted sum of its experts' outputs for my token t
+//                    (once_per_rank combine, NVLink peers: one row per (token, rank) instead of one per (token, expert))
 //
 // Flag pairs (every acquire names its release):
 //   dispatch_send (last block out, after every block's data)  --release-->  dispatch_recv's wait on dispatch_signals
 //   combine_send  (last block out, after every block's rows)  --release-->  combine_recv's wait on combine_signals
+//   combine_send  (block 0, after its weight stores)          --release-->  combine_send's wait on weight_signals
 // Epochs: epoch_counter[kind][half] counts the calls of that kind on that half. The send kernel uses counter + 1 in
 // every block and its last block stores it back; the receive kernel (same half, later on the stream) reads it. The
 // kernels advance the counters themselves, so CUDA-graph replays advance them too; no signal is ever reset except by
@@ -124,8 +130,8 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
                                         long long off_signals, long long off_recv, long long off_staging,
                                         long long off_tokens, int msg_stride, int msg_bytes, int* expert_counters,
                                         int* block_counter, uint64_t* epoch_counter, int force_nvshmem,
-                                        int once_per_rank, int* num_bad_indices, uint64_t err_record,
-                                        long long timeout_ns, int rank) {
+                                        int once_per_rank, int* num_bad_indices, int* expert_rows,
+                                        int expert_rows_len, uint64_t err_record, long long timeout_ns, int rank) {
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
     constexpr int kNumWarps = kNumThreads / kWarpSize;
     constexpr int kGroupChannels = kWarpSize * 16;  // FP8: a warp casts 512 channels (4 scale blocks) per step
@@ -141,6 +147,10 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
     const int num_local_experts = num_experts / num_ranks;
     const int warp = warp_id(), lane = lane_id();
     load_peer_bases(peer_bases, sym_base, num_ranks, force_nvshmem, kNumThreads);
+    // This rank's (source, token, local expert) -> row table of the handle, emptied for this call's dispatch_recv
+    // (which runs after this kernel on the same stream and fills it).
+    for (int i = blockIdx.x * kNumThreads + threadIdx.x; i < expert_rows_len; i += gridDim.x * kNumThreads)
+        expert_rows[i] = -1;
     bool issued = false;  // this warp issued NVSHMEM puts: it must quiet them before the block counts itself out
 
     for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
@@ -286,22 +296,141 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
+// once_per_rank combine, block 0 of combine_send: this rank's top-k weights into the combine_weights[rank][t][j] of
+// every NVLink-reachable owner of an expert it names (this rank's own copy included), then that owner's
+// weight_signals[rank] = epoch. The stores are scattered 4-byte writes (T * K of them, half remote at EP2).
+template <int kNumThreads>
+EPCOMM_DEVICE_INLINE void combine_send_weights(uint8_t* const* peer_bases, const int64_t* topk_idx,
+                                               const float* topk_weights, int num_tokens, int num_topk,
+                                               int num_ranks, int num_local_experts, int tmax, long long off_weights,
+                                               long long off_weight_signals, uint64_t epoch, int rank) {
+    const int num_experts = num_ranks * num_local_experts;
+    for (long long i = threadIdx.x; i < static_cast<long long>(num_tokens) * num_topk; i += kNumThreads) {
+        const int64_t e = topk_idx[i];
+        if (e < 0 || e >= num_experts) continue;  // -1, or a bad index (dispatch counted it; combine_recv skips it)
+        const int d = static_cast<int>(e / num_local_experts);
+        if (peer_bases[d] == nullptr) continue;
+        const long long t = i / num_topk;
+        const long long slot = (static_cast<long long>(rank) * tmax + t) * num_local_experts + e % num_local_experts;
+        reinterpret_cast<float*>(peer_bases[d] + off_weights)[slot] = topk_weights[i];
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < num_ranks; d += kNumThreads) {
+        if (peer_bases[d] == nullptr) continue;
+        // Pairs with the acquire wait of d's combine_send_partial_sums on weight_signals[rank]; the barrier above
+        // orders every thread's weight stores before it (cumulative release).
+        fence_acq_rel_sys();
+        st_release_sys_u64(reinterpret_cast<uint64_t*>(peer_bases[d] + off_weight_signals) + rank, epoch);
+    }
+}
+
+// once_per_rank combine: after the weights of every NVLink-reachable source s arrived (bounded wait), one item per
+// warp = (s, t, a chunk of kSumSteps x 256 channels): the rows of s's token t at this rank's experts (expert_rows,
+// in local expert order) weighted and summed in float32, stored into s's combine_partial[rank][t]. Tokens with no
+// row here store nothing (their owner does not read that row).
+template <int kNumThreads>
+EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, uint8_t* const* peer_bases,
+                                                    const uint8_t* sym_base, const int* expert_rows, int num_ranks,
+                                                    int num_local_experts, int tmax, long long off_weight_signals,
+                                                    long long off_weights, long long off_partial, uint64_t epoch,
+                                                    const comm::Waiter& waiter, int rank) {
+    constexpr int kNumWarps = kNumThreads / kWarpSize;
+    constexpr int kSumSteps = 4;  // 16-byte loads of one row in flight per lane; an item covers 4 x 256 channels
+    bool ok = true;
+    for (int s = threadIdx.x; s < num_ranks; s += kNumThreads) {
+        if (peer_bases[s] == nullptr) continue;
+        const uint64_t* sig = reinterpret_cast<const uint64_t*>(sym_base + off_weight_signals) + s;
+        ok = comm::wait_geq(sig, epoch, waiter, s, phase::kLlCombineSend) && ok;
+    }
+    if (!comm::block_all_ok(ok)) return;
+
+    const int warp = warp_id(), lane = lane_id();
+    const int row_int4 = hidden / 8;                       // bf16 input row: 8 channels per 16 bytes
+    const int steps = (row_int4 + kWarpSize - 1) / kWarpSize;
+    const int chunks = (steps + kSumSteps - 1) / kSumSteps;
+    const long long num_items = static_cast<long long>(num_ranks) * tmax * chunks;
+    const float* weights = reinterpret_cast<const float*>(sym_base + off_weights);
+    for (long long it = static_cast<long long>(blockIdx.x) * kNumWarps + warp; it < num_items;
+         it += static_cast<long long>(gridDim.x) * kNumWarps) {
+        const long long task = it / chunks;  // s * tmax + t
+        const int chunk = static_cast<int>(it % chunks);
+        const int s = static_cast<int>(task / tmax);
+        if (peer_bases[s] == nullptr) continue;  // warp-uniform
+        float acc[kSumSteps][8];
+#pragma unroll
+        for (int u = 0; u < kSumSteps; ++u)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[u][i] = 0.0f;
+        bool any = false;
+        for (int j0 = 0; j0 < num_local_experts; j0 += kWarpSize) {
+            const int jj = j0 + lane;
+            const int row = jj < num_local_experts ? expert_rows[task * num_local_experts + jj] : -1;
+            // The weight arrived before the acquire above (relaxed load after the block's barrier).
+            const float w = row >= 0 ? __uint_as_float(ld_relaxed_sys_u32(reinterpret_cast<const uint32_t*>(
+                                           weights + task * num_local_experts + jj)))
+                                     : 0.0f;
+            unsigned mask = __ballot_sync(kFullWarpMask, row >= 0);
+            any = any || mask != 0;
+            while (mask != 0) {
+                const int from = __ffs(mask) - 1;
+                mask &= mask - 1;
+                const int4* src = x + static_cast<long long>(__shfl_sync(kFullWarpMask, row, from)) * row_int4;
+                const float wk = __shfl_sync(kFullWarpMask, w, from);
+                int4 v[kSumSteps];
+#pragma unroll
+                for (int u = 0; u < kSumSteps; ++u) {
+                    const int c = (chunk * kSumSteps + u) * kWarpSize + lane;
+                    v[u] = c < row_int4 ? ld_global_nc_na_v4(src + c) : make_int4(0, 0, 0, 0);
+                }
+#pragma unroll
+                for (int u = 0; u < kSumSteps; ++u) {
+                    float f[8];
+                    fp8::unpack_bf16x8(v[u], f);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[u][i] = __fadd_rn(acc[u][i], __fmul_rn(wk, f[i]));
+                }
+            }
+        }
+        if (!any) continue;  // warp-uniform (ballots)
+        int4* dst = reinterpret_cast<int4*>(peer_bases[s] + off_partial +
+                                            (static_cast<long long>(rank) * tmax + task % tmax) * hidden * 4);
+#pragma unroll
+        for (int u = 0; u < kSumSteps; ++u) {
+            const int c = (chunk * kSumSteps + u) * kWarpSize + lane;
+            if (c >= row_int4) continue;
+            st_global_na_v4(dst + 2 * c, make_int4(__float_as_int(acc[u][0]), __float_as_int(acc[u][1]),
+                                                   __float_as_int(acc[u][2]), __float_as_int(acc[u][3])));
+            st_global_na_v4(dst + 2 * c + 1, make_int4(__float_as_int(acc[u][4]), __float_as_int(acc[u][5]),
+                                                       __float_as_int(acc[u][6]), __float_as_int(acc[u][7])));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
 // Combine send: blocks_per_expert blocks per local expert j (blockIdx.x / blocks_per_expert = j); each row m < the
 // expert's received count goes back to its source r (from layout_range) into r's combine_recv[e][src_info row], with
-// e = rank * E_local + j. The last block out signals every (expert, source) pair, rows or not. Never waits.
-// zero_copy: x is this rank's combine_send region (symmetric), usable as a put source as it is.
+// e = rank * E_local + j. The last block out signals every (expert, source) pair, rows or not, with the partial bit
+// of that source. zero_copy: x is this rank's combine_send region (symmetric), usable as a put source as it is.
+// once_per_rank: every NVLink-reachable source s instead gets ONE float32 row per token t that has rows here, the
+// weighted sum over this rank's experts (combine_send_partial_sums); for that the sources' top-k weights cross first
+// (block 0 stores this rank's weights into every such peer's combine_weights and releases its weight_signals[rank]),
+// and the blocks wait (bounded) for every such source's weights. Without once_per_rank it never waits.
 template <int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src_info, const int64_t* layout_range,
                                        int num_ranks, int num_local_experts, int tmax, int blocks_per_expert,
                                        uint8_t* sym_base, long long off_signals, long long off_recv,
                                        long long off_staging, int zero_copy, int* block_counter,
-                                       uint64_t* epoch_counter, int force_nvshmem, uint64_t err_record,
+                                       uint64_t* epoch_counter, int force_nvshmem, int once_per_rank,
+                                       const int64_t* topk_idx, const float* topk_weights, int num_tokens,
+                                       int num_topk, const int* expert_rows, long long off_weight_signals,
+                                       long long off_weights, long long off_partial, uint64_t err_record,
                                        long long timeout_ns, int rank) {
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
     constexpr int kNumWarps = kNumThreads / kWarpSize;
     const uint64_t epoch = *epoch_counter + 1;  // stored back by the last block out
     __shared__ uint8_t* peer_bases[kMaxRanks];
     __shared__ int begins[kMaxRanks + 1];
+    const comm::Waiter waiter(err_record, timeout_ns, rank);
     const int j = blockIdx.x / blocks_per_expert, sub = blockIdx.x % blocks_per_expert;
     const int warp = warp_id(), lane = lane_id();
     const int row_int4 = hidden / 8;
@@ -319,11 +448,18 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
         begins[num_ranks] = running;
     }
     __syncthreads();
+    // A destination r gets partial sums (and sends this rank its weights) iff once_per_rank and r is NVLink-reachable;
+    // reachability is symmetric, so r decides the same about this rank.
+    if (once_per_rank && blockIdx.x == 0) combine_send_weights<kNumThreads>(peer_bases, topk_idx, topk_weights,
+                                                                            num_tokens, num_topk, num_ranks,
+                                                                            num_local_experts, tmax, off_weights,
+                                                                            off_weight_signals, epoch, rank);
     bool issued = false;
     if (j < num_local_experts) {
         const int total = begins[num_ranks];
         for (int m = sub * kNumWarps + warp; m < total; m += blocks_per_expert * kNumWarps) {
             const int r = find_block(begins, num_ranks, m);
+            if (once_per_rank && peer_bases[r] != nullptr) continue;  // summed below instead
             const int t = src_info[j * rows_per_expert + m];
             if (t < 0 || t >= tmax) continue;  // not a row this dispatch produced: nothing to address
             const long long dst_off = off_recv + (static_cast<long long>(e) * tmax + t) * row_bytes;
@@ -344,17 +480,22 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
         }
     }
     if (issued) nvshmem::quiet();  // issued is per lane here, but every lane of a putting warp set it
+    if (once_per_rank)
+        combine_send_partial_sums<kNumThreads>(x, hidden, peer_bases, sym_base, expert_rows, num_ranks,
+                                               num_local_experts, tmax, off_weight_signals, off_weights, off_partial,
+                                               epoch, waiter, rank);
 
     if (!last_block_out(block_counter)) return;
     for (int p = threadIdx.x; p < num_local_experts * num_ranks; p += kNumThreads) {
         const int jj = p / num_ranks, r = p % num_ranks;
         const long long sig_off = off_signals + static_cast<long long>(rank * num_local_experts + jj) * sizeof(uint64_t);
+        const uint64_t value = (epoch << 1) | ((once_per_rank && peer_bases[r] != nullptr) ? 1ull : 0ull);
         // Pairs with the acquire wait in combine_recv at rank r on its combine_signals[e]; every block's rows happen
         // before it (last_block_out).
         if (peer_bases[r] != nullptr)
-            st_release_sys_u64(reinterpret_cast<uint64_t*>(peer_bases[r] + sig_off), epoch);
+            st_release_sys_u64(reinterpret_cast<uint64_t*>(peer_bases[r] + sig_off), value);
         else
-            nvshmem::signal_op(reinterpret_cast<uint64_t*>(sym_base + sig_off), epoch, nvshmem::SignalOp::kSet, r);
+            nvshmem::signal_op(reinterpret_cast<uint64_t*>(sym_base + sig_off), value, nvshmem::SignalOp::kSet, r);
     }
     if (threadIdx.x == 0) {
         *block_counter = 0;
@@ -371,16 +512,18 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
 //   out_x [E_local][R * Tmax] rows (e4m3 bytes [H] or bf16 [H]); out_scales float32 [E_local][S][R * Tmax] or, with
 //   UE8M0, int32 [E_local][ceil(S / 4)][R * Tmax]; out_src_info [E_local][R * Tmax] (-1 past the count);
 //   out_layout_range [E_local][R] = (begin << 32) | count; out_count [E_local]; cumulative_stats[j] += count;
-//   wait_stats[r] += nanoseconds the expert's first block waited for source r (summed over experts).
+//   wait_stats[r] += nanoseconds the expert's first block waited for source r (summed over experts);
+//   out_expert_rows[(r * Tmax + t) * E_local + j] = the row of source r's token t at expert j (the once_per_rank
+//   combine's table; dispatch_send set it to -1).
 // Data rows past the count are left as they were.
 template <int kNumThreads, bool kUseFp8, bool kUseUe8m0>
 EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long off_signals, long long off_recv,
                                         long long off_tokens, int msg_stride, int hidden, int num_ranks,
-                                        int num_local_experts, int tmax,
-                                        int blocks_per_expert, const uint64_t* epoch_counter, int4* out_x,
-                                        void* out_scales, int* out_src_info, int64_t* out_layout_range, int* out_count,
-                                        int* cumulative_stats, long long* wait_stats, uint64_t err_record,
-                                        long long timeout_ns, int rank) {
+                                        int num_local_experts, int tmax, int blocks_per_expert,
+                                        const uint64_t* epoch_counter, int4* out_x, void* out_scales,
+                                        int* out_src_info, int64_t* out_layout_range, int* out_count,
+                                        int* cumulative_stats, long long* wait_stats, int* out_expert_rows,
+                                        uint64_t err_record, long long timeout_ns, int rank) {
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
     constexpr int kNumWarps = kNumThreads / kWarpSize;
     const uint64_t epoch = *epoch_counter;  // advanced by this call's dispatch_send
@@ -447,7 +590,12 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long off
             in_tokens ? local_base + off_tokens + (static_cast<long long>(r) * tmax + header.x) * msg_stride : msg;
         warp_copy_v4<false>(reinterpret_cast<const int4*>(payload + kMsgHeaderBytes), out_x + row * data_int4,
                             data_int4, lane);
-        if (lane == 0) out_src_info[row] = header.x;
+        if (lane == 0) {
+            out_src_info[row] = header.x;
+            if (header.x >= 0 && header.x < tmax)
+                out_expert_rows[(static_cast<long long>(r) * tmax + header.x) * num_local_experts + j] =
+                    static_cast<int>(row);
+        }
         if constexpr (kUseFp8) {
             const float* scales = reinterpret_cast<const float*>(payload + kMsgHeaderBytes + hidden);
             if constexpr (kUseUe8m0) {
@@ -475,42 +623,70 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long off
 
 // ---------------------------------------------------------------------------------------------------------------------
 // Combine receive: every block waits (bounded) for every expert's signal (every owner signals every rank, with rows
-// or not), then one block per token (grid-stride): out[t] = sum over k = 0..K-1 with 0 <= topk_idx[t, k] < E of
-// topk_weights[t, k] * combine_recv[topk_idx[t, k]][t], in float32 in k order (product rounded, then sum rounded, as
-// numpy), rounded to bf16 once. Grid >= 1 block, also with num_tokens == 0.
+// or not; bit 0 says whether owner d sent per-expert rows or one partial sum per token), then one block per token
+// (grid-stride): out[t] = the sum over k = 0..K-1 with 0 <= topk_idx[t, k] < E of a term, in float32 in k order,
+// rounded to bf16 once. The term of (t, k) with owner d: topk_weights[t, k] * combine_recv[topk_idx[t, k]][t]
+// (product rounded, then sum rounded, as numpy) when d sent per-expert rows; combine_partial[d][t] for the first k
+// naming an expert of d when d sent partial sums (already weighted; the later k of d add nothing). Grid >= 1 block,
+// also with num_tokens == 0.
 template <int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_recv(const uint8_t* local_base, long long off_signals, long long off_recv,
-                                       int hidden, int num_experts, int num_ranks, int tmax, const int64_t* topk_idx,
-                                       const float* topk_weights, int num_tokens, int num_topk,
-                                       const uint64_t* epoch_counter, int4* out, uint64_t err_record,
+                                       long long off_partial, int hidden, int num_experts, int num_ranks, int tmax,
+                                       const int64_t* topk_idx, const float* topk_weights, int num_tokens,
+                                       int num_topk, const uint64_t* epoch_counter, int4* out, uint64_t err_record,
                                        long long timeout_ns, int rank) {
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
     // Top-k rows loaded before they are added (in k order): 8 covers top-8 in one memory round trip per step (was 4).
     constexpr int kLoadsInFlight = 8;
     const uint64_t epoch = *epoch_counter;  // advanced by this call's combine_send
-    __shared__ long long rows[kMaxTopk];  // row of (t, k) in combine_recv, -1 if none
+    __shared__ long long rows[kMaxTopk];    // term of (t, k): 16-byte index of its row, -1 if none
     __shared__ float weights[kMaxTopk];
+    __shared__ bool is_partial[kMaxTopk];   // the term is a float32 row of combine_partial (else bf16 combine_recv)
+    __shared__ bool partial_from[kMaxRanks];
     const comm::Waiter waiter(err_record, timeout_ns, rank);
     const int num_local_experts = num_experts / num_ranks;
+    for (int d = threadIdx.x; d < num_ranks; d += kNumThreads) partial_from[d] = false;
+    __syncthreads();
     bool ok = true;
     // One warp per block polls (every block needs every expert's rows): kNumThreads pollers per block compete with
     // the incoming writes.
     for (int e = threadIdx.x; e < num_experts && threadIdx.x < kWarpSize; e += kWarpSize) {
         const uint64_t* sig = reinterpret_cast<const uint64_t*>(local_base + off_signals) + e;
         // Pairs with the release of the signal by the owner's combine_send (its last block out).
-        ok = comm::wait_geq(sig, epoch, waiter, e / num_local_experts, phase::kLlCombineRecv) && ok;
+        const bool arrived = comm::wait_geq(sig, epoch << 1, waiter, e / num_local_experts, phase::kLlCombineRecv);
+        // Every expert of one owner carries the same bit: same-value writes.
+        if (arrived && (ld_acquire_sys_u64(sig) & 1ull) != 0) partial_from[e / num_local_experts] = true;
+        ok = arrived && ok;
     }
     if (!comm::block_all_ok(ok)) return;
 
     const int row_int4 = hidden / 8;
     const int4* area = reinterpret_cast<const int4*>(local_base + off_recv);
+    const int4* partial_area = reinterpret_cast<const int4*>(local_base + off_partial);
     for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
-        __syncthreads();  // the previous token's rows / weights no longer read
+        __syncthreads();  // the previous token's terms no longer read
         for (int k = threadIdx.x; k < num_topk; k += kNumThreads) {
-            const int64_t e = topk_idx[static_cast<long long>(t) * num_topk + k];
-            const bool valid = e >= 0 && e < num_experts;
-            rows[k] = valid ? e * tmax + t : -1;
-            weights[k] = topk_weights[static_cast<long long>(t) * num_topk + k];
+            const int64_t* idx = topk_idx + static_cast<long long>(t) * num_topk;
+            const int64_t e = idx[k];
+            long long row = -1;
+            bool partial = false;
+            float w = topk_weights[static_cast<long long>(t) * num_topk + k];
+            if (e >= 0 && e < num_experts) {
+                const int d = static_cast<int>(e / num_local_experts);
+                partial = partial_from[d];
+                if (!partial) {
+                    row = (e * tmax + t) * row_int4;
+                } else {
+                    bool first = true;  // the first k naming an expert of d takes d's partial row
+                    for (int k2 = 0; k2 < k && first; ++k2)
+                        first = !(idx[k2] >= 0 && idx[k2] < num_experts && idx[k2] / num_local_experts == d);
+                    row = first ? (static_cast<long long>(d) * tmax + t) * 2 * row_int4 : -1;
+                    w = 1.0f;
+                }
+            }
+            rows[k] = row;
+            weights[k] = w;
+            is_partial[k] = partial;
         }
         __syncthreads();
         for (int c = threadIdx.x; c < row_int4; c += kNumThreads) {
@@ -518,21 +694,35 @@ EPCOMM_DEVICE_INLINE void combine_recv(const uint8_t* local_base, long long off_
 #pragma unroll
             for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
             for (int k0 = 0; k0 < num_topk; k0 += kLoadsInFlight) {
-                int4 v[kLoadsInFlight];
+                int4 v[kLoadsInFlight], v2[kLoadsInFlight];
 #pragma unroll
                 for (int u = 0; u < kLoadsInFlight; ++u) {
                     const int k = k0 + u;
-                    if (k < num_topk && rows[k] >= 0) v[u] = ld_global_v4(area + rows[k] * row_int4 + c);
+                    if (k >= num_topk || rows[k] < 0) continue;
+                    if (is_partial[k]) {
+                        v[u] = ld_global_v4(partial_area + rows[k] + 2 * c);
+                        v2[u] = ld_global_v4(partial_area + rows[k] + 2 * c + 1);
+                    } else {
+                        v[u] = ld_global_v4(area + rows[k] + c);
+                    }
                 }
 #pragma unroll
                 for (int u = 0; u < kLoadsInFlight; ++u) {
                     const int k = k0 + u;
                     if (k >= num_topk || rows[k] < 0) continue;
-                    float f[8];
-                    fp8::unpack_bf16x8(v[u], f);
-                    const float w = weights[k];
+                    if (is_partial[k]) {
+                        const float p[8] = {__int_as_float(v[u].x), __int_as_float(v[u].y), __int_as_float(v[u].z),
+                                            __int_as_float(v[u].w), __int_as_float(v2[u].x), __int_as_float(v2[u].y),
+                                            __int_as_float(v2[u].z), __int_as_float(v2[u].w)};
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, f[i]));
+                        for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], p[i]);
+                    } else {
+                        float f[8];
+                        fp8::unpack_bf16x8(v[u], f);
+                        const float w = weights[k];
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, f[i]));
+                    }
                 }
             }
             st_global_v4(out + static_cast<long long>(t) * row_int4 + c, fp8::pack_bf16x8(acc));

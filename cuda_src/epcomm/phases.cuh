@@ -15,5 +15,6 @@ constexpr int kBarrier = 6;         // barrier among the ranks of a buffer
 constexpr int kLlDispatchRecv = 7;  // low-latency dispatch: waiting for a source rank's count / signal
 constexpr int kLlCombineRecv = 8;   // low-latency combine: waiting for an expert owner's signal
 constexpr int kProbe = 9;           // bootstrap probe kernels (epcomm/probe.py)
+constexpr int kLlCombineSend = 10;  // low-latency combine, expert side: waiting for a token owner's top-k weights
 
 }  // namespace epcomm::phase

@@ -28,6 +28,7 @@ PHASE_NAMES: dict[int, str] = {
     7: "ll_dispatch_recv",
     8: "ll_combine_recv",
     9: "probe",
+    10: "ll_combine_send",
 }
 PHASE_IDS: dict[str, int] = {name: pid for pid, name in PHASE_NAMES.items()}
 

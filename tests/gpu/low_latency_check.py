@@ -191,16 +191,19 @@ def receive_event(hk, async_finish, tag):
 
 
 def ll_case(h, k, e, tokens="big", fp8=False, round_scale=False, ue8m0=False, hook=False, zero_copy=False,
-            drop=0.1, skew=None, seed=0, b=None, overlap=False, tmax=TMAX, async_finish=False, per_expert=False):
-    """per_expert: dispatch sends the whole message per (token, expert), as DeepEP does (once_per_rank off)."""
+            drop=0.1, skew=None, seed=0, b=None, overlap=False, tmax=TMAX, async_finish=False, per_expert=False,
+            combine_per_expert=False):
+    """per_expert: dispatch sends the whole message per (token, expert), as DeepEP does (once_per_rank off).
+    combine_per_expert: combine sends every (token, expert) row back, as DeepEP does (combine_once_per_rank off)."""
     b = b or buf
     ll = b._backend.low_latency
-    before, ll.once_per_rank = ll.once_per_rank, not per_expert
+    before = ll.once_per_rank, ll.combine_once_per_rank
+    ll.once_per_rank, ll.combine_once_per_rank = not per_expert, not combine_per_expert
     try:
         _ll_case(b, h, k, e, tokens, fp8, round_scale, ue8m0, hook, zero_copy, drop, skew, seed, overlap, tmax,
                  async_finish)
     finally:
-        ll.once_per_rank = before
+        ll.once_per_rank, ll.combine_once_per_rank = before
 
 
 def _ll_case(b, h, k, e, tokens, fp8, round_scale, ue8m0, hook, zero_copy, drop, skew, seed, overlap, tmax,
@@ -334,6 +337,27 @@ def clean_then_case():
     ll_case(2048, 4, 16 if 16 % R == 0 else R, fp8=True, seed=77)
 
 
+def expect_timeout(call, phase, what):
+    """The last rank sleeps past the bound instead of calling; every other rank's call(), then a synchronisation,
+    must raise CommTimeoutError naming `phase` and the sleeping rank, within 10 s (EPCOMM_TIMEOUT_S is 2)."""
+    cp.cuda.Device().synchronize()
+    group.barrier()
+    t0 = time.time()
+    if rank == R - 1:
+        time.sleep(6)
+        return
+    try:
+        call()
+    except epcomm.CommTimeoutError as exc:
+        dt = time.time() - t0
+        assert phase in str(exc), str(exc)
+        assert exc.peer == R - 1, f"the error names peer {exc.peer}, the skipping rank is {R - 1}: {exc}"
+        assert dt < 10, f"took {dt:.1f} s"
+        print(f"rank {rank}: CommTimeoutError after {dt:.1f} s: {str(exc)[:160]}", flush=True)
+        return
+    raise AssertionError(f"{what} did not time out although a rank skipped it")
+
+
 def timeout_case(b):
     """One rank skips a dispatch: the others raise CommTimeoutError naming the phase, within the bound."""
     os.environ["EPCOMM_TIMEOUT_S"] = "2"
@@ -342,23 +366,31 @@ def timeout_case(b):
     # Lay the buffer out for these shapes on every rank first: a change of shapes cleans the buffer, which is
     # collective, and the rank that skips must skip the dispatch itself, not that clean.
     b.clean_low_latency_buffer(TMAX, h, e)
-    cp.cuda.Device().synchronize()
-    group.barrier()
-    t0 = time.time()
-    if rank == R - 1:
-        time.sleep(6)
-        return
-    try:
+
+    def call():
         _, _, _, ev, _ = b.low_latency_dispatch(cp.asarray(xs[rank]), cp.asarray(idxs[rank]), TMAX, e)
         ev.synchronize()
         b._backend.sync()
-    except epcomm.CommTimeoutError as exc:
-        dt = time.time() - t0
-        assert "ll_dispatch_recv" in str(exc), str(exc)
-        assert dt < 10, f"took {dt:.1f} s"
-        print(f"rank {rank}: CommTimeoutError after {dt:.1f} s: {str(exc)[:160]}", flush=True)
-        return
-    raise AssertionError("low_latency_dispatch did not time out although a rank skipped it")
+
+    expect_timeout(call, "ll_dispatch_recv", "low_latency_dispatch")
+
+
+def combine_timeout_case(b):
+    """One rank skips a combine: the others' combine_send waits (bounded) for its top-k weights (once-per-rank
+    combine) and raises CommTimeoutError naming phase ll_combine_send and the skipping rank, within the bound."""
+    os.environ["EPCOMM_TIMEOUT_S"] = "2"
+    h, k, e = 2048, 4, 16 if 16 % R == 0 else R
+    xs, idxs, ws = make_inputs(11, [8] * R, h, k, e)
+    b.clean_low_latency_buffer(TMAX, h, e)
+    idx_dev, w_dev = cp.asarray(idxs[rank]), cp.asarray(ws[rank])
+    recv_x, _, handle, _, _ = b.low_latency_dispatch(cp.asarray(xs[rank]), idx_dev, TMAX, e, use_fp8=False)
+
+    def call():
+        _, ev, _ = b.low_latency_combine(recv_x, idx_dev, w_dev, handle)
+        ev.synchronize()
+        b._backend.sync()
+
+    expect_timeout(call, "ll_combine_send", "low_latency_combine")
 
 
 def fits(e):
@@ -374,6 +406,8 @@ if args.oversubscribed:
         ("bf16_h2048_k1_e16_one_hook_zero_copy", dict(h=2048, k=1, e=16, tokens="one", hook=True, zero_copy=True)),
         ("fp8_h2048_k8_e64_hook_async", dict(h=2048, k=8, e=64, fp8=True, hook=True, async_finish=True)),
         ("fp8_h2048_k8_e64_per_expert", dict(h=2048, k=8, e=64, fp8=True, per_expert=True)),
+        ("bf16_h2048_k8_e64_mixed_hook_combine_per_expert", dict(h=2048, k=8, e=64, tokens="mixed", hook=True,
+                                                                 combine_per_expert=True)),
     ]
 else:
     plan = [
@@ -400,9 +434,14 @@ else:
         ("fp8_h4096_k8_e64_hook_async", dict(h=4096, k=8, e=64, fp8=True, hook=True, async_finish=True)),
         ("bf16_h2048_k8_e64_zero_copy_hook_async", dict(h=2048, k=8, e=64, hook=True, zero_copy=True,
                                                         async_finish=True)),
-        ("fp8_h7168_k8_e256_big_per_expert", dict(h=7168, k=8, e=256, fp8=True, per_expert=True)),
+        ("fp8_h7168_k8_e256_big_per_expert", dict(h=7168, k=8, e=256, fp8=True, per_expert=True,
+                                                  combine_per_expert=True)),
         ("bf16_h4096_k8_e64_mixed_hook_per_expert", dict(h=4096, k=8, e=64, tokens="mixed", hook=True,
-                                                         per_expert=True)),
+                                                         per_expert=True, combine_per_expert=True)),
+        ("bf16_h7168_k8_e256_big_combine_per_expert", dict(h=7168, k=8, e=256, combine_per_expert=True)),
+        ("fp8_h2048_k16_e288_mixed_zero_copy_combine_per_expert", dict(h=2048, k=16, e=288, tokens="mixed",
+                                                                       fp8=True, zero_copy=True,
+                                                                       combine_per_expert=True)),
     ]
     if args.quick:
         plan = plan[:4]
@@ -442,6 +481,25 @@ if "b" in state:
             cases.run(name, ll_case, seed=500 + i, b=state["b"], **kw)
     if R > 1:
         cases.run("timeout_names_phase", timeout_case, state["b"])
+
+
+def combine_timeout_buffer():
+    """A fresh Buffer on direct NVLink stores (the once-per-rank combine's weight wait lives only there)."""
+    old = state.pop("b")
+    try:
+        old.destroy()
+    except Exception as exc:  # poisoned by the timeout case; teardown must still work
+        print(f"rank {rank}: destroy raised {exc}", flush=True)
+    os.environ.pop("EPCOMM_FORCE_NVSHMEM", None)
+    state["b"] = epcomm.Buffer(group, num_rdma_bytes=epcomm.Buffer.get_low_latency_rdma_size_hint(TMAX, 2048, R, 16),
+                               low_latency_mode=True, backend="gpu")
+    assert not state["b"]._backend.low_latency.force_nvshmem
+
+
+if R > 1 and "b" in state:
+    cases.run("combine_timeout_buffer", combine_timeout_buffer)
+    if "b" in state:
+        cases.run("combine_timeout_names_phase", combine_timeout_case, state["b"])
 code = cases.finish()
 try:
     if "b" in state:
