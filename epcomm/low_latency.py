@@ -17,7 +17,7 @@ alternate halves (call count parity), and so do combine calls, independently. Pe
     dispatch_send    [Tmax]                messages: staging of the NVSHMEM path
     dispatch_tokens  [R][Tmax]             messages: [s][t] = source s's token t, sent ONCE to this rank however many
                                            of its experts here it names (NVLink peers; once_per_rank)
-    combine_weights  [R][Tmax][E_local]    f32: [s][t][j] = source s's top-k weight of local expert j for its token t
+    combine_weights  [R][Tmax][MAX_TOPK]   f32: [s][t][k] = source s's topk_weights[t, k]
     combine_partial  [R][Tmax]             f32 [H] rows: [d][t] = rank d's weighted sum of its experts' outputs for
                                            this rank's token t, sent ONCE per (token, rank) (NVLink peers;
                                            combine_once_per_rank)
@@ -120,7 +120,7 @@ class LowLatencyLayout:
         off_dispatch_send = _align(off_combine_send + e_local * r * tmax * row_bytes)
         off_dispatch_tokens = _align(off_dispatch_send + tmax * msg_stride)
         off_combine_weights = _align(off_dispatch_tokens + r * tmax * msg_stride)
-        off_combine_partial = _align(off_combine_weights + tmax * e * 4)
+        off_combine_partial = _align(off_combine_weights + r * tmax * MAX_TOPK * 4)
         half_bytes = _align(off_combine_partial + r * tmax * h * 4)
         return LowLatencyLayout(tmax, h, r, e, msg_stride, off_dispatch_signals, off_combine_signals,
                                 off_weight_signals, signal_bytes, off_dispatch_recv, off_combine_recv,
@@ -156,7 +156,7 @@ class LowLatencyLayout:
                 ("combine_send", self.off_combine_send, e_local * r * tmax * row),
                 ("dispatch_send", self.off_dispatch_send, tmax * self.msg_stride),
                 ("dispatch_tokens", self.off_dispatch_tokens, r * tmax * self.msg_stride),
-                ("combine_weights", self.off_combine_weights, tmax * self.num_experts * 4),
+                ("combine_weights", self.off_combine_weights, r * tmax * MAX_TOPK * 4),
                 ("combine_partial", self.off_combine_partial, r * tmax * self.hidden * 4)]
 
 
@@ -164,7 +164,7 @@ def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks
     """Bytes of NVSHMEM memory for low-latency mode: two alternating halves, each holding the signals, the worst-case
     dispatch receive area [E_local, R*Tmax] messages, the combine receive area [E, Tmax] bf16 rows, the zero-copy
     combine input [E_local, R*Tmax] bf16 rows, a [Tmax]-message staging area, the once-per-rank dispatch area
-    [R, Tmax] messages and the once-per-rank combine areas (weights [R, Tmax, E_local] f32, partial sums
+    [R, Tmax] messages and the once-per-rank combine areas (weights [R, Tmax, MAX_TOPK] f32, partial sums
     [R, Tmax, H] f32) (LowLatencyLayout)."""
     return LowLatencyLayout.plan(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts).total_bytes
 
@@ -202,7 +202,7 @@ def dispatch_recv_spec(use_fp8: bool, use_ue8m0: bool) -> KernelSpec:
                        ("kUseUe8m0", bool(use_fp8 and use_ue8m0))),
         params=(("const uint8_t*", "local_base"), ("long long", "off_signals"), ("long long", "off_recv"),
                 ("long long", "off_tokens"), ("int", "msg_stride"), ("int", "hidden"), ("int", "num_ranks"),
-                ("int", "num_local_experts"), ("int", "tmax"), ("int", "blocks_per_expert"),
+                ("int", "num_local_experts"), ("int", "tmax"), ("int", "blocks_per_expert"), ("int", "num_topk"),
                 ("const uint64_t*", "epoch_counter"), ("int4*", "out_x"), ("void*", "out_scales"),
                 ("int*", "out_src_info"), ("int64_t*", "out_layout_range"), ("int*", "out_count"),
                 ("int*", "cumulative_stats"), ("long long*", "wait_stats"), ("int*", "out_expert_rows")) + COMM_PARAMS,
@@ -221,7 +221,7 @@ def combine_send_spec() -> KernelSpec:
                 ("int", "force_nvshmem"), ("int", "once_per_rank"), ("const int64_t*", "topk_idx"),
                 ("const float*", "topk_weights"), ("int", "num_tokens"), ("int", "num_topk"),
                 ("const int*", "expert_rows"), ("long long", "off_weight_signals"), ("long long", "off_weights"),
-                ("long long", "off_partial")) + COMM_PARAMS,
+                ("long long", "off_partial"), ("int*", "work_counter")) + COMM_PARAMS,
         num_threads=COMBINE_SEND_THREADS, uses_nvshmem=True)
 
 
@@ -298,7 +298,8 @@ class LowLatencyGpu:
         with backend.stream:
             # [dispatch half 0, dispatch half 1, combine half 0, combine half 1]: calls made on each (device-owned).
             self.epochs = cp.zeros(4, dtype=cp.uint64)
-            self.block_counters = cp.zeros(2, dtype=cp.int32)   # [dispatch_send, combine_send] last-block-out
+            # [dispatch_send, combine_send] last-block-out, [2]: combine_send's partial-sum work items taken
+            self.block_counters = cp.zeros(3, dtype=cp.int32)
             self.expert_counters = cp.zeros(1024, dtype=cp.int32)
         self._retired: list = []   # arrays replaced while kernels may still use them (kept alive)
         if not self.group.nvshmem_started:
@@ -456,7 +457,7 @@ class LowLatencyGpu:
             src_info = cp.empty((e_local, rows), cp.int32)
             layout_range = cp.empty((e_local, r), cp.int64)
             recv_count = cp.empty(e_local, cp.int32)
-            expert_rows = cp.empty(r * tmax * e_local, cp.int32)  # (source, token, local expert) -> row
+            expert_rows = cp.empty(r * tmax * k, cp.int32)  # (source, token, k) -> row, for combine
         comm = tuple(be.err.wait_params())
         get_kernel(dispatch_send_spec(use_fp8, round_scale)).launch(
             max(1, min(t, 2 * self.num_sms)),
@@ -467,14 +468,14 @@ class LowLatencyGpu:
              be.bad_index.device_ptr, expert_rows, expert_rows.size) + comm,
             stream=be.stream)
         handle = LowLatencyHandle(src_info, layout_range, tmax, h, num_experts, t, half,
-                                  backend_state={"layout": lay.key, "expert_rows": expert_rows})
+                                  backend_state={"layout": lay.key, "expert_rows": expert_rows, "num_topk": k})
         bpe = blocks_per_expert(e_local, self.num_sms)
 
         def receive():
             get_kernel(dispatch_recv_spec(use_fp8, use_ue8m0)).launch(
                 e_local * bpe,
                 (base, half_off + lay.off_dispatch_signals, half_off + lay.off_dispatch_recv,
-                 half_off + lay.off_dispatch_tokens, lay.msg_stride, h, r, e_local, tmax, bpe,
+                 half_off + lay.off_dispatch_tokens, lay.msg_stride, h, r, e_local, tmax, bpe, k,
                  self._epoch_ptr(EPOCH_DISPATCH, half), data, scales, src_info, layout_range, recv_count,
                  cumulative_stats, wait_stats, expert_rows) + tuple(be.err.wait_params()),
                 stream=be.stream)
@@ -513,6 +514,9 @@ class LowLatencyGpu:
         bpe = blocks_per_expert(e_local, self.num_sms)
         expert_rows = handle.backend_state.get("expert_rows")
         once = bool(self.combine_once_per_rank and expert_rows is not None)
+        if once and handle.backend_state.get("num_topk") != k:
+            raise ConfigError(f"topk_idx: the combine got {k} columns, the dispatch of this handle "
+                              f"{handle.backend_state.get('num_topk')}; pass the dispatch's topk_idx")
         get_kernel(combine_send_spec()).launch(
             e_local * bpe,
             (x, h, handle.src_info, handle.layout_range, r, e_local, tmax, bpe, base,
@@ -520,7 +524,7 @@ class LowLatencyGpu:
              int(bool(zero_copy)), self._counter_ptr(1), self._epoch_ptr(EPOCH_COMBINE, half),
              int(self.force_nvshmem), int(once), topk_idx, topk_weights, t, k, expert_rows if once else None,
              half_off + lay.off_weight_signals, half_off + lay.off_combine_weights,
-             half_off + lay.off_combine_partial) + tuple(be.err.wait_params()),
+             half_off + lay.off_combine_partial, self._counter_ptr(2)) + tuple(be.err.wait_params()),
             stream=be.stream)
 
         def receive():

@@ -68,7 +68,8 @@ def test_slot_addresses_stay_in_their_region(tmax, hidden, ranks, experts):
            2 * hidden)
     # once-per-rank combine: the weight of (source src, token t, local expert j) at the expert's owner, its signal
     # [src], and rank src's partial row for token t at the token's owner (float32 [H], 16-byte stores)
-    inside("combine_weights", lay.off_combine_weights + ((src * tmax + tmax - 1) * e_local + j) * 4, 4)
+    inside("combine_weights", lay.off_combine_weights + ((src * tmax + tmax - 1) * ll.MAX_TOPK + ll.MAX_TOPK - 1) * 4,
+           4)
     inside("weight_signals", lay.off_weight_signals + src * 8, 8)
     inside("combine_partial", lay.off_combine_partial + (src * tmax + tmax - 1) * hidden * 4, hidden * 4)
     assert lay.off_combine_partial % 16 == 0 and (hidden * 4) % 16 == 0

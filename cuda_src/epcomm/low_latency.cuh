@@ -9,14 +9,14 @@
 //                                           its rows for me; partial: as one sum per token in combine_partial
 //   weight_signals   [R] u64               [s] = epoch: source s stored its top-k weights in combine_weights
 //   dispatch_recv    [E_local][R][Tmax] messages of msg_stride bytes: [j][s][slot]
-//                    message = 16-byte header (int32 source token index t, int32 kPayloadInTokens or 0, 8 bytes
-//                    unused) + payload; payload = bf16 [H], or e4m3 [H] followed by float32 scale_inv [H / 128]
+//                    message = 16-byte header (int32 source token index t, int32 kPayloadInTokens or 0, int32 k + 1
+//                    of direct stores (0 if staged), 4 bytes unused) + payload; payload = bf16 [H], or e4m3 [H] followed by float32 scale_inv [H / 128]
 //   dispatch_tokens  [R][Tmax] messages: [s][t] = the payload of source s's token t, stored once per destination rank
 //                    (once_per_rank, NVLink peers); the (token, expert) messages then carry only their header
 //   combine_recv     [E][Tmax] bf16 [H] rows: [e][t] = expert e's output for my token t
 //   combine_send     [E_local][R * Tmax] bf16 [H]: the zero-copy combine input (and NVSHMEM-path staging)
 //   dispatch_send    [Tmax] messages: staging of the NVSHMEM path (a put's source must stay put until quiet)
-//   combine_weights  [R][Tmax][E_local] f32: [s][t][j] = source s's top-k weight of my local expert j for its token t
+//   combine_weights  [R][Tmax][kMaxTopk] f32: [s][t][k] = source s's topk_weights[t][k]
 //   combine_partial  [R][Tmax] f32 [H]: [d][t] = rank d's weighted sum of its experts' outputs for my token t
 //                    (once_per_rank combine, NVLink peers: one row per (token, rank) instead of one per (token, expert))
 //
@@ -251,9 +251,12 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
             }
         }
         if (threadIdx.x == 0) {
-            const int4 header = make_int4(t, once_per_rank ? kPayloadInTokens : 0, 0, 0);
+            // Word 2 = k + 1 for the combine's (source, token, k) -> row table (0 in staged messages: one staged
+            // message goes to several k; their owners are not NVLink peers, so combine never sums their rows).
             for (int k = 0; k < num_topk; ++k)
-                if (dst_ptr[k] != nullptr) st_global_na_v4(reinterpret_cast<int4*>(dst_ptr[k]), header);
+                if (dst_ptr[k] != nullptr)
+                    st_global_na_v4(reinterpret_cast<int4*>(dst_ptr[k]),
+                                    make_int4(t, once_per_rank ? kPayloadInTokens : 0, k + 1, 0));
             if (any_remote) st_global_v4(reinterpret_cast<int4*>(staging), make_int4(t, 0, 0, 0));
         }
 
@@ -296,7 +299,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// once_per_rank combine, block 0 of combine_send: this rank's top-k weights into the combine_weights[rank][t][j] of
+// once_per_rank combine, block 0 of combine_send: this rank's top-k weights into the combine_weights[rank][t][k] of
 // every NVLink-reachable owner of an expert it names (this rank's own copy included), then that owner's
 // weight_signals[rank] = epoch. The stores are scattered 4-byte writes (T * K of them, half remote at EP2).
 template <int kNumThreads>
@@ -310,9 +313,8 @@ EPCOMM_DEVICE_INLINE void combine_send_weights(uint8_t* const* peer_bases, const
         if (e < 0 || e >= num_experts) continue;  // -1, or a bad index (dispatch counted it; combine_recv skips it)
         const int d = static_cast<int>(e / num_local_experts);
         if (peer_bases[d] == nullptr) continue;
-        const long long t = i / num_topk;
-        const long long slot = (static_cast<long long>(rank) * tmax + t) * num_local_experts + e % num_local_experts;
-        reinterpret_cast<float*>(peer_bases[d] + off_weights)[slot] = topk_weights[i];
+        const long long t = i / num_topk, k = i % num_topk;
+        reinterpret_cast<float*>(peer_bases[d] + off_weights)[(rank * tmax + t) * kMaxTopk + k] = topk_weights[i];
     }
     __syncthreads();
     for (int d = threadIdx.x; d < num_ranks; d += kNumThreads) {
@@ -324,37 +326,34 @@ EPCOMM_DEVICE_INLINE void combine_send_weights(uint8_t* const* peer_bases, const
     }
 }
 
-// once_per_rank combine: after the weights of every NVLink-reachable source s arrived (bounded wait), one item per
-// warp = (s, t, a chunk of kSumSteps x 256 channels): the rows of s's token t at this rank's experts (expert_rows,
-// in local expert order) weighted and summed in float32, stored into s's combine_partial[rank][t]. Tokens with no
-// row here store nothing (their owner does not read that row).
+// once_per_rank combine: items of (source s, token t, a chunk of kSumSteps x 256 channels) for every NVLink-reachable
+// s, taken by warps from a shared counter (work_counter; blocks that start late take fewer): the rows of s's (t, k)
+// here (expert_rows, in k order) weighted and summed in float32, stored into s's combine_partial[rank][t]. A warp
+// loads its first rows before it waits (bounded, one lane) for s's weights. Tokens with no row here store nothing
+// (their owner does not read that row). Returns early (this warp) after a failed wait.
 template <int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, uint8_t* const* peer_bases,
-                                                    const uint8_t* sym_base, const int* expert_rows, int num_ranks,
-                                                    int num_local_experts, int tmax, long long off_weight_signals,
+                                                    const uint8_t* sym_base, const int* expert_rows, int num_topk,
+                                                    int num_ranks, int tmax, long long off_weight_signals,
                                                     long long off_weights, long long off_partial, uint64_t epoch,
-                                                    const comm::Waiter& waiter, int rank) {
-    constexpr int kNumWarps = kNumThreads / kWarpSize;
-    constexpr int kSumSteps = 4;  // 16-byte loads of one row in flight per lane; an item covers 4 x 256 channels
-    bool ok = true;
-    for (int s = threadIdx.x; s < num_ranks; s += kNumThreads) {
-        if (peer_bases[s] == nullptr) continue;
-        const uint64_t* sig = reinterpret_cast<const uint64_t*>(sym_base + off_weight_signals) + s;
-        ok = comm::wait_geq(sig, epoch, waiter, s, phase::kLlCombineSend) && ok;
-    }
-    if (!comm::block_all_ok(ok)) return;
-
-    const int warp = warp_id(), lane = lane_id();
-    const int row_int4 = hidden / 8;                       // bf16 input row: 8 channels per 16 bytes
+                                                    int* work_counter, const comm::Waiter& waiter, int rank) {
+    constexpr int kSumSteps = 2;       // 16-byte loads per row per lane: an item covers 2 x 256 channels
+    constexpr int kRowsInFlight = 4;   // rows loaded before they are added
+    const int lane = lane_id();
+    const int row_int4 = hidden / 8;   // bf16 input row: 8 channels per 16 bytes
     const int steps = (row_int4 + kWarpSize - 1) / kWarpSize;
     const int chunks = (steps + kSumSteps - 1) / kSumSteps;
-    const long long num_items = static_cast<long long>(num_ranks) * tmax * chunks;
+    const int num_items = num_ranks * tmax * chunks;
     const float* weights = reinterpret_cast<const float*>(sym_base + off_weights);
-    for (long long it = static_cast<long long>(blockIdx.x) * kNumWarps + warp; it < num_items;
-         it += static_cast<long long>(gridDim.x) * kNumWarps) {
-        const long long task = it / chunks;  // s * tmax + t
-        const int chunk = static_cast<int>(it % chunks);
-        const int s = static_cast<int>(task / tmax);
+    uint64_t ready = 0;  // bit s: this warp has acquired source s's weights (ranks >= 64 always wait again)
+    for (;;) {
+        int it = 0;
+        if (lane == 0) it = atomicAdd(work_counter, 1);
+        it = __shfl_sync(kFullWarpMask, it, 0);
+        if (it >= num_items) return;
+        const int task = it / chunks;  // s * tmax + t
+        const int chunk = it % chunks;
+        const int s = task / tmax;
         if (peer_bases[s] == nullptr) continue;  // warp-uniform
         float acc[kSumSteps][8];
 #pragma unroll
@@ -362,32 +361,55 @@ EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, u
 #pragma unroll
             for (int i = 0; i < 8; ++i) acc[u][i] = 0.0f;
         bool any = false;
-        for (int j0 = 0; j0 < num_local_experts; j0 += kWarpSize) {
-            const int jj = j0 + lane;
-            const int row = jj < num_local_experts ? expert_rows[task * num_local_experts + jj] : -1;
-            // The weight arrived before the acquire above (relaxed load after the block's barrier).
-            const float w = row >= 0 ? __uint_as_float(ld_relaxed_sys_u32(reinterpret_cast<const uint32_t*>(
-                                           weights + task * num_local_experts + jj)))
-                                     : 0.0f;
+        for (int k0 = 0; k0 < num_topk; k0 += kWarpSize) {
+            const int k = k0 + lane;
+            const int row = k < num_topk ? expert_rows[static_cast<long long>(task) * num_topk + k] : -1;
             unsigned mask = __ballot_sync(kFullWarpMask, row >= 0);
-            any = any || mask != 0;
+            bool have_w = false;
+            float w = 0.0f;
             while (mask != 0) {
-                const int from = __ffs(mask) - 1;
-                mask &= mask - 1;
-                const int4* src = x + static_cast<long long>(__shfl_sync(kFullWarpMask, row, from)) * row_int4;
-                const float wk = __shfl_sync(kFullWarpMask, w, from);
-                int4 v[kSumSteps];
+                any = true;
+                int4 v[kRowsInFlight][kSumSteps];
+                int from[kRowsInFlight];
 #pragma unroll
-                for (int u = 0; u < kSumSteps; ++u) {
-                    const int c = (chunk * kSumSteps + u) * kWarpSize + lane;
-                    v[u] = c < row_int4 ? ld_global_nc_na_v4(src + c) : make_int4(0, 0, 0, 0);
+                for (int r = 0; r < kRowsInFlight; ++r) {
+                    from[r] = mask != 0 ? __ffs(mask) - 1 : -1;
+                    if (mask != 0) mask &= mask - 1;
+                    const int4* src = x + static_cast<long long>(__shfl_sync(kFullWarpMask, row, from[r] & 31)) *
+                                              row_int4;
+#pragma unroll
+                    for (int u = 0; u < kSumSteps; ++u) {
+                        const int c = (chunk * kSumSteps + u) * kWarpSize + lane;
+                        v[r][u] = (from[r] >= 0 && c < row_int4) ? ld_global_nc_na_v4(src + c) : make_int4(0, 0, 0, 0);
+                    }
+                }
+                if (!have_w) {
+                    if (s >= 64 || ((ready >> s) & 1) == 0) {
+                        bool ok = true;
+                        // Pairs with the release of weight_signals[s] by s's combine_send_weights.
+                        if (lane == 0)
+                            ok = comm::wait_geq(reinterpret_cast<const uint64_t*>(sym_base + off_weight_signals) + s,
+                                                epoch, waiter, s, phase::kLlCombineSend);
+                        __syncwarp();  // orders lane 0's acquire before the other lanes' weight loads
+                        if (__shfl_sync(kFullWarpMask, ok ? 1 : 0, 0) == 0) return;
+                        if (s < 64) ready |= 1ull << s;
+                    }
+                    if (row >= 0)
+                        w = __uint_as_float(ld_relaxed_sys_u32(reinterpret_cast<const uint32_t*>(
+                            weights + static_cast<long long>(task) * kMaxTopk + k)));
+                    have_w = true;
                 }
 #pragma unroll
-                for (int u = 0; u < kSumSteps; ++u) {
-                    float f[8];
-                    fp8::unpack_bf16x8(v[u], f);
+                for (int r = 0; r < kRowsInFlight; ++r) {
+                    if (from[r] < 0) break;  // warp-uniform
+                    const float wk = __shfl_sync(kFullWarpMask, w, from[r]);
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) acc[u][i] = __fadd_rn(acc[u][i], __fmul_rn(wk, f[i]));
+                    for (int u = 0; u < kSumSteps; ++u) {
+                        float f[8];
+                        fp8::unpack_bf16x8(v[r][u], f);
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) acc[u][i] = __fadd_rn(acc[u][i], __fmul_rn(wk, f[i]));
+                    }
                 }
             }
         }
@@ -414,7 +436,9 @@ EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, u
 // once_per_rank: every NVLink-reachable source s instead gets ONE float32 row per token t that has rows here, the
 // weighted sum over this rank's experts (combine_send_partial_sums); for that the sources' top-k weights cross first
 // (block 0 stores this rank's weights into every such peer's combine_weights and releases its weight_signals[rank]),
-// and the blocks wait (bounded) for every such source's weights. Without once_per_rank it never waits.
+// and a warp waits (bounded) for a source's weights before it adds that source's rows. Without once_per_rank it
+// never waits. expert_rows: the handle's (source, token, k) -> row table (dispatch_recv); work_counter: zero before
+// the call, zeroed again by the last block out.
 template <int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src_info, const int64_t* layout_range,
                                        int num_ranks, int num_local_experts, int tmax, int blocks_per_expert,
@@ -423,7 +447,8 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
                                        uint64_t* epoch_counter, int force_nvshmem, int once_per_rank,
                                        const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                                        int num_topk, const int* expert_rows, long long off_weight_signals,
-                                       long long off_weights, long long off_partial, uint64_t err_record,
+                                       long long off_weights, long long off_partial, int* work_counter,
+                                       uint64_t err_record,
                                        long long timeout_ns, int rank) {
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
     constexpr int kNumWarps = kNumThreads / kWarpSize;
@@ -481,9 +506,9 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
     }
     if (issued) nvshmem::quiet();  // issued is per lane here, but every lane of a putting warp set it
     if (once_per_rank)
-        combine_send_partial_sums<kNumThreads>(x, hidden, peer_bases, sym_base, expert_rows, num_ranks,
-                                               num_local_experts, tmax, off_weight_signals, off_weights, off_partial,
-                                               epoch, waiter, rank);
+        combine_send_partial_sums<kNumThreads>(x, hidden, peer_bases, sym_base, expert_rows, num_topk, num_ranks,
+                                               tmax, off_weight_signals, off_weights, off_partial, epoch,
+                                               work_counter, waiter, rank);
 
     if (!last_block_out(block_counter)) return;
     for (int p = threadIdx.x; p < num_local_experts * num_ranks; p += kNumThreads) {
@@ -499,6 +524,7 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
     }
     if (threadIdx.x == 0) {
         *block_counter = 0;
+        if (once_per_rank) *work_counter = 0;  // every warp has taken its last item
         *epoch_counter = epoch;
     }
 }
@@ -513,13 +539,13 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
 //   UE8M0, int32 [E_local][ceil(S / 4)][R * Tmax]; out_src_info [E_local][R * Tmax] (-1 past the count);
 //   out_layout_range [E_local][R] = (begin << 32) | count; out_count [E_local]; cumulative_stats[j] += count;
 //   wait_stats[r] += nanoseconds the expert's first block waited for source r (summed over experts);
-//   out_expert_rows[(r * Tmax + t) * E_local + j] = the row of source r's token t at expert j (the once_per_rank
-//   combine's table; dispatch_send set it to -1).
+//   out_expert_rows[(r * Tmax + t) * K + k] = the row of source r's (token t, k) here (the once_per_rank combine's
+//   table; dispatch_send set it to -1; every rank has the same K, as in DeepEP: a k >= K is left out).
 // Data rows past the count are left as they were.
 template <int kNumThreads, bool kUseFp8, bool kUseUe8m0>
 EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long off_signals, long long off_recv,
                                         long long off_tokens, int msg_stride, int hidden, int num_ranks,
-                                        int num_local_experts, int tmax, int blocks_per_expert,
+                                        int num_local_experts, int tmax, int blocks_per_expert, int num_topk,
                                         const uint64_t* epoch_counter, int4* out_x, void* out_scales,
                                         int* out_src_info, int64_t* out_layout_range, int* out_count,
                                         int* cumulative_stats, long long* wait_stats, int* out_expert_rows,
@@ -592,9 +618,9 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long off
                             data_int4, lane);
         if (lane == 0) {
             out_src_info[row] = header.x;
-            if (header.x >= 0 && header.x < tmax)
-                out_expert_rows[(static_cast<long long>(r) * tmax + header.x) * num_local_experts + j] =
-                    static_cast<int>(row);
+            const int k = header.z - 1;  // -1: a staged message (NVSHMEM path)
+            if (header.x >= 0 && header.x < tmax && k >= 0 && k < num_topk)
+                out_expert_rows[(static_cast<long long>(r) * tmax + header.x) * num_topk + k] = static_cast<int>(row);
         }
         if constexpr (kUseFp8) {
             const float* scales = reinterpret_cast<const float*>(payload + kMsgHeaderBytes + hidden);
@@ -654,8 +680,9 @@ EPCOMM_DEVICE_INLINE void combine_recv(const uint8_t* local_base, long long off_
         const uint64_t* sig = reinterpret_cast<const uint64_t*>(local_base + off_signals) + e;
         // Pairs with the release of the signal by the owner's combine_send (its last block out).
         const bool arrived = comm::wait_geq(sig, epoch << 1, waiter, e / num_local_experts, phase::kLlCombineRecv);
-        // Every expert of one owner carries the same bit: same-value writes.
-        if (arrived && (ld_acquire_sys_u64(sig) & 1ull) != 0) partial_from[e / num_local_experts] = true;
+        // Every expert of one owner carries the same bit: its first expert's is read.
+        if (arrived && e % num_local_experts == 0 && (ld_acquire_sys_u64(sig) & 1ull) != 0)
+            partial_from[e / num_local_experts] = true;
         ok = arrived && ok;
     }
     if (!comm::block_all_ok(ok)) return;
