@@ -35,7 +35,8 @@ ap.add_argument("--experts", type=int, default=256)
 ap.add_argument("--iters", type=int, default=50)
 ap.add_argument("--quick", action="store_true", help="fewer iterations")
 ap.add_argument("--out", default=None)
-ap.add_argument("--trace", action="store_true", help="accepted for gpu_suite.sh; no extra output here")
+ap.add_argument("--trace", action="store_true",
+                help="also time the once-per-rank combine with parts left out (diagnostics, wrong results)")
 args = ap.parse_args()
 iters = 20 if args.quick else args.iters
 T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
@@ -125,6 +126,14 @@ ll.once_per_rank = True
 ll.combine_once_per_rank = False  # likewise: every (token, expert) row back
 combine_per_expert_us = agree(timed_graph(two_combines, 2))
 ll.combine_once_per_rank = True
+if args.trace:  # where the once-per-rank combine's time goes: leave parts out (wrong results) and time again
+    for bits, what in ((1, "no weights exchange"), (2, "no row loads"), (4, "no partial stores"), (8, "no items"),
+                       (6, "no loads, no stores"), (0, "combine_send 1 block per expert")):
+        ll.combine_debug_skip = bits
+        ll.combine_send_bpe = 1 if bits == 0 else None
+        us = agree(timed_graph(two_combines, 2))
+        log(f"combine diag: {what}: {us:.1f} us (graph, a combine)")
+    ll.combine_debug_skip, ll.combine_send_bpe = 0, None
 results = {
     "ll_dispatch_per_expert": per_expert_us,
     "ll_combine_per_expert": combine_per_expert_us,

@@ -221,7 +221,7 @@ def combine_send_spec() -> KernelSpec:
                 ("int", "force_nvshmem"), ("int", "once_per_rank"), ("const int64_t*", "topk_idx"),
                 ("const float*", "topk_weights"), ("int", "num_tokens"), ("int", "num_topk"),
                 ("const int*", "expert_rows"), ("long long", "off_weight_signals"), ("long long", "off_weights"),
-                ("long long", "off_partial"), ("int*", "work_counter")) + COMM_PARAMS,
+                ("long long", "off_partial"), ("int*", "work_counter"), ("int", "debug_skip")) + COMM_PARAMS,
         num_threads=COMBINE_SEND_THREADS, uses_nvshmem=True)
 
 
@@ -288,6 +288,10 @@ class LowLatencyGpu:
         # from the reference's k order (float32 reassociation, then one bf16 rounding), so results can differ from
         # the per-expert path in the last bf16 bit; tests compare at calc_diff < 1e-5 as DeepEP's do.
         self.combine_once_per_rank = True
+        # Diagnostics (bench/bench_low_latency.py --trace): kSkip* bits of low_latency.cuh (wrong results when set),
+        # and a blocks-per-expert override of combine_send (None: blocks_per_expert()).
+        self.combine_debug_skip = 0
+        self.combine_send_bpe = None
         self.nbytes = int(num_rdma_bytes)
         self.num_sms = backend.num_sms_device
         self.sym = None            # uint8 CuPy array over the symmetric buffer (nvshmem.core.array)
@@ -511,7 +515,7 @@ class LowLatencyGpu:
         be._begin(ctx)
         with be._alloc_stream(ctx):
             result = out if out is not None else cp.empty((t, h), BF16)
-        bpe = blocks_per_expert(e_local, self.num_sms)
+        bpe = self.combine_send_bpe or blocks_per_expert(e_local, self.num_sms)
         expert_rows = handle.backend_state.get("expert_rows")
         once = bool(self.combine_once_per_rank and expert_rows is not None)
         if once and handle.backend_state.get("num_topk") != k:
@@ -524,7 +528,8 @@ class LowLatencyGpu:
              int(bool(zero_copy)), self._counter_ptr(1), self._epoch_ptr(EPOCH_COMBINE, half),
              int(self.force_nvshmem), int(once), topk_idx, topk_weights, t, k, expert_rows if once else None,
              half_off + lay.off_weight_signals, half_off + lay.off_combine_weights,
-             half_off + lay.off_combine_partial, self._counter_ptr(2)) + tuple(be.err.wait_params()),
+             half_off + lay.off_combine_partial, self._counter_ptr(2), int(self.combine_debug_skip)) +
+            tuple(be.err.wait_params()),
             stream=be.stream)
 
         def receive():

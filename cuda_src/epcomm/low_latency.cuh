@@ -299,6 +299,10 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
+// Diagnostics of the once_per_rank combine (LowLatencyGpu.combine_debug_skip; 0 in normal use; results are wrong
+// with any bit set): leave out the weights exchange, the row loads, the partial-row stores, or the items altogether.
+constexpr int kSkipWeights = 1, kSkipLoads = 2, kSkipStores = 4, kSkipItems = 8;
+
 // once_per_rank combine, block 0 of combine_send: this rank's top-k weights into the combine_weights[rank][t][k] of
 // every NVLink-reachable owner of an expert it names (this rank's own copy included), then that owner's
 // weight_signals[rank] = epoch. The stores are scattered 4-byte writes (T * K of them, half remote at EP2).
@@ -336,7 +340,8 @@ EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, u
                                                     const uint8_t* sym_base, const int* expert_rows, int num_topk,
                                                     int num_ranks, int tmax, long long off_weight_signals,
                                                     long long off_weights, long long off_partial, uint64_t epoch,
-                                                    int* work_counter, const comm::Waiter& waiter, int rank) {
+                                                    int* work_counter, int debug_skip, const comm::Waiter& waiter,
+                                                    int rank) {
     constexpr int kSumSteps = 2;       // 16-byte loads per row per lane: an item covers 2 x 256 channels
     constexpr int kRowsInFlight = 4;   // rows loaded before they are added
     const int lane = lane_id();
@@ -380,11 +385,13 @@ EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, u
 #pragma unroll
                     for (int u = 0; u < kSumSteps; ++u) {
                         const int c = (chunk * kSumSteps + u) * kWarpSize + lane;
-                        v[r][u] = (from[r] >= 0 && c < row_int4) ? ld_global_nc_na_v4(src + c) : make_int4(0, 0, 0, 0);
+                        v[r][u] = (from[r] >= 0 && c < row_int4 && !(debug_skip & kSkipLoads))
+                                      ? ld_global_nc_na_v4(src + c)
+                                      : make_int4(0, 0, 0, 0);
                     }
                 }
                 if (!have_w) {
-                    if (s >= 64 || ((ready >> s) & 1) == 0) {
+                    if ((s >= 64 || ((ready >> s) & 1) == 0) && !(debug_skip & kSkipWeights)) {
                         bool ok = true;
                         // Pairs with the release of weight_signals[s] by s's combine_send_weights.
                         if (lane == 0)
@@ -413,7 +420,7 @@ EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, u
                 }
             }
         }
-        if (!any) continue;  // warp-uniform (ballots)
+        if (!any || (debug_skip & kSkipStores)) continue;  // warp-uniform (ballots)
         int4* dst = reinterpret_cast<int4*>(peer_bases[s] + off_partial +
                                             (static_cast<long long>(rank) * tmax + task % tmax) * hidden * 4);
 #pragma unroll
@@ -448,7 +455,7 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
                                        const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                                        int num_topk, const int* expert_rows, long long off_weight_signals,
                                        long long off_weights, long long off_partial, int* work_counter,
-                                       uint64_t err_record,
+                                       int debug_skip, uint64_t err_record,
                                        long long timeout_ns, int rank) {
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
     constexpr int kNumWarps = kNumThreads / kWarpSize;
@@ -475,7 +482,7 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
     __syncthreads();
     // A destination r gets partial sums (and sends this rank its weights) iff once_per_rank and r is NVLink-reachable;
     // reachability is symmetric, so r decides the same about this rank.
-    if (once_per_rank && blockIdx.x == 0) combine_send_weights<kNumThreads>(peer_bases, topk_idx, topk_weights,
+    if (once_per_rank && blockIdx.x == 0 && !(debug_skip & kSkipWeights)) combine_send_weights<kNumThreads>(peer_bases, topk_idx, topk_weights,
                                                                             num_tokens, num_topk, num_ranks,
                                                                             num_local_experts, tmax, off_weights,
                                                                             off_weight_signals, epoch, rank);
@@ -505,10 +512,10 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
         }
     }
     if (issued) nvshmem::quiet();  // issued is per lane here, but every lane of a putting warp set it
-    if (once_per_rank)
+    if (once_per_rank && !(debug_skip & kSkipItems))
         combine_send_partial_sums<kNumThreads>(x, hidden, peer_bases, sym_base, expert_rows, num_topk, num_ranks,
                                                tmax, off_weight_signals, off_weights, off_partial, epoch,
-                                               work_counter, waiter, rank);
+                                               work_counter, debug_skip, waiter, rank);
 
     if (!last_block_out(block_counter)) return;
     for (int p = threadIdx.x; p < num_local_experts * num_ranks; p += kNumThreads) {
