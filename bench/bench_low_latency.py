@@ -128,9 +128,9 @@ combine_per_expert_us = agree(timed_graph(two_combines, 2))
 ll.combine_once_per_rank = True
 if args.trace:  # where the once-per-rank combine's time goes: leave parts out (wrong results) and time again
     for bits, what in ((1, "no weights exchange"), (2, "no row loads"), (4, "no partial stores"), (8, "no items"),
-                       (6, "no loads, no stores"), (0, "combine_send 1 block per expert")):
+                       (6, "no loads, no stores"), (0, "combine_send 2 blocks per expert (two waves)")):
         ll.combine_debug_skip = bits
-        ll.combine_send_bpe = 1 if bits == 0 else None
+        ll.combine_send_bpe = 2 if bits == 0 else None
         us = agree(timed_graph(two_combines, 2))
         log(f"combine diag: {what}: {us:.1f} us (graph, a combine)")
     ll.combine_debug_skip, ll.combine_send_bpe = 0, None

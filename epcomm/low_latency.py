@@ -5,7 +5,8 @@ Buffer: one NVSHMEM symmetric allocation of two halves with the same layout (Low
 alternate halves (call count parity), and so do combine calls, independently. Per half, in order:
 
     dispatch_signals [E_local][R] u64      (epoch << 32) | (count + 1) from each source, per local expert
-    combine_signals  [E] u64               (epoch << 1) | partial from the owner of each global expert
+    combine_signals  [E] u64               [d * E_local] = (epoch << 1) | partial from owner d (once, after all its
+                                           rows; partial: they are combine_partial rows); other slots unused
     weight_signals   [R] u64               epoch from each source: its top-k weights are in combine_weights
     dispatch_recv    [E_local][R][Tmax]    messages of msg_stride bytes: 16-byte header (int32 source token index,
                                            int32 1 when the payload is in dispatch_tokens, else 0) + bf16 [H], or
@@ -221,7 +222,7 @@ def combine_send_spec() -> KernelSpec:
                 ("int", "force_nvshmem"), ("int", "once_per_rank"), ("const int64_t*", "topk_idx"),
                 ("const float*", "topk_weights"), ("int", "num_tokens"), ("int", "num_topk"),
                 ("const int*", "expert_rows"), ("long long", "off_weight_signals"), ("long long", "off_weights"),
-                ("long long", "off_partial"), ("int*", "work_counter"), ("int", "debug_skip")) + COMM_PARAMS,
+                ("long long", "off_partial"), ("int", "debug_skip")) + COMM_PARAMS,
         num_threads=COMBINE_SEND_THREADS, uses_nvshmem=True)
 
 
@@ -302,8 +303,7 @@ class LowLatencyGpu:
         with backend.stream:
             # [dispatch half 0, dispatch half 1, combine half 0, combine half 1]: calls made on each (device-owned).
             self.epochs = cp.zeros(4, dtype=cp.uint64)
-            # [dispatch_send, combine_send] last-block-out, [2]: combine_send's partial-sum work items taken
-            self.block_counters = cp.zeros(3, dtype=cp.int32)
+            self.block_counters = cp.zeros(2, dtype=cp.int32)   # [dispatch_send, combine_send] last-block-out
             self.expert_counters = cp.zeros(1024, dtype=cp.int32)
         self._retired: list = []   # arrays replaced while kernels may still use them (kept alive)
         if not self.group.nvshmem_started:
@@ -515,9 +515,11 @@ class LowLatencyGpu:
         be._begin(ctx)
         with be._alloc_stream(ctx):
             result = out if out is not None else cp.empty((t, h), BF16)
-        bpe = self.combine_send_bpe or blocks_per_expert(e_local, self.num_sms)
         expert_rows = handle.backend_state.get("expert_rows")
         once = bool(self.combine_once_per_rank and expert_rows is not None)
+        # Once per rank, most of the work is dealt over the whole grid: one wave (a block per SM) where E_local allows.
+        bpe = self.combine_send_bpe or (max(1, self.num_sms // e_local) if once else
+                                        blocks_per_expert(e_local, self.num_sms))
         if once and handle.backend_state.get("num_topk") != k:
             raise ConfigError(f"topk_idx: the combine got {k} columns, the dispatch of this handle "
                               f"{handle.backend_state.get('num_topk')}; pass the dispatch's topk_idx")
@@ -528,7 +530,7 @@ class LowLatencyGpu:
              int(bool(zero_copy)), self._counter_ptr(1), self._epoch_ptr(EPOCH_COMBINE, half),
              int(self.force_nvshmem), int(once), topk_idx, topk_weights, t, k, expert_rows if once else None,
              half_off + lay.off_weight_signals, half_off + lay.off_combine_weights,
-             half_off + lay.off_combine_partial, self._counter_ptr(2), int(self.combine_debug_skip)) +
+             half_off + lay.off_combine_partial, int(self.combine_debug_skip)) +
             tuple(be.err.wait_params()),
             stream=be.stream)
 

@@ -5,8 +5,9 @@
 // Buffer (offsets from epcomm/low_latency.py, LowLatencyLayout, passed in as kernel arguments; two halves):
 //   dispatch_signals [E_local][R] u64      [j][s] = (epoch << 32) | (count + 1): source s sent `count` messages to
 //                                           my local expert j in the dispatch numbered `epoch` on this half
-//   combine_signals  [E] u64               [e] = (epoch << 1) | partial: the owner of global expert e sent back all
-//                                           its rows for me; partial: as one sum per token in combine_partial
+//   combine_signals  [E] u64               [d * E_local] = (epoch << 1) | partial: owner d sent back all its rows
+//                                           for me; partial: as one sum per token in combine_partial (other slots
+//                                           unused)
 //   weight_signals   [R] u64               [s] = epoch: source s stored its top-k weights in combine_weights
 //   dispatch_recv    [E_local][R][Tmax] messages of msg_stride bytes: [j][s][slot]
 //                    message = 16-byte header (int32 source token index t, int32 kPayloadInTokens or 0, int32 k + 1
@@ -330,41 +331,41 @@ EPCOMM_DEVICE_INLINE void combine_send_weights(uint8_t* const* peer_bases, const
     }
 }
 
-// once_per_rank combine: items of (source s, token t, a chunk of kSumSteps x 256 channels) for every NVLink-reachable
-// s, taken by warps from a shared counter (work_counter; blocks that start late take fewer): the rows of s's (t, k)
-// here (expert_rows, in k order) weighted and summed in float32, stored into s's combine_partial[rank][t]. A warp
-// loads its first rows before it waits (bounded, one lane) for s's weights. Tokens with no row here store nothing
-// (their owner does not read that row). Returns early (this warp) after a failed wait.
+// once_per_rank combine: items of (source s, token t, a chunk of kSumSteps x 128 channels) for every NVLink-reachable
+// s, dealt round-robin over the grid's warps (block-major, so that every block gets some): the rows of s's (t, k)
+// here (expert_rows, in k order) weighted and summed in float32, stored into s's combine_partial[rank][t]. A lane
+// owns 4 channels per step (an 8-byte bf16 load per row, one 16-byte float32 store), so each store instruction of a
+// warp writes 512 contiguous bytes. A warp loads its first rows before it waits (bounded, one lane) for s's weights.
+// Tokens with no row here store nothing (their owner does not read that row). Returns early (this warp) after a
+// failed wait.
 template <int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, uint8_t* const* peer_bases,
                                                     const uint8_t* sym_base, const int* expert_rows, int num_topk,
                                                     int num_ranks, int tmax, long long off_weight_signals,
                                                     long long off_weights, long long off_partial, uint64_t epoch,
-                                                    int* work_counter, int debug_skip, const comm::Waiter& waiter,
-                                                    int rank) {
-    constexpr int kSumSteps = 2;       // 16-byte loads per row per lane: an item covers 2 x 256 channels
+                                                    int debug_skip, const comm::Waiter& waiter, int rank) {
+    constexpr int kNumWarps = kNumThreads / kWarpSize;
+    constexpr int kSumSteps = 4;       // 8-byte loads per row per lane: an item covers 4 x 128 channels
     constexpr int kRowsInFlight = 4;   // rows loaded before they are added
+    constexpr int kStepChannels = kWarpSize * 4;
     const int lane = lane_id();
-    const int row_int4 = hidden / 8;   // bf16 input row: 8 channels per 16 bytes
-    const int steps = (row_int4 + kWarpSize - 1) / kWarpSize;
-    const int chunks = (steps + kSumSteps - 1) / kSumSteps;
-    const int num_items = num_ranks * tmax * chunks;
+    const int row_int2 = hidden / 4;   // bf16 input row: 4 channels per 8 bytes
+    const int chunks = (hidden + kSumSteps * kStepChannels - 1) / (kSumSteps * kStepChannels);
+    const long long num_items = static_cast<long long>(num_ranks) * tmax * chunks;
     const float* weights = reinterpret_cast<const float*>(sym_base + off_weights);
+    const int2* x2 = reinterpret_cast<const int2*>(x);
     uint64_t ready = 0;  // bit s: this warp has acquired source s's weights (ranks >= 64 always wait again)
-    for (;;) {
-        int it = 0;
-        if (lane == 0) it = atomicAdd(work_counter, 1);
-        it = __shfl_sync(kFullWarpMask, it, 0);
-        if (it >= num_items) return;
-        const int task = it / chunks;  // s * tmax + t
-        const int chunk = it % chunks;
+    for (long long it = blockIdx.x + static_cast<long long>(gridDim.x) * warp_id(); it < num_items;
+         it += static_cast<long long>(gridDim.x) * kNumWarps) {
+        const int task = static_cast<int>(it / chunks);  // s * tmax + t
+        const int chunk = static_cast<int>(it % chunks);
         const int s = task / tmax;
         if (peer_bases[s] == nullptr) continue;  // warp-uniform
-        float acc[kSumSteps][8];
+        float acc[kSumSteps][4];
 #pragma unroll
         for (int u = 0; u < kSumSteps; ++u)
 #pragma unroll
-            for (int i = 0; i < 8; ++i) acc[u][i] = 0.0f;
+            for (int i = 0; i < 4; ++i) acc[u][i] = 0.0f;
         bool any = false;
         for (int k0 = 0; k0 < num_topk; k0 += kWarpSize) {
             const int k = k0 + lane;
@@ -374,20 +375,20 @@ EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, u
             float w = 0.0f;
             while (mask != 0) {
                 any = true;
-                int4 v[kRowsInFlight][kSumSteps];
+                int2 v[kRowsInFlight][kSumSteps];
                 int from[kRowsInFlight];
 #pragma unroll
                 for (int r = 0; r < kRowsInFlight; ++r) {
                     from[r] = mask != 0 ? __ffs(mask) - 1 : -1;
                     if (mask != 0) mask &= mask - 1;
-                    const int4* src = x + static_cast<long long>(__shfl_sync(kFullWarpMask, row, from[r] & 31)) *
-                                              row_int4;
+                    const int2* src = x2 + static_cast<long long>(__shfl_sync(kFullWarpMask, row, from[r] & 31)) *
+                                               row_int2;
 #pragma unroll
                     for (int u = 0; u < kSumSteps; ++u) {
                         const int c = (chunk * kSumSteps + u) * kWarpSize + lane;
-                        v[r][u] = (from[r] >= 0 && c < row_int4 && !(debug_skip & kSkipLoads))
-                                      ? ld_global_nc_na_v4(src + c)
-                                      : make_int4(0, 0, 0, 0);
+                        v[r][u] = (from[r] >= 0 && c < row_int2 && !(debug_skip & kSkipLoads))
+                                      ? __ldg(src + c)
+                                      : make_int2(0, 0);
                     }
                 }
                 if (!have_w) {
@@ -412,10 +413,10 @@ EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, u
                     const float wk = __shfl_sync(kFullWarpMask, w, from[r]);
 #pragma unroll
                     for (int u = 0; u < kSumSteps; ++u) {
-                        float f[8];
-                        fp8::unpack_bf16x8(v[r][u], f);
+                        const uint32_t lo = static_cast<uint32_t>(v[r][u].x), hi = static_cast<uint32_t>(v[r][u].y);
+                        const float f[4] = {fp8::bf16_lo(lo), fp8::bf16_hi(lo), fp8::bf16_lo(hi), fp8::bf16_hi(hi)};
 #pragma unroll
-                        for (int i = 0; i < 8; ++i) acc[u][i] = __fadd_rn(acc[u][i], __fmul_rn(wk, f[i]));
+                        for (int i = 0; i < 4; ++i) acc[u][i] = __fadd_rn(acc[u][i], __fmul_rn(wk, f[i]));
                     }
                 }
             }
@@ -426,11 +427,9 @@ EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, u
 #pragma unroll
         for (int u = 0; u < kSumSteps; ++u) {
             const int c = (chunk * kSumSteps + u) * kWarpSize + lane;
-            if (c >= row_int4) continue;
-            st_global_na_v4(dst + 2 * c, make_int4(__float_as_int(acc[u][0]), __float_as_int(acc[u][1]),
+            if (c < row_int2)
+                st_global_na_v4(dst + c, make_int4(__float_as_int(acc[u][0]), __float_as_int(acc[u][1]),
                                                    __float_as_int(acc[u][2]), __float_as_int(acc[u][3])));
-            st_global_na_v4(dst + 2 * c + 1, make_int4(__float_as_int(acc[u][4]), __float_as_int(acc[u][5]),
-                                                       __float_as_int(acc[u][6]), __float_as_int(acc[u][7])));
         }
     }
 }
@@ -444,8 +443,8 @@ EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, u
 // weighted sum over this rank's experts (combine_send_partial_sums); for that the sources' top-k weights cross first
 // (block 0 stores this rank's weights into every such peer's combine_weights and releases its weight_signals[rank]),
 // and a warp waits (bounded) for a source's weights before it adds that source's rows. Without once_per_rank it
-// never waits. expert_rows: the handle's (source, token, k) -> row table (dispatch_recv); work_counter: zero before
-// the call, zeroed again by the last block out.
+// never waits. expert_rows: the handle's (source, token, k) -> row table (dispatch_recv). The last block out
+// signals each destination once, in its combine_signals slot of this rank's first expert.
 template <int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src_info, const int64_t* layout_range,
                                        int num_ranks, int num_local_experts, int tmax, int blocks_per_expert,
@@ -454,8 +453,8 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
                                        uint64_t* epoch_counter, int force_nvshmem, int once_per_rank,
                                        const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                                        int num_topk, const int* expert_rows, long long off_weight_signals,
-                                       long long off_weights, long long off_partial, int* work_counter,
-                                       int debug_skip, uint64_t err_record,
+                                       long long off_weights, long long off_partial, int debug_skip,
+                                       uint64_t err_record,
                                        long long timeout_ns, int rank) {
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
     constexpr int kNumWarps = kNumThreads / kWarpSize;
@@ -515,15 +514,14 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
     if (once_per_rank && !(debug_skip & kSkipItems))
         combine_send_partial_sums<kNumThreads>(x, hidden, peer_bases, sym_base, expert_rows, num_topk, num_ranks,
                                                tmax, off_weight_signals, off_weights, off_partial, epoch,
-                                               work_counter, debug_skip, waiter, rank);
+                                               debug_skip, waiter, rank);
 
     if (!last_block_out(block_counter)) return;
-    for (int p = threadIdx.x; p < num_local_experts * num_ranks; p += kNumThreads) {
-        const int jj = p / num_ranks, r = p % num_ranks;
-        const long long sig_off = off_signals + static_cast<long long>(rank * num_local_experts + jj) * sizeof(uint64_t);
+    for (int r = threadIdx.x; r < num_ranks; r += kNumThreads) {
+        const long long sig_off = off_signals + static_cast<long long>(rank) * num_local_experts * sizeof(uint64_t);
         const uint64_t value = (epoch << 1) | ((once_per_rank && peer_bases[r] != nullptr) ? 1ull : 0ull);
-        // Pairs with the acquire wait in combine_recv at rank r on its combine_signals[e]; every block's rows happen
-        // before it (last_block_out).
+        // Pairs with the acquire wait in combine_recv at rank r on its combine_signals[rank * E_local]; every
+        // block's rows happen before it (last_block_out).
         if (peer_bases[r] != nullptr)
             st_release_sys_u64(reinterpret_cast<uint64_t*>(peer_bases[r] + sig_off), value);
         else
@@ -531,7 +529,6 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
     }
     if (threadIdx.x == 0) {
         *block_counter = 0;
-        if (once_per_rank) *work_counter = 0;  // every warp has taken its last item
         *epoch_counter = epoch;
     }
 }
@@ -683,13 +680,13 @@ EPCOMM_DEVICE_INLINE void combine_recv(const uint8_t* local_base, long long off_
     bool ok = true;
     // One warp per block polls (every block needs every expert's rows): kNumThreads pollers per block compete with
     // the incoming writes.
-    for (int e = threadIdx.x; e < num_experts && threadIdx.x < kWarpSize; e += kWarpSize) {
-        const uint64_t* sig = reinterpret_cast<const uint64_t*>(local_base + off_signals) + e;
+    // One wait per owner, all in parallel: owner d signals once, after all its rows (in the slot of its first expert).
+    for (int d = threadIdx.x; d < num_ranks && threadIdx.x < kWarpSize; d += kWarpSize) {
+        const uint64_t* sig = reinterpret_cast<const uint64_t*>(local_base + off_signals) +
+                              static_cast<long long>(d) * num_local_experts;
         // Pairs with the release of the signal by the owner's combine_send (its last block out).
-        const bool arrived = comm::wait_geq(sig, epoch << 1, waiter, e / num_local_experts, phase::kLlCombineRecv);
-        // Every expert of one owner carries the same bit: its first expert's is read.
-        if (arrived && e % num_local_experts == 0 && (ld_acquire_sys_u64(sig) & 1ull) != 0)
-            partial_from[e / num_local_experts] = true;
+        const bool arrived = comm::wait_geq(sig, epoch << 1, waiter, d, phase::kLlCombineRecv);
+        if (arrived && (ld_acquire_sys_u64(sig) & 1ull) != 0) partial_from[d] = true;
         ok = arrived && ok;
     }
     if (!comm::block_all_ok(ok)) return;
