@@ -604,11 +604,7 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
         recv_start[0] = 0;
         for (int s = 0; s < kNumRanks; ++s) recv_start[s + 1] = recv_start[s] + count_matrix[s * kNumRanks + rank];
     }
-    // Pairs with the ready release above, at every peer: it no longer reads my region. A zero-copy combine without
-    // weights writes nothing here (the caller wrote x after a dispatch, which is a barrier of every rank), so it
-    // does not wait: the done signal below is all its stage does.
-    const bool writes = !zero_copy || topk_weights != nullptr;
-    if (threadIdx.x < kNumRanks && writes)
+    if (threadIdx.x < kNumRanks)  // pairs with the ready release above, at every peer: it no longer reads my region
         comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineReady, threadIdx.x), epoch, waiter,
                        threadIdx.x, phase::kCombine);
     __syncthreads();
@@ -638,8 +634,7 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
 
 // Combine reduce: wait until every rank has staged its rows, then out[t] = bias0 + bias1 + sum over ranks d (in
 // order) of d's row for t, read from d's region over NVLink (my own rows: from x), accumulated in float32 and rounded
-// to bf16 once. One warp per half token (two items per token, so that the last round leaves less of the link idle),
-// 8 channels per lane step.
+// to bf16 once. One warp per token, 8 channels per lane step.
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long data_offset, long long off_cx,
                                          long long off_cw, int row_int4, int num_topk,
@@ -674,17 +669,11 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     const auto route = [&](int t) {
         return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
     };
-    // kReduceUnroll vectors per lane per source in flight, every source's loads issued before the first add.
-    constexpr int kReduceUnroll = kNumRanks <= 2 ? 8 : (kNumRanks <= 4 ? 4 : 2);
-    constexpr int kParts = 2;  // items per token
-    const int span = (row_int4 + kParts - 1) / kParts;
     const int first = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize;
-    int next_pos = route(first / kParts);
-    for (int item = first; item < num_tokens * kParts; item += warps) {
-        const int t = item / kParts, part = item % kParts;
-        const int lo = part * span, hi = lo + span < row_int4 ? lo + span : row_int4;
+    int next_pos = route(first);
+    for (int t = first; t < num_tokens; t += warps) {
         const int my_pos = next_pos;
-        next_pos = route((item + warps) / kParts);
+        next_pos = route(t + warps);
         const int4* src[kNumRanks];
         long long rows[kNumRanks];
         #pragma unroll
@@ -695,20 +684,22 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
                      : d == rank ? x_local + rows[d] * row_int4
                                  : reinterpret_cast<const int4*>(area[d] + off_cx) + rows[d] * row_int4;
         }
-        for (int base = lo + lane; base < hi; base += kWarpSize * kReduceUnroll) {
+        // kReduceUnroll vectors per lane per source in flight, every source's loads issued before the first add.
+        constexpr int kReduceUnroll = kNumRanks <= 2 ? 8 : (kNumRanks <= 4 ? 4 : 2);
+        for (int base = lane; base < row_int4; base += kWarpSize * kReduceUnroll) {
             int4 v[kNumRanks][kReduceUnroll];
             #pragma unroll
             for (int d = 0; d < kNumRanks; ++d)
                 #pragma unroll
                 for (int u = 0; u < kReduceUnroll; ++u) {
                     const int i = base + u * kWarpSize;
-                    if (src[d] != nullptr && i < hi)
+                    if (src[d] != nullptr && i < row_int4)
                         v[d][u] = d == rank ? ld_global_nc_na_v4(src[d] + i) : ld_global_v4(src[d] + i);
                 }
             #pragma unroll
             for (int u = 0; u < kReduceUnroll; ++u) {
                 const int i = base + u * kWarpSize;
-                if (i >= hi) continue;
+                if (i >= row_int4) continue;
                 float acc[8];
                 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
@@ -720,7 +711,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
                 st_global_v4(out + static_cast<long long>(t) * row_int4 + i, pack_bf16x8(acc));
             }
         }
-        if (out_w && part == 0) {
+        if (out_w) {
             for (int k = lane; k < num_topk; k += kWarpSize) {
                 float w = 0.0f;
                 #pragma unroll
