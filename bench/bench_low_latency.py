@@ -125,18 +125,23 @@ per_expert_us = agree(timed_graph(two_dispatches, 2))
 ll.once_per_rank = True
 ll.combine_once_per_rank = False  # likewise: every (token, expert) row back
 combine_per_expert_us = agree(timed_graph(two_combines, 2))
-ll.combine_once_per_rank = True
+ll.combine_once_per_rank = True   # and the once-per-rank sums whatever the default picks here
+combine_once_us = agree(timed_graph(two_combines, 2))
+ll.combine_once_per_rank = None   # the default: once per rank where it moves fewer bytes (K > 2R)
+combine_default_once = K > 2 * R
 if args.trace:  # where the once-per-rank combine's time goes: leave parts out (wrong results) and time again
+    ll.combine_once_per_rank = True
     for bits, what in ((1, "no weights exchange"), (2, "no row loads"), (4, "no partial stores"), (8, "no items"),
                        (6, "no loads, no stores"), (0, "combine_send 2 blocks per expert (two waves)")):
         ll.combine_debug_skip = bits
         ll.combine_send_bpe = 2 if bits == 0 else None
         us = agree(timed_graph(two_combines, 2))
         log(f"combine diag: {what}: {us:.1f} us (graph, a combine)")
-    ll.combine_debug_skip, ll.combine_send_bpe = 0, None
+    ll.combine_debug_skip, ll.combine_send_bpe, ll.combine_once_per_rank = 0, None, None
 results = {
     "ll_dispatch_per_expert": per_expert_us,
     "ll_combine_per_expert": combine_per_expert_us,
+    "ll_combine_once": combine_once_us,
     "ll_dispatch": agree(timed_graph(two_dispatches, 2)),
     "ll_combine": agree(timed_graph(two_combines, 2)),
     "ll_pair": agree(timed_graph(pair, 1)),
@@ -285,9 +290,13 @@ rows = []
 for op, dt, key, nbytes, variant in (("ll_dispatch", "fp8", "ll_dispatch", msg_fp8, "graph"),
                                      ("ll_dispatch", "fp8", "ll_dispatch_per_expert", msg_fp8,
                                       "graph, a message per (token, expert) as DeepEP"),
-                                     ("ll_combine", "bf16", "ll_combine", row_bf16, "graph"),
+                                     ("ll_combine", "bf16", "ll_combine", row_bf16,
+                                      "graph (default: " + ("once per rank)" if combine_default_once else
+                                                            "a row per (token, expert))")),
                                      ("ll_combine", "bf16", "ll_combine_per_expert", row_bf16,
                                       "graph, a row per (token, expert) as DeepEP"),
+                                     ("ll_combine", "bf16", "ll_combine_once", row_bf16,
+                                      "graph, once per rank (float32 partial sums)"),
                                      ("ll_dispatch", "fp8", "ll_dispatch_eager", msg_fp8, "eager"),
                                      ("ll_combine", "bf16", "ll_combine_eager", row_bf16, "eager"),
                                      ("ll_dispatch", "fp8", "ll_dispatch_send_hook", msg_fp8,
@@ -312,16 +321,18 @@ for op, dt, key, nbytes, variant in (("ll_dispatch", "fp8", "ll_dispatch", msg_f
         if base else None
     # Physical bytes: what crosses NVLink; a dispatch that sends once per rank moves fewer than its logical bytes.
     per_expert = key.endswith("_per_expert")
+    combine_once = key == "ll_combine_once" or (combine_default_once and op == "ll_combine" and not per_expert)
     physical = rows_remote * nbytes
     if op == "ll_dispatch" and not per_expert and "recv" not in key:
         physical = physical_once
-    elif op == "ll_combine" and not per_expert and "recv" not in key:
+    elif op == "ll_combine" and combine_once and "recv" not in key:
         physical = physical_combine_once
     elif op == "ll_pair":
-        physical = physical_once + physical_combine_once
+        physical = physical_once + (physical_combine_once if combine_default_once else rows_remote * row_bf16)
     rows.append(record(op, dt, R, gpus, T, H, K, E, None, us, rows_total * nbytes, physical, card, b,
                        variant=variant, pair_us=round(results["ll_pair"], 2),
-                       compute_x2_us=round(results["compute_x2"], 2), once_per_rank=not per_expert))
+                       compute_x2_us=round(results["compute_x2"], 2),
+                       once_per_rank=(combine_once if op == "ll_combine" else not per_expert)))
 
 if rank == 0:
     print(f"\n{card} x{gpus}, EP{R}, {T} tokens/rank, hidden {H}, top-{K} of {E}; (token, k) pairs {rows_total} "

@@ -283,12 +283,14 @@ class LowLatencyGpu:
         # comparison: tests and bench/bench_low_latency.py run both). Peers reached by NVSHMEM puts always get
         # whole messages.
         self.once_per_rank = True
-        # Combine sums a token's rows at each NVLink-reachable expert rank (weighted, float32; the token owner's
-        # top-k weights cross first) and sends one float32 row per (token, rank) instead of a bf16 row per
-        # (token, expert); False sends every row back as DeepEP does (kept for comparison). The sum's order differs
-        # from the reference's k order (float32 reassociation, then one bf16 rounding), so results can differ from
-        # the per-expert path in the last bf16 bit; tests compare at calc_diff < 1e-5 as DeepEP's do.
-        self.combine_once_per_rank = True
+        # True: combine sums a token's rows at each NVLink-reachable expert rank (weighted, float32; the token
+        # owner's top-k weights cross first) and sends one float32 row per (token, rank) instead of a bf16 row per
+        # (token, expert); False sends every row back as DeepEP does. None (default): True where it moves fewer
+        # bytes, K > 2R (a float32 row weighs two bf16 rows; uniform routing puts K / R of a token's rows on a rank:
+        # EP2 with top-8 yes, EP4 and EP8 no). The sum's order differs from the reference's k order (float32
+        # reassociation, then one bf16 rounding), so results can differ from the per-expert path in the last bf16
+        # bit; tests compare at calc_diff < 1e-5 as DeepEP's do.
+        self.combine_once_per_rank = None
         # Diagnostics (bench/bench_low_latency.py --trace): kSkip* bits of low_latency.cuh (wrong results when set),
         # and a blocks-per-expert override of combine_send (None: blocks_per_expert()).
         self.combine_debug_skip = 0
@@ -516,7 +518,10 @@ class LowLatencyGpu:
         with be._alloc_stream(ctx):
             result = out if out is not None else cp.empty((t, h), BF16)
         expert_rows = handle.backend_state.get("expert_rows")
-        once = bool(self.combine_once_per_rank and expert_rows is not None)
+        once = self.combine_once_per_rank
+        if once is None:
+            once = k > 2 * r
+        once = bool(once and expert_rows is not None)
         # Once per rank, most of the work is dealt over the whole grid: one wave (a block per SM) where E_local allows.
         bpe = self.combine_send_bpe or (max(1, self.num_sms // e_local) if once else
                                         blocks_per_expert(e_local, self.num_sms))
