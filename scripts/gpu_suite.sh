@@ -76,6 +76,7 @@ if [ $NGPU -ge 2 ] && [ $QUICK = 0 ]; then
   run intranode_ep4_oversub 120 $MPIRUN -n 4 $PY tests/gpu/intranode_check.py --oversubscribed
   run low_latency_ep4_oversub 120 $MPIRUN -n 4 $PY tests/gpu/low_latency_check.py --oversubscribed
   run intranode_ep8_oversub 120 $MPIRUN -n 8 $PY tests/gpu/intranode_check.py --oversubscribed
+  run low_latency_ep8_oversub 150 $MPIRUN -n 8 $PY tests/gpu/low_latency_check.py --oversubscribed
 fi
 { echo; echo "==== GPU suite summary ($NGPU x $CARD, commit ${EPCOMM_COMMIT:-unknown})"
   printf '%s\n' "${ROWS[@]}"; } | tee "$OUTDIR/summary.txt"
