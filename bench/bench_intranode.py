@@ -4,7 +4,6 @@ one-way peer-store NVLink ceiling and the PyTorch/NCCL path measured in the same
 JSON lines to bench/results/intranode.jsonl (and --out), and plots GB/s against SMs."""
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
@@ -28,18 +27,9 @@ from epcomm import reference as ref  # noqa: E402
 from epcomm.intranode import default_peer_sms, nvl_buffer_size_hint  # noqa: E402
 from epcomm.testing import make_topk  # noqa: E402
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--tokens", type=int, default=4096)
-ap.add_argument("--hidden", type=int, default=7168)
-ap.add_argument("--topk", type=int, default=8)
-ap.add_argument("--experts", type=int, default=256)
-ap.add_argument("--iters", type=int, default=30)
-ap.add_argument("--quick", action="store_true", help="fewer iterations")
-ap.add_argument("--out", default=None)
-ap.add_argument("--trace", action="store_true", help="also split calls into per-kernel device times and profile "
-                "the host side (rank 0)")
-args = ap.parse_args()
-iters = 15 if args.quick else args.iters
+args = common.workload_args(4096, 30, 15, "also split calls into per-kernel device times and profile the host side "
+                            "(rank 0)")
+iters = args.iters
 T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
 
 from mpi4py import MPI  # noqa: E402

@@ -9,7 +9,6 @@ H e4m3 + 4 H/128 scale bytes; BF16 combine: 2H), physical = the pairs whose expe
 counted at the busiest rank and the time is the slowest rank's median."""
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
@@ -27,18 +26,9 @@ from epcomm import reference as ref  # noqa: E402
 from epcomm.low_latency import message_bytes  # noqa: E402
 from epcomm.testing import make_topk  # noqa: E402
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--tokens", type=int, default=128)
-ap.add_argument("--hidden", type=int, default=7168)
-ap.add_argument("--topk", type=int, default=8)
-ap.add_argument("--experts", type=int, default=256)
-ap.add_argument("--iters", type=int, default=50)
-ap.add_argument("--quick", action="store_true", help="fewer iterations")
-ap.add_argument("--out", default=None)
-ap.add_argument("--trace", action="store_true",
-                help="also time the once-per-rank combine with parts left out (diagnostics, wrong results)")
-args = ap.parse_args()
-iters = 20 if args.quick else args.iters
+args = common.workload_args(128, 50, 20, "also time the once-per-rank combine with parts left out (diagnostics, wrong "
+                            "results)")
+iters = args.iters
 T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
 
 from mpi4py import MPI  # noqa: E402

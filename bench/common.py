@@ -9,6 +9,24 @@ import subprocess
 import numpy as np
 
 
+def workload_args(tokens: int, iters: int, quick_iters: int, trace_help: str):
+    """The benchmarks' command line: the workload (--tokens/--hidden/--topk/--experts, DeepEP's shapes by default),
+    --iters (--quick: quick_iters), --out (a folder that also gets the JSON lines) and --trace (diagnostics)."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=tokens)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--trace", action="store_true", help=trace_help)
+    args = ap.parse_args()
+    args.iters = quick_iters if args.quick else args.iters
+    return args
+
+
 def bytes_per_row(op: str, dtype: str, hidden: int) -> int:
     """Bytes of one token row as DeepEP counts them: bf16 2H; FP8 H + 4 * H/128 (scales)."""
     if dtype == "bf16":

@@ -172,15 +172,20 @@ class GpuBackend:
         area = intra.zero_copy_split(self.data_bytes) if zero_copy else self.data_bytes
         return intra.RecvLayout.plan(area, row_bytes, num_scales, num_topk)
 
+    @staticmethod
+    def _check_zero_copy_rows(lay, rows, zero_copy) -> None:
+        """A zero-copy dispatch's outputs are rows of the receive area: at most lay.capacity_rows of them."""
+        if zero_copy and rows > lay.capacity_rows:
+            raise ConfigError(f"num_worst_tokens: a zero-copy dispatch holds at most {lay.capacity_rows} rows in this "
+                              f"Buffer, got {rows} (raise num_nvl_bytes: "
+                              "Config.get_nvl_buffer_size_hint(..., zero_copy=True))")
+
     def _recv_outputs(self, lay, rows, h, dtype, s, k, zero_copy, ctx, with_meta=True):
         """The dispatch outputs: fresh arrays, or (zero_copy) views of this rank's receive area (its rows are
         already in receive order there); src_idx is always fresh (the handle keeps it past the next dispatch).
         Returns (x, scales, topk_idx, topk_weights, src_idx); None where absent."""
         cp = self.cp
-        if zero_copy and rows > lay.capacity_rows:
-            raise ConfigError(f"num_worst_tokens: a zero-copy dispatch holds at most {lay.capacity_rows} rows in this "
-                              f"Buffer, got {rows} (raise num_nvl_bytes: "
-                              "Config.get_nvl_buffer_size_hint(..., zero_copy=True))")
+        self._check_zero_copy_rows(lay, rows, zero_copy)
         with self._alloc_stream(ctx):
             src = cp.empty(rows, cp.int32) if with_meta else None
             if not zero_copy:
@@ -209,8 +214,7 @@ class GpuBackend:
             raise ConfigError(f"num_experts: expected at most {intra.MAX_LOCAL_EXPERTS} experts per rank, "
                               f"got {e_local}")
         lay = self._recv_layout(row_bytes, s, k, zero_copy)
-        if zero_copy and worst > lay.capacity_rows:
-            self._recv_outputs(lay, worst, h, data.dtype, s, k, zero_copy, ctx)  # raises the capacity error
+        self._check_zero_copy_rows(lay, worst, zero_copy)  # before any kernel: num_worst_tokens is known now
         self._begin(ctx)
         with self._alloc_stream(ctx):
             send_pos = cp.empty((t, self.num_ranks), cp.int32)

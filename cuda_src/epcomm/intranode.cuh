@@ -3,6 +3,7 @@
 // Design: fixed worst-case buffers with direct addressing; no queues. docs/design.md has the picture.
 #pragma once
 #include "epcomm/common.cuh"
+#include "epcomm/copy.cuh"
 #include "epcomm/ptx.cuh"
 #include "epcomm/comm.cuh"
 #include "epcomm/phases.cuh"
@@ -89,47 +90,6 @@ constexpr int kCopyUnrollFor = kNumRanks <= 4 ? 14 : 8;
 // dispatch_send keeps a row pointer per destination live as well.
 template <int kNumRanks>
 constexpr int kSendUnrollFor = kNumRanks <= 2 ? 14 : (kNumRanks <= 4 ? 12 : 8);
-
-// Copy one row of row_int4 16-byte vectors (read once, read-only source) to up to kNumDst destinations (nullptr
-// entries skipped) with non-allocating stores. All lanes of the warp call it.
-template <int kUnroll, int kNumDst>
-EPCOMM_DEVICE_INLINE void warp_copy_row(const int4* src, int4* const (&dst)[kNumDst], int row_int4, int lane) {
-    for (int base = lane; base < row_int4; base += kWarpSize * kUnroll) {
-        int4 v[kUnroll];
-        #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int i = base + u * kWarpSize;
-            if (i < row_int4) v[u] = ld_global_nc_na_v4(src + i);
-        }
-        #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int i = base + u * kWarpSize;
-            if (i < row_int4) {
-                #pragma unroll
-                for (int d = 0; d < kNumDst; ++d)
-                    if (dst[d] != nullptr) st_global_na_v4(dst[d] + i, v[u]);
-            }
-        }
-    }
-}
-
-// Same for data other GPUs wrote before an acquire we already did: plain (coherent) loads, plain stores.
-template <int kUnroll>
-EPCOMM_DEVICE_INLINE void warp_copy_row_coherent(const int4* src, int4* dst, int row_int4, int lane) {
-    for (int base = lane; base < row_int4; base += kWarpSize * kUnroll) {
-        int4 v[kUnroll];
-        #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int i = base + u * kWarpSize;
-            if (i < row_int4) v[u] = ld_global_v4(src + i);
-        }
-        #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int i = base + u * kWarpSize;
-            if (i < row_int4) st_global_v4(dst + i, v[u]);
-        }
-    }
-}
 
 // A row's small per-row fields, loaded by the lanes of a warp BEFORE its row copy and stored after it, so that
 // their latency hides behind the copy's: scales s = lane and lane + 32 (the rest, H > 8192, is copied directly),
@@ -469,7 +429,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
             meta.idx = (topk_idx && lane < num_topk) ? topk_idx[tt * num_topk + lane] : -1;
             meta.w = (topk_idx && lane < num_topk) ? topk_weights[tt * num_topk + lane] : 0.0f;
         }
-        warp_copy_row<kSendUnrollFor<kNumRanks>, kNumRanks>(x + tt * row_int4, dst, row_int4, lane);
+        warp_copy<kSendUnrollFor<kNumRanks>, true, true, kNumRanks>(x + tt * row_int4, dst, row_int4, lane);
         #pragma unroll
         for (int d = 0; d < kNumRanks; ++d) {
             if (row[d] < 0 || !do_meta) continue;
@@ -549,7 +509,7 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
             meta.idx = (out_idx && lane < num_topk) ? in_idx[lane] : -1;
             meta.w = (out_idx && lane < num_topk) ? in_w[lane] : 0.0f;
             const int src_idx = (lane == 0 && out_src) ? reinterpret_cast<const int*>(data + off_src)[r] : -1;
-            warp_copy_row_coherent<kCopyUnrollFor<kNumRanks>>(
+            warp_copy<kCopyUnrollFor<kNumRanks>, false, false>(
                 reinterpret_cast<const int4*>(data + off_x) + rr * row_int4, out_x + rr * row_int4, row_int4, lane);
             store_row_scales(meta, out_scales + rr * num_scales, in_scales, 1, num_scales, lane);
             if (out_idx) {
@@ -621,7 +581,7 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
         const long long nn = n;
         const float w = (topk_weights && lane < num_topk) ? topk_weights[nn * num_topk + lane] : 0.0f;
         int4* const dst[1] = {reinterpret_cast<int4*>(data + off_cx) + nn * row_int4};
-        if (!zero_copy) warp_copy_row<kCopyUnrollFor<kNumRanks>, 1>(x + nn * row_int4, dst, row_int4, lane);
+        if (!zero_copy) warp_copy<kCopyUnrollFor<kNumRanks>, true, true, 1>(x + nn * row_int4, dst, row_int4, lane);
         if (topk_weights) {
             float* cw = reinterpret_cast<float*>(data + off_cw) + nn * num_topk;
             if (lane < num_topk) cw[lane] = w;

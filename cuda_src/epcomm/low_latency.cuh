@@ -1,6 +1,7 @@
 // Low-latency (decoding) mode: expert-major dispatch with an on-the-fly FP8 cast, and the weighted combine back, over
 // an NVSHMEM symmetric buffer (direct 16-byte stores to NVLink peers through nvshmem_ptr, NVSHMEM puts otherwise).
-// Each operation is a send kernel (never waits) and a receive kernel (bounded waits), so a hook can run the receive.
+// Each operation is a send kernel (never waits, except the once-per-rank combine's bounded wait for the sources' top-k
+// weights) and a receive kernel (bounded waits), so a hook can run the receive.
 //
 // Buffer (offsets from epcomm/low_latency.py, LowLatencyLayout, passed in as kernel arguments; two halves):
 //   dispatch_signals [E_local][R] u64      [j][s] = (epoch << 32) | (count + 1): source s sent `count` messages to
@@ -11,7 +12,8 @@
 //   weight_signals   [R] u64               [s] = epoch: source s stored its top-k weights in combine_weights
 //   dispatch_recv    [E_local][R][Tmax] messages of msg_stride bytes: [j][s][slot]
 //                    message = 16-byte header (int32 source token index t, int32 kPayloadInTokens or 0, int32 k + 1
-//                    of direct stores (0 if staged), 4 bytes unused) + payload; payload = bf16 [H], or e4m3 [H] followed by float32 scale_inv [H / 128]
+//                    of direct stores (0 if staged), 4 bytes unused) + payload; payload = bf16 [H], or e4m3 [H]
+//                    followed by float32 scale_inv [H / 128]
 //   dispatch_tokens  [R][Tmax] messages: [s][t] = the payload of source s's token t, stored once per destination rank
 //                    (once_per_rank, NVLink peers); the (token, expert) messages then carry only their header
 //   combine_recv     [E][Tmax] bf16 [H] rows: [e][t] = expert e's output for my token t
@@ -19,7 +21,7 @@
 //   dispatch_send    [Tmax] messages: staging of the NVSHMEM path (a put's source must stay put until quiet)
 //   combine_weights  [R][Tmax][kMaxTopk] f32: [s][t][k] = source s's topk_weights[t][k]
 //   combine_partial  [R][Tmax] f32 [H]: [d][t] = rank d's weighted sum of its experts' outputs for my token t
-//                    (once_per_rank combine, NVLink peers: one row per (token, rank) instead of one per (token, expert))
+//                    (once_per_rank combine, NVLink peers: one row per (token, rank), not one per (token, expert))
 //
 // Flag pairs (every acquire names its release):
 //   dispatch_send (last block out, after every block's data)  --release-->  dispatch_recv's wait on dispatch_signals
@@ -36,6 +38,7 @@
 
 #include "epcomm/comm.cuh"
 #include "epcomm/common.cuh"
+#include "epcomm/copy.cuh"
 #include "epcomm/fp8.cuh"
 #include "epcomm/phases.cuh"
 #include "epcomm/ptx.cuh"
@@ -57,25 +60,6 @@ constexpr int kPayloadInTokens = 1;   // header word 1: the payload is in dispat
 // The dispatch signal value: which call (epoch) and how many messages (count + 1, so that 0 means "nothing yet").
 EPCOMM_DEVICE_INLINE uint64_t dispatch_signal_value(uint64_t epoch, int count) {
     return (epoch << 32) | static_cast<uint64_t>(static_cast<uint32_t>(count + 1));
-}
-
-// n 16-byte vectors from src to dst, lanes strided, kCopyUnroll loads issued before the first store. kNc: src is
-// read-only for the whole kernel (non-coherent path); else plain loads (data another GPU wrote before our acquire).
-template <bool kNc>
-EPCOMM_DEVICE_INLINE void warp_copy_v4(const int4* src, int4* dst, int n, int lane) {
-    for (int base = lane; base < n; base += kWarpSize * kCopyUnroll) {
-        int4 v[kCopyUnroll];
-#pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
-            const int i = base + u * kWarpSize;
-            if (i < n) v[u] = kNc ? ld_global_nc_na_v4(src + i) : ld_global_v4(src + i);
-        }
-#pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
-            const int i = base + u * kWarpSize;
-            if (i < n) st_global_na_v4(dst + i, v[u]);
-        }
-    }
 }
 
 // Index r of the block holding item m among blocks [begins[r], begins[r + 1]), r in [0, n): the last r with
@@ -481,10 +465,9 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
     __syncthreads();
     // A destination r gets partial sums (and sends this rank its weights) iff once_per_rank and r is NVLink-reachable;
     // reachability is symmetric, so r decides the same about this rank.
-    if (once_per_rank && blockIdx.x == 0 && !(debug_skip & kSkipWeights)) combine_send_weights<kNumThreads>(peer_bases, topk_idx, topk_weights,
-                                                                            num_tokens, num_topk, num_ranks,
-                                                                            num_local_experts, tmax, off_weights,
-                                                                            off_weight_signals, epoch, rank);
+    if (once_per_rank && blockIdx.x == 0 && !(debug_skip & kSkipWeights))
+        combine_send_weights<kNumThreads>(peer_bases, topk_idx, topk_weights, num_tokens, num_topk, num_ranks,
+                                          num_local_experts, tmax, off_weights, off_weight_signals, epoch, rank);
     bool issued = false;
     if (j < num_local_experts) {
         const int total = begins[num_ranks];
@@ -496,11 +479,12 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
             const long long dst_off = off_recv + (static_cast<long long>(e) * tmax + t) * row_bytes;
             const int4* src = x + (j * rows_per_expert + m) * row_int4;
             if (peer_bases[r] != nullptr) {
-                warp_copy_v4<true>(src, reinterpret_cast<int4*>(peer_bases[r] + dst_off), row_int4, lane);
+                warp_copy<kCopyUnroll, true, true>(src, reinterpret_cast<int4*>(peer_bases[r] + dst_off), row_int4,
+                                                   lane);
             } else {
                 if (!zero_copy) {
                     int4* staged = reinterpret_cast<int4*>(sym_base + off_staging) + (j * rows_per_expert + m) * row_int4;
-                    warp_copy_v4<true>(src, staged, row_int4, lane);
+                    warp_copy<kCopyUnroll, true, true>(src, staged, row_int4, lane);
                     src = staged;
                 }
                 __syncwarp();
@@ -618,7 +602,7 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long off
         const bool in_tokens = header.y == kPayloadInTokens && header.x >= 0 && header.x < tmax;
         const uint8_t* payload =
             in_tokens ? local_base + off_tokens + (static_cast<long long>(r) * tmax + header.x) * msg_stride : msg;
-        warp_copy_v4<false>(reinterpret_cast<const int4*>(payload + kMsgHeaderBytes), out_x + row * data_int4,
+        warp_copy<kCopyUnroll, false, true>(reinterpret_cast<const int4*>(payload + kMsgHeaderBytes), out_x + row * data_int4,
                             data_int4, lane);
         if (lane == 0) {
             out_src_info[row] = header.x;

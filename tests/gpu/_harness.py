@@ -40,6 +40,50 @@ class Cases:
         return 1 if bad else 0
 
 
+def check_args():
+    """The GPU checks' options: --quick (a few cases), --oversubscribed (small shapes for several ranks per GPU)."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--oversubscribed", action="store_true")
+    return ap.parse_args()
+
+
+def poison_pool(nbytes: int = 256 << 20) -> None:
+    """Fill CuPy's pool with 0xA5 bytes (then free them), so that output rows a kernel leaves unwritten show."""
+    import cupy as cp
+    a = cp.empty(nbytes, cp.uint8)
+    a.fill(0xA5)
+    del a
+
+
+def capture_graph(step, group):
+    """step() once eagerly (kernels loaded, pool filled), then captured into a CUDA graph on a non-blocking stream;
+    returns (stream, graph). Every rank captures (collective: a barrier before the capture)."""
+    import cupy as cp
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        step()
+        s.synchronize()
+        group.barrier()
+        s.begin_capture()
+        step()
+        graph = s.end_capture()
+    return s, graph
+
+
+def replay_graph(s, graph, group, inputs) -> None:
+    """Copy new values into the captured input arrays (pairs (array, host values)), then replay once and wait. The
+    copies run on CuPy's current stream, which the non-blocking replay stream does not wait for: synchronise first."""
+    import cupy as cp
+    for arr, values in inputs:
+        arr[...] = cp.asarray(values)
+    cp.cuda.Device().synchronize()
+    group.barrier()
+    graph.launch(s)
+    s.synchronize()
+
+
 def exit_with(code: int) -> None:
     sys.stdout.flush()
     sys.exit(code)

@@ -4,7 +4,6 @@ Every rank makes ALL ranks' inputs from one seed, so expected values need no com
 CuPy's pool, which is poisoned before each case so that unwritten rows show. Dispatch is compared bit-exact,
 combine within bf16 rounding of the fp32 reference (same summation order; <= 1 ulp), FP8 scales bit-exact.
 --quick: a few cases; --oversubscribed: small shapes for several ranks per GPU (correctness only)."""
-import argparse
 import hashlib
 import os
 import sys
@@ -13,17 +12,14 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 import cupy as cp  # noqa: E402
 import numpy as np  # noqa: E402
-from _harness import Cases, exit_with  # noqa: E402
+from _harness import Cases, capture_graph, check_args, exit_with, poison_pool, replay_graph  # noqa: E402
 
 import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
 from epcomm.intranode import nvl_buffer_size_hint  # noqa: E402
 from epcomm.testing import assert_bitwise_equal, make_topk, make_weights, make_x, pairwise_cases  # noqa: E402
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--quick", action="store_true")
-ap.add_argument("--oversubscribed", action="store_true")
-args = ap.parse_args()
+args = check_args()
 
 from mpi4py import MPI  # noqa: E402
 
@@ -32,12 +28,6 @@ buf = epcomm.Buffer(None, num_nvl_bytes=nvl_buffer_size_hint(4096 if not args.ov
 group = buf.group
 R, rank = buf.num_ranks, buf.rank
 cases = Cases(group.comm)
-
-
-def poison_pool(nbytes=256 << 20):
-    a = cp.empty(nbytes, cp.uint8)
-    a.fill(0xA5)
-    del a
 
 
 def host(a):
@@ -198,7 +188,6 @@ def cuda_graph(zero_copy=False):
     h, k, e, worst_rows = 2048, 8, 64, 0
     tokens = [96] * R
     worst_rows = sum(tokens)
-    s = cp.cuda.Stream(non_blocking=True)
     xs, idxs, ws = make_inputs(5, tokens, h, k, e)
     x, idx, w = cp.asarray(xs[rank]), cp.asarray(idxs[rank]), cp.asarray(ws[rank])
     out = {}
@@ -216,23 +205,10 @@ def cuda_graph(zero_copy=False):
             c, _, _ = buf.combine(rx, hd)
         out.update(recv_x=rx, recv_idx=ri, combined=c, handle=hd)
 
-    with s:
-        step()  # eager warm-up: compiles kernels and fills the memory pool
-        s.synchronize()
-        group.barrier()
-        s.begin_capture()
-        step()
-        graph = s.end_capture()
+    s, graph = capture_graph(step, group)
     for rep in range(3):
         xs, idxs, ws = make_inputs(50 + rep, tokens, h, k, e)
-        x[...] = cp.asarray(xs[rank])
-        idx[...] = cp.asarray(idxs[rank])
-        w[...] = cp.asarray(ws[rank])
-        # The copies above ran on CuPy's current stream, which the non-blocking replay stream does not wait for.
-        cp.cuda.Device().synchronize()
-        group.barrier()
-        graph.launch(s)
-        s.synchronize()
+        replay_graph(s, graph, group, [(x, xs[rank]), (idx, idxs[rank]), (w, ws[rank])])
         want = ref.dispatch(xs, idxs, ws, e, num_worst_tokens=worst_rows)[rank]
         n = want.num_recv_tokens
         assert int(out["handle"].device_num_recv_tokens.get()[0]) == n
@@ -241,6 +217,24 @@ def cuda_graph(zero_copy=False):
         in_ranks = [ref.get_dispatch_layout(i, e, R)[3] for i in idxs]
         want_c = ref.combine([r_.recv_x for r_ in results], results, in_ranks)[rank][0]
         bf16_close(out["combined"].get(), want_c, f"graph replay {rep} combined")
+
+
+def zero_copy_capacity_case():
+    """num_worst_tokens beyond the rows the receive area holds: a zero-copy dispatch raises ConfigError on every rank
+    before any kernel runs, and the Buffer still works afterwards."""
+    h, k, e = 2048, 4, 16 if 16 % R == 0 else R
+    xs, idxs, ws = make_inputs(21, [8] * R, h, k, e)
+    idx_dev = cp.asarray(idxs[rank])
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_dev, e)
+    try:
+        buf.dispatch(cp.asarray(xs[rank]), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                     num_tokens_per_expert=per_expert, topk_idx=idx_dev, topk_weights=cp.asarray(ws[rank]),
+                     num_worst_tokens=1 << 30, zero_copy=True)
+    except epcomm.ConfigError as exc:
+        assert "zero-copy dispatch holds at most" in str(exc), str(exc)
+    else:
+        raise AssertionError("a zero-copy dispatch of 2**30 worst-case rows did not raise ConfigError")
+    normal_case(h, k, e, [8] * R, seed=22, zero_copy=True)
 
 
 def timeout_case():
@@ -333,6 +327,7 @@ cases.run("determinism_x1000" if not args.oversubscribed else "determinism_x20",
           20 if (args.oversubscribed or args.quick) else 1000)
 cases.run("cuda_graph_worst_tokens", cuda_graph)
 cases.run("cuda_graph_worst_tokens_zero_copy", cuda_graph, True)
+cases.run("zero_copy_worst_tokens_over_capacity", zero_copy_capacity_case)
 cases.run("timeout_names_rank_peer_phase", timeout_case)
 code = cases.finish()
 try:

@@ -7,7 +7,6 @@ unspecified): bf16 bit-exact, FP8 data and scales bit-exact, or (reported) dequa
 the "expert" scales each received row by a per-expert factor (rows past the count are NaN-poisoned, so reading one
 shows), and the result is compared with reference.low_latency_combine_* at calc_diff < 1e-5 (bit-exactness is reported).
 --quick: a few cases; --oversubscribed: small shapes for several ranks per GPU (correctness only)."""
-import argparse
 import os
 import sys
 import time
@@ -15,17 +14,14 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 import cupy as cp  # noqa: E402
 import numpy as np  # noqa: E402
-from _harness import Cases, exit_with  # noqa: E402
+from _harness import Cases, capture_graph, check_args, exit_with, poison_pool, replay_graph  # noqa: E402
 
 import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
 from epcomm.group import Group  # noqa: E402
 from epcomm.testing import assert_bitwise_equal, calc_diff, make_topk, make_weights, make_x  # noqa: E402
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--quick", action="store_true")
-ap.add_argument("--oversubscribed", action="store_true")
-args = ap.parse_args()
+args = check_args()
 
 group = Group()
 R, rank = group.size, group.rank
@@ -45,12 +41,6 @@ def new_buffer():
 
 buf = new_buffer()
 log(f"low_latency_check: {R} ranks, Tmax {TMAX}, buffer {buf._backend.low_latency.nbytes / 2**30:.2f} GiB/rank")
-
-
-def poison_pool(nbytes=256 << 20):
-    a = cp.empty(nbytes, cp.uint8)
-    a.fill(0xA5)
-    del a
 
 
 def tokens_of(kind):
@@ -298,7 +288,6 @@ def cuda_graph():
     """Capture dispatch + combine once, replay 3 times with new inputs copied into the captured input arrays."""
     h, k, e = 2048, 8, 64 if 64 % R == 0 else R
     tokens = [TMAX - 7] * R
-    s = cp.cuda.Stream(non_blocking=True)
     xs, idxs, ws = make_inputs(5, tokens, h, k, e)
     x, idx, w = cp.asarray(xs[rank]), cp.asarray(idxs[rank]), cp.asarray(ws[rank])
     out = {}
@@ -308,22 +297,10 @@ def cuda_graph():
         c, _, _ = buf.low_latency_combine(rx, idx, w, hd)
         out.update(recv_x=rx, count=cnt, handle=hd, combined=c)
 
-    with s:
-        step()  # eager warm-up: kernels loaded, layout fixed, pool filled
-        s.synchronize()
-        group.barrier()
-        s.begin_capture()
-        step()
-        graph = s.end_capture()
+    s, graph = capture_graph(step, group)  # the eager warm-up also fixes the buffer's layout
     for rep in range(3):
         xs, idxs, ws = make_inputs(50 + rep, tokens, h, k, e)
-        x[...] = cp.asarray(xs[rank])
-        idx[...] = cp.asarray(idxs[rank])
-        w[...] = cp.asarray(ws[rank])
-        cp.cuda.Device().synchronize()
-        group.barrier()
-        graph.launch(s)
-        s.synchronize()
+        replay_graph(s, graph, group, [(x, xs[rank]), (idx, idxs[rank]), (w, ws[rank])])
         buf._backend._check(f"graph replay {rep}")
         want_all = ref.low_latency_dispatch(xs, idxs, TMAX, e, False)
         check_dispatch(out["recv_x"], out["count"], out["handle"], want_all[rank], False, False, TMAX,
