@@ -118,7 +118,7 @@ combine_per_expert_us = agree(timed_graph(two_combines, 2))
 ll.combine_once_per_rank = True   # and the once-per-rank sums whatever the default picks here
 combine_once_us = agree(timed_graph(two_combines, 2))
 ll.combine_once_per_rank = None   # the default: once per rank where it moves fewer bytes (K > 2R)
-combine_default_once = K > 2 * R
+combine_default_once = ll.combine_sums_once(K)
 if args.trace:  # where the once-per-rank combine's time goes: leave parts out (wrong results) and time again
     ll.combine_once_per_rank = True
     for bits, what in ((1, "no weights exchange"), (2, "no row loads"), (4, "no partial stores"), (8, "no items"),

@@ -9,7 +9,8 @@ alternate halves (call count parity), and so do combine calls, independently. Pe
                                            rows; partial: they are combine_partial rows); other slots unused
     weight_signals   [R] u64               epoch from each source: its top-k weights are in combine_weights
     dispatch_recv    [E_local][R][Tmax]    messages of msg_stride bytes: 16-byte header (int32 source token index,
-                                           int32 1 when the payload is in dispatch_tokens, else 0) + bf16 [H], or
+                                           int32 1 when the payload is in dispatch_tokens, else 0, int32 k + 1 of
+                                           direct stores, else 0) + bf16 [H], or
                                            e4m3 [H] + float32 scale_inv [H / 128] (only the header when the payload
                                            went to dispatch_tokens)
     combine_recv     [E][Tmax]             bf16 [H] rows: expert e's output for this rank's token t
@@ -233,7 +234,8 @@ def combine_recv_spec() -> KernelSpec:
         params=(("const uint8_t*", "local_base"), ("long long", "off_signals"), ("long long", "off_recv"),
                 ("long long", "off_partial"), ("int", "hidden"), ("int", "num_experts"), ("int", "num_ranks"),
                 ("int", "tmax"), ("const int64_t*", "topk_idx"), ("const float*", "topk_weights"),
-                ("int", "num_tokens"), ("int", "num_topk"), ("const uint64_t*", "epoch_counter"), ("int4*", "out")) + COMM_PARAMS,
+                ("int", "num_tokens"), ("int", "num_topk"), ("const uint64_t*", "epoch_counter"),
+                ("int4*", "out")) + COMM_PARAMS,
         num_threads=COMBINE_RECV_THREADS)
 
 
@@ -463,7 +465,7 @@ class LowLatencyGpu:
             src_info = cp.empty((e_local, rows), cp.int32)
             layout_range = cp.empty((e_local, r), cp.int64)
             recv_count = cp.empty(e_local, cp.int32)
-            expert_rows = cp.empty(r * tmax * k, cp.int32)  # (source, token, k) -> row, for combine
+            expert_rows = cp.empty((r, tmax, k), cp.int32)  # (source, token, k) -> row, for combine
         comm = tuple(be.err.wait_params())
         get_kernel(dispatch_send_spec(use_fp8, round_scale)).launch(
             max(1, min(t, 2 * self.num_sms)),
@@ -474,7 +476,7 @@ class LowLatencyGpu:
              be.bad_index.device_ptr, expert_rows, expert_rows.size) + comm,
             stream=be.stream)
         handle = LowLatencyHandle(src_info, layout_range, tmax, h, num_experts, t, half,
-                                  backend_state={"layout": lay.key, "expert_rows": expert_rows, "num_topk": k})
+                                  backend_state={"layout": lay.key, "expert_rows": expert_rows})
         bpe = blocks_per_expert(e_local, self.num_sms)
 
         def receive():
@@ -491,6 +493,11 @@ class LowLatencyGpu:
         return recv_x, recv_count, handle, hook, ev
 
     # -- combine -------------------------------------------------------------------------------------------
+    def combine_sums_once(self, num_topk: int) -> bool:
+        """Whether a combine with this top-k sums each token once per rank (combine_once_per_rank; None: K > 2R)."""
+        once = self.combine_once_per_rank
+        return bool(num_topk > 2 * self.num_ranks if once is None else once)
+
     def next_combine_buffer(self, handle):
         """The [E_local, R*Tmax, H] bf16 view of symmetric memory the next zero-copy combine reads."""
         lay = self._prepare(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts, None)
@@ -517,17 +524,14 @@ class LowLatencyGpu:
         be._begin(ctx)
         with be._alloc_stream(ctx):
             result = out if out is not None else cp.empty((t, h), BF16)
-        expert_rows = handle.backend_state.get("expert_rows")
-        once = self.combine_once_per_rank
-        if once is None:
-            once = k > 2 * r
-        once = bool(once and expert_rows is not None)
+        expert_rows = handle.backend_state.get("expert_rows")  # [R, Tmax, K of the dispatch]
+        once = self.combine_sums_once(k) and expert_rows is not None
+        if once and expert_rows.shape[2] != k:
+            raise ConfigError(f"topk_idx: the combine got {k} columns, the dispatch of this handle "
+                              f"{expert_rows.shape[2]}; pass the dispatch's topk_idx")
         # Once per rank, most of the work is dealt over the whole grid: one wave (a block per SM) where E_local allows.
         bpe = self.combine_send_bpe or (max(1, self.num_sms // e_local) if once else
                                         blocks_per_expert(e_local, self.num_sms))
-        if once and handle.backend_state.get("num_topk") != k:
-            raise ConfigError(f"topk_idx: the combine got {k} columns, the dispatch of this handle "
-                              f"{handle.backend_state.get('num_topk')}; pass the dispatch's topk_idx")
         get_kernel(combine_send_spec()).launch(
             e_local * bpe,
             (x, h, handle.src_info, handle.layout_range, r, e_local, tmax, bpe, base,

@@ -103,6 +103,17 @@ def make_weights(rng: np.random.Generator, num_tokens: int, num_topk: int) -> np
     return rng.random((num_tokens, num_topk), dtype=np.float32)
 
 
+def make_rank_inputs(seed: int, tokens, hidden: int, num_topk: int, num_experts: int, skew=None, drop: float = 0.0):
+    """Every rank's inputs from one seed (so that each rank can compute every expected value itself): tokens[r] rows
+    for rank r; returns ([x_r], [topk_idx_r], [topk_weights_r]) drawn in that order (make_x, make_topk, make_weights;
+    skew and drop go to make_topk)."""
+    rng = np.random.default_rng(seed)
+    xs = [make_x(rng, t, hidden, r) for r, t in enumerate(tokens)]
+    idxs = [make_topk(rng, t, num_topk, num_experts, skew=skew, drop=drop) for t in tokens]
+    ws = [make_weights(rng, t, num_topk) for t in tokens]
+    return xs, idxs, ws
+
+
 def pairwise_cases(factors: dict, seed: int = 0, candidates: int = 64) -> list[dict]:
     """A small set of cases (dicts factor -> level) in which every pair of levels of every two factors occurs at least
     once ("all-pairs" coverage of the cross product, which would be far too large to run in full). Greedy and seeded:

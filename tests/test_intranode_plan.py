@@ -52,6 +52,24 @@ def test_combine_layout_base_zero_is_unchanged():
     assert a.off_x == 0 and a.off_w >= a.capacity_rows * 4096 * 2
 
 
+def test_make_rank_inputs_draws_every_rank_from_one_seed():
+    """The GPU checks' inputs: the same seed gives the same arrays on every rank; the draw order is x, top-k,
+    weights, so a check can recompute any rank's expected values."""
+    import numpy as np
+    from epcomm.testing import make_rank_inputs, make_topk, make_weights, make_x
+    xs, idxs, ws = make_rank_inputs(7, [3, 0, 5], 256, 4, 16, drop=0.5)
+    assert [x.shape for x in xs] == [(3, 256), (0, 256), (5, 256)]
+    assert [i.shape for i in idxs] == [(3, 4), (0, 4), (5, 4)] and [w.shape for w in ws] == [(3, 4), (0, 4), (5, 4)]
+    rng = np.random.default_rng(7)
+    want_x = [make_x(rng, t, 256, r) for r, t in enumerate([3, 0, 5])]
+    want_i = [make_topk(rng, t, 4, 16, drop=0.5) for t in [3, 0, 5]]
+    want_w = [make_weights(rng, t, 4) for t in [3, 0, 5]]
+    for got, want in ((xs, want_x), (idxs, want_i), (ws, want_w)):
+        for g, w in zip(got, want):
+            assert np.array_equal(g.view(np.uint8), w.view(np.uint8))
+    assert (np.concatenate(idxs) == -1).any()  # drop=0.5 leaves some entries unused
+
+
 def test_pairwise_cases_cover_every_pair_and_stay_small():
     from itertools import combinations
     from epcomm.testing import pairwise_cases

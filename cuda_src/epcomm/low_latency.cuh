@@ -132,8 +132,8 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
     const int num_local_experts = num_experts / num_ranks;
     const int warp = warp_id(), lane = lane_id();
     load_peer_bases(peer_bases, sym_base, num_ranks, force_nvshmem, kNumThreads);
-    // This rank's (source, token, local expert) -> row table of the handle, emptied for this call's dispatch_recv
-    // (which runs after this kernel on the same stream and fills it).
+    // This rank's (source, token, k) -> row table of the handle, emptied for this call's dispatch_recv (which runs
+    // after this kernel on the same stream and fills it).
     for (int i = blockIdx.x * kNumThreads + threadIdx.x; i < expert_rows_len; i += gridDim.x * kNumThreads)
         expert_rows[i] = -1;
     bool issued = false;  // this warp issued NVSHMEM puts: it must quiet them before the block counts itself out
@@ -421,8 +421,7 @@ EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, u
 // ---------------------------------------------------------------------------------------------------------------------
 // Combine send: blocks_per_expert blocks per local expert j (blockIdx.x / blocks_per_expert = j); each row m < the
 // expert's received count goes back to its source r (from layout_range) into r's combine_recv[e][src_info row], with
-// e = rank * E_local + j. The last block out signals every (expert, source) pair, rows or not, with the partial bit
-// of that source. zero_copy: x is this rank's combine_send region (symmetric), usable as a put source as it is.
+// e = rank * E_local + j. zero_copy: x is this rank's combine_send region (symmetric), usable as a put source as it is.
 // once_per_rank: every NVLink-reachable source s instead gets ONE float32 row per token t that has rows here, the
 // weighted sum over this rank's experts (combine_send_partial_sums); for that the sources' top-k weights cross first
 // (block 0 stores this rank's weights into every such peer's combine_weights and releases its weight_signals[rank]),
@@ -438,8 +437,7 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
                                        const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                                        int num_topk, const int* expert_rows, long long off_weight_signals,
                                        long long off_weights, long long off_partial, int debug_skip,
-                                       uint64_t err_record,
-                                       long long timeout_ns, int rank) {
+                                       uint64_t err_record, long long timeout_ns, int rank) {
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
     constexpr int kNumWarps = kNumThreads / kWarpSize;
     const uint64_t epoch = *epoch_counter + 1;  // stored back by the last block out
@@ -602,8 +600,8 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long off
         const bool in_tokens = header.y == kPayloadInTokens && header.x >= 0 && header.x < tmax;
         const uint8_t* payload =
             in_tokens ? local_base + off_tokens + (static_cast<long long>(r) * tmax + header.x) * msg_stride : msg;
-        warp_copy<kCopyUnroll, false, true>(reinterpret_cast<const int4*>(payload + kMsgHeaderBytes), out_x + row * data_int4,
-                            data_int4, lane);
+        warp_copy<kCopyUnroll, false, true>(reinterpret_cast<const int4*>(payload + kMsgHeaderBytes),
+                                            out_x + row * data_int4, data_int4, lane);
         if (lane == 0) {
             out_src_info[row] = header.x;
             const int k = header.z - 1;  // -1: a staged message (NVSHMEM path)
@@ -636,8 +634,8 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long off
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// Combine receive: every block waits (bounded) for every expert's signal (every owner signals every rank, with rows
-// or not; bit 0 says whether owner d sent per-expert rows or one partial sum per token), then one block per token
+// Combine receive: every block waits (bounded) for every owner's signal (every owner signals every rank once, with
+// rows or not; bit 0 says whether owner d sent per-expert rows or one partial sum per token), then one block per token
 // (grid-stride): out[t] = the sum over k = 0..K-1 with 0 <= topk_idx[t, k] < E of a term, in float32 in k order,
 // rounded to bf16 once. The term of (t, k) with owner d: topk_weights[t, k] * combine_recv[topk_idx[t, k]][t]
 // (product rounded, then sum rounded, as numpy) when d sent per-expert rows; combine_partial[d][t] for the first k
@@ -662,9 +660,9 @@ EPCOMM_DEVICE_INLINE void combine_recv(const uint8_t* local_base, long long off_
     for (int d = threadIdx.x; d < num_ranks; d += kNumThreads) partial_from[d] = false;
     __syncthreads();
     bool ok = true;
-    // One warp per block polls (every block needs every expert's rows): kNumThreads pollers per block compete with
-    // the incoming writes.
-    // One wait per owner, all in parallel: owner d signals once, after all its rows (in the slot of its first expert).
+    // One wait per owner, all in parallel, by the block's first warp (every block needs every owner's rows; more
+    // pollers would compete with the incoming writes): owner d signals once, after all its rows, in the slot of its
+    // first expert.
     for (int d = threadIdx.x; d < num_ranks && threadIdx.x < kWarpSize; d += kWarpSize) {
         const uint64_t* sig = reinterpret_cast<const uint64_t*>(local_base + off_signals) +
                               static_cast<long long>(d) * num_local_experts;
@@ -685,7 +683,6 @@ EPCOMM_DEVICE_INLINE void combine_recv(const uint8_t* local_base, long long off_
             const int64_t e = idx[k];
             long long row = -1;
             bool partial = false;
-            float w = topk_weights[static_cast<long long>(t) * num_topk + k];
             if (e >= 0 && e < num_experts) {
                 const int d = static_cast<int>(e / num_local_experts);
                 partial = partial_from[d];
@@ -696,11 +693,10 @@ EPCOMM_DEVICE_INLINE void combine_recv(const uint8_t* local_base, long long off_
                     for (int k2 = 0; k2 < k && first; ++k2)
                         first = !(idx[k2] >= 0 && idx[k2] < num_experts && idx[k2] / num_local_experts == d);
                     row = first ? (static_cast<long long>(d) * tmax + t) * 2 * row_int4 : -1;
-                    w = 1.0f;
                 }
             }
             rows[k] = row;
-            weights[k] = w;
+            weights[k] = topk_weights[static_cast<long long>(t) * num_topk + k];  // per-expert terms only
             is_partial[k] = partial;
         }
         __syncthreads();

@@ -17,7 +17,7 @@ from _harness import Cases, capture_graph, check_args, exit_with, poison_pool, r
 import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
 from epcomm.intranode import nvl_buffer_size_hint  # noqa: E402
-from epcomm.testing import assert_bitwise_equal, make_topk, make_weights, make_x, pairwise_cases  # noqa: E402
+from epcomm.testing import assert_bitwise_equal, make_rank_inputs, make_x, pairwise_cases  # noqa: E402
 
 args = check_args()
 
@@ -44,14 +44,6 @@ def bf16_close(actual, expected, what):
         raise AssertionError(f"{what}: {bad.sum()} values beyond bf16 rounding, first at {i}: {a[i]} vs {e[i]}")
 
 
-def make_inputs(seed, tokens, h, k, e, skew=None, drop=0.0):
-    rng = np.random.default_rng(seed)
-    xs = [make_x(rng, t, h, r) for r, t in enumerate(tokens)]
-    idxs = [make_topk(rng, t, k, e, skew=skew, drop=drop) for t in tokens]
-    ws = [make_weights(rng, t, k) for t in tokens]
-    return xs, idxs, ws
-
-
 def normal_case(h, k, e, tokens, fp8=False, topk=True, async_=False, worst=0, cached=False, align=1, skew=None,
                 bias=0, seed=0, zero_copy=False, peer_sms=None):
     """zero_copy: dispatch outputs are views of the buffer, and combine reads get_combine_buffer (written here by a
@@ -67,7 +59,7 @@ def normal_case(h, k, e, tokens, fp8=False, topk=True, async_=False, worst=0, ca
         cp.cuda.Device().synchronize()
         group.barrier()
     cfg = epcomm.Config(send_peer_sms=peer_sms)
-    xs, idxs, ws = make_inputs(seed, tokens, h, k, e, skew=skew)
+    xs, idxs, ws = make_rank_inputs(seed, tokens, h, k, e, skew=skew)
     if fp8:
         pairs = [ref.per_token_cast_to_fp8(x) for x in xs]
         # CuPy has no float8 dtype: e4m3 travels as its uint8 bits; scales column-major
@@ -164,7 +156,7 @@ def normal_case(h, k, e, tokens, fp8=False, topk=True, async_=False, worst=0, ca
 def determinism(iters):
     h, k, e = 2048, 8, 64
     tokens = [128 + 8 * r for r in range(R)]
-    xs, idxs, ws = make_inputs(123, tokens, h, k, e)
+    xs, idxs, ws = make_rank_inputs(123, tokens, h, k, e)
     x, idx, w = cp.asarray(xs[rank]), cp.asarray(idxs[rank]), cp.asarray(ws[rank])
     first = None
     for i in range(iters):
@@ -188,7 +180,7 @@ def cuda_graph(zero_copy=False):
     h, k, e, worst_rows = 2048, 8, 64, 0
     tokens = [96] * R
     worst_rows = sum(tokens)
-    xs, idxs, ws = make_inputs(5, tokens, h, k, e)
+    xs, idxs, ws = make_rank_inputs(5, tokens, h, k, e)
     x, idx, w = cp.asarray(xs[rank]), cp.asarray(idxs[rank]), cp.asarray(ws[rank])
     out = {}
 
@@ -207,7 +199,7 @@ def cuda_graph(zero_copy=False):
 
     s, graph = capture_graph(step, group)
     for rep in range(3):
-        xs, idxs, ws = make_inputs(50 + rep, tokens, h, k, e)
+        xs, idxs, ws = make_rank_inputs(50 + rep, tokens, h, k, e)
         replay_graph(s, graph, group, [(x, xs[rank]), (idx, idxs[rank]), (w, ws[rank])])
         want = ref.dispatch(xs, idxs, ws, e, num_worst_tokens=worst_rows)[rank]
         n = want.num_recv_tokens
@@ -223,7 +215,7 @@ def zero_copy_capacity_case():
     """num_worst_tokens beyond the rows the receive area holds: a zero-copy dispatch raises ConfigError on every rank
     before any kernel runs, and the Buffer still works afterwards."""
     h, k, e = 2048, 4, 16 if 16 % R == 0 else R
-    xs, idxs, ws = make_inputs(21, [8] * R, h, k, e)
+    xs, idxs, ws = make_rank_inputs(21, [8] * R, h, k, e)
     idx_dev = cp.asarray(idxs[rank])
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_dev, e)
     try:
@@ -241,7 +233,7 @@ def timeout_case():
     os.environ["EPCOMM_TIMEOUT_S"] = "2"
     h, k, e = 512, 4, 16
     tokens = [32] * R
-    xs, idxs, ws = make_inputs(9, tokens, h, k, e)
+    xs, idxs, ws = make_rank_inputs(9, tokens, h, k, e)
     idx = cp.asarray(idxs[rank])
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
     cp.cuda.Device().synchronize()

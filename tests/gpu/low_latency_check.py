@@ -19,7 +19,7 @@ from _harness import Cases, capture_graph, check_args, exit_with, poison_pool, r
 import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
 from epcomm.group import Group  # noqa: E402
-from epcomm.testing import assert_bitwise_equal, calc_diff, make_topk, make_weights, make_x  # noqa: E402
+from epcomm.testing import assert_bitwise_equal, calc_diff, make_rank_inputs  # noqa: E402
 
 args = check_args()
 
@@ -68,11 +68,8 @@ def expert_rows(data, scales, fp8, ue8m0, global_expert):
 
 
 def make_inputs(seed, tokens, h, k, e, skew=None, drop=0.1):
-    rng = np.random.default_rng(seed)
-    xs = [make_x(rng, t, h, r) for r, t in enumerate(tokens)]
-    idxs = [make_topk(rng, t, k, e, skew=skew, drop=drop) for t in tokens]
-    ws = [make_weights(rng, t, k) for t in tokens]
-    return xs, idxs, ws
+    """epcomm.testing.make_rank_inputs with some top-k entries -1 by default (issue 4's matrix)."""
+    return make_rank_inputs(seed, tokens, h, k, e, skew=skew, drop=drop)
 
 
 def check_dispatch(recv_x, recv_count, handle, want, fp8, ue8m0, tmax, tag):
