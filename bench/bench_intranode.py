@@ -223,11 +223,12 @@ for sms in sweep:
 
 KERNEL_PHASES = {  # in-kernel marks (intranode.cuh, mark()): slot -> what block 0 (the last block: slot 4) did
     "dispatch_send": ("start", "set up", "rows done", "counted out", "last signalled", "before error check",
-                      "arrived at the count"),
+                      "arrived at the count", "last received"),
     "dispatch_recv": ("start", "waited", "rows done", None, None, "before error check"),
     "combine_stage": ("start", "waited", "rows done", "counted out", "last signalled", "before error check",
                       "arrived at the count"),
-    "combine_reduce": ("start", "waited", "rows done", None, None, "before error check"),
+    "combine_reduce": ("start", "waited", "rows done", "counted out", None, "before error check",
+                       "arrived at the count"),
 }
 
 
@@ -372,6 +373,26 @@ for peers in (10, 12, 14, 16, 18):
             zero_copy=True)
     add_row("dispatch", "bf16", b16p, f"cached-graph, zero-copy, send_peer_sms {peers}", send_peer_sms=peers,
             zero_copy=True)
+# The kernel frame and the token deal, each against the other in this run (GpuBackend.fuse_kernels /
+# dynamic_tokens, both on by default): unfused = a cached dispatch with notify and dispatch_recv, a zero-copy combine
+# with combine_stage; static = tokens dealt to warps by a fixed stride instead of tickets.
+be = buf._backend
+log("kernel frame and token deal, zero-copy, 24 SMs, graph (fp8 dispatch / bf16 dispatch / combine):")
+for fuse, dyn, label in ((True, True, ""), (False, True, ", unfused"), (True, False, ", static deal"),
+                         (False, False, ", unfused, static deal")):
+    be.fuse_kernels, be.dynamic_tokens = fuse, dyn
+    try:
+        f8v = agree(timed_graph(lambda: fp8_cached(zc=True)))
+        b16v = agree(timed_graph(lambda: bf16_cached(zc=True)))
+        bf16_cached(zc=True)
+        cv = agree(timed_graph(lambda: buf.combine(None, handle, config=cfg24, zero_copy=True)))
+    finally:
+        be.fuse_kernels, be.dynamic_tokens = True, True
+    log(f"  fused {fuse!s:5} dynamic {dyn!s:5}: {f8v:.1f} / {b16v:.1f} / {cv:.1f} us")
+    if label:
+        add_row("dispatch", "fp8", f8v, "cached-graph, zero-copy" + label, zero_copy=True)
+        add_row("dispatch", "bf16", b16v, "cached-graph, zero-copy" + label, zero_copy=True)
+        add_row("combine", "bf16", cv, "graph, zero-copy" + label, zero_copy=True)
 for op, dt, us, variant in (("dispatch", "fp8", zc_f8, "cached-graph, zero-copy"),
                             ("dispatch", "bf16", zc_b16, "cached-graph, zero-copy"),
                             ("combine", "bf16", zc_c, "graph, zero-copy"),

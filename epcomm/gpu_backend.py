@@ -45,7 +45,7 @@ class GpuBackend:
         self.data_bytes = self.nvl.nbytes - self.meta_bytes
         self.host_info = HostMapped(intra.HOST_INFO_INTS)
         self.bad_index = HostMapped(1)
-        self.block_counters = cupy.zeros(4, dtype=cupy.int32)
+        self.block_counters = cupy.zeros(intra.NUM_COUNTERS, dtype=cupy.int32)
         # Device epoch counters ([0] dispatch/notify, [1] combine): advanced by the kernels themselves, so that
         # CUDA-graph replays advance them too. host_seq numbers the host waits of non-graph dispatches.
         self.epochs = cupy.zeros(2, dtype=cupy.uint64)
@@ -59,6 +59,13 @@ class GpuBackend:
         self.kernel_trace = False  # diagnostics (bench): kernels also write in-kernel timestamps (see _marks)
         # Diagnostics (bench): dispatch_send's parts, bit 0 peer rows, bit 1 own rows, bit 2 per-row metadata.
         self.send_role_mask = 7
+        # Diagnostics (bench, to time each against the other in one run; True in normal use): dynamic_tokens lets
+        # dispatch_send's and combine_reduce's warps take tokens from a ticket counter (else a static deal);
+        # fuse_kernels runs a cached dispatch without notify (dispatch_send is the barrier), a zero-copy cached
+        # dispatch without dispatch_recv (the send's last block waits for the rows), and a zero-copy combine without
+        # weights without combine_stage (combine_reduce signals its rows).
+        self.dynamic_tokens = True
+        self.fuse_kernels = True
         # Whether the latest dispatch left its outputs in the buffer (zero-copy): combine then stages its rows above
         # zero_copy_split. The same on every rank, as all ranks make the same calls.
         self.outputs_in_buffer = False
@@ -249,7 +256,10 @@ class GpuBackend:
         return out_x, recv_idx, recv_w, counts, handle, ev
 
     def _send_and_receive(self, data, scales, topk_idx, topk_weights, num_experts, send_pos, matrix, info,
-                          lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config, zero_copy):
+                          lay, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src, config, zero_copy,
+                          cached=False):
+        """dispatch_send, then dispatch_recv. cached (no notify ran): dispatch_send is the barrier, sends no source
+        index, and in zero-copy mode (nothing to copy out) also waits for the rows in place of dispatch_recv."""
         t, h = data.shape
         row_int4 = h * data.dtype.itemsize // 16
         s = scales.shape[1] if scales is not None else 0
@@ -260,13 +270,18 @@ class GpuBackend:
         grid = self._grid(config)
         peer_blocks = (config.send_peer_sms if config.send_peer_sms is not None
                        else intra.default_peer_sms(grid, self.num_ranks, scales is not None))
+        fused_barrier = cached and self.fuse_kernels
+        fused_recv = fused_barrier and zero_copy and recv_src is None and recv_idx is None
         get_kernel(intra.dispatch_send_spec(self.num_ranks, config.num_threads)).launch(
             grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts,
                    send_pos, matrix, t, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx,
-                   lay.off_w, lay.off_src, recv_x, recv_scales, recv_idx, recv_w, recv_src, rows, peer_blocks,
-                   self.send_role_mask, self._counter(0), self._epoch_ptr(0),
+                   lay.off_w, -1 if cached else lay.off_src, recv_x, recv_scales, recv_idx, recv_w, recv_src, rows,
+                   peer_blocks, self.send_role_mask, int(self.dynamic_tokens), int(fused_barrier), int(fused_recv),
+                   self._counter("dispatch_send"), self._epoch_ptr(0),
                    self._marks("dispatch_send")) + self._comm(), stream=self.stream)
         self._mark("dispatch_send")
+        if fused_recv:
+            return
         get_kernel(intra.dispatch_recv_spec(self.num_ranks, config.num_threads)).launch(
             grid, (self.nvl.local.ptr, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx, lay.off_w, lay.off_src,
                    row_int4, s, k, info, matrix, rows, recv_x, recv_scales, recv_idx, recv_w, recv_src,
@@ -274,8 +289,8 @@ class GpuBackend:
             stream=self.stream)
         self._mark("dispatch_recv")
 
-    def _counter(self, i: int) -> int:
-        return int(self.block_counters.data.ptr) + 4 * i
+    def _counter(self, kernel: str) -> int:
+        return int(self.block_counters.data.ptr) + 4 * intra.COUNTER_SLOTS[kernel]
 
     def cached_dispatch(self, x, handle: DispatchHandle, config, ctx, zero_copy=False):
         data, scales = x if isinstance(x, tuple) else (x, None)
@@ -288,11 +303,14 @@ class GpuBackend:
         rows = handle.num_worst_tokens or handle.num_recv_tokens
         recv_x, recv_scales, _, _, _ = self._recv_outputs(lay, rows, h, data.dtype, s, 0, zero_copy, ctx, False)
         self._begin(ctx)
-        self._notify(handle.is_token_in_rank, t, None, handle.num_experts, 1, None, None, None, None,
-                     lay.capacity_rows, False)
+        if self.fuse_kernels:  # dispatch_send is the barrier (and advances the epoch)
+            self._mark("start")
+        else:
+            self._notify(handle.is_token_in_rank, t, None, handle.num_experts, 1, None, None, None, None,
+                         lay.capacity_rows, False)
         self._send_and_receive(data, scales, None, None, handle.num_experts, handle.send_pos,
                                st["count_matrix"], st["info"], lay, rows, recv_x, recv_scales, None, None, None,
-                               config, zero_copy)
+                               config, zero_copy, cached=True)
         self._dispatched(zero_copy)
         ev = self._finish(ctx, (x,))
         return ((recv_x, recv_scales) if scales is not None else recv_x), ev
@@ -342,18 +360,22 @@ class GpuBackend:
         grid = self._grid(config)
         row_int4 = h * 2 // 16
         self._mark("start")
-        get_kernel(intra.combine_stage_spec(r, config.num_threads)).launch(
-            grid, (x, row_int4, topk_weights, k, st["count_matrix"], rows, self.nvl.peer_bases, self.meta_bytes,
-                   lay.off_x, lay.off_w, 1 if zero_copy else 0, self._counter(1),
-                   self._epoch_ptr(1), self._marks("combine_stage")) + self._comm(), stream=self.stream)
-        self._mark("combine_stage")
+        # A zero-copy combine without weights has nothing to stage: combine_reduce signals the rows itself.
+        fused_stage = zero_copy and topk_weights is None and self.fuse_kernels
+        if not fused_stage:
+            get_kernel(intra.combine_stage_spec(r, config.num_threads)).launch(
+                grid, (x, row_int4, topk_weights, k, st["count_matrix"], rows, self.nvl.peer_bases, self.meta_bytes,
+                       lay.off_x, lay.off_w, 1 if zero_copy else 0, self._counter("combine_stage"),
+                       self._epoch_ptr(1), self._marks("combine_stage")) + self._comm(), stream=self.stream)
+            self._mark("combine_stage")
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
         # Launched also with no tokens: it still waits for every rank's staged flag, closing the call.
         get_kernel(intra.combine_reduce_spec(r, config.num_threads)).launch(
             grid if t else 1, (self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
                                handle.send_pos, st["count_matrix"], t, b0, b1, x, topk_weights,
-                               out, out_w, self._epoch_ptr(1),
+                               out, out_w, int(self.dynamic_tokens), int(fused_stage),
+                               self._counter("combine_reduce"), self._epoch_ptr(1),
                                self._marks("combine_reduce")) + self._comm(), stream=self.stream)
         self._mark("combine_reduce")
         ev = self._finish(ctx, (x, topk_weights, bias))

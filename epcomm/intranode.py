@@ -15,6 +15,11 @@ MAX_LOCAL_EXPERTS = 1024   # kMaxLocalExperts in intranode.cuh
 NUM_FLAG_KINDS = 4         # kNumFlagKinds
 HOST_INFO_INTS = 1 + MAX_LOCAL_EXPERTS + 1   # kHostInfoInts: N, per-expert counts, epoch
 HOST_INFO_EPOCH = 1 + MAX_LOCAL_EXPERTS
+NUM_TICKETS = 2            # kNumTickets: a kernel's int32 counters are [blocks done, NUM_TICKETS ticket counters]
+# Where each kernel's counters start in GpuBackend.block_counters (int32 index); zero between calls (the last block
+# out of each kernel resets its own).
+COUNTER_SLOTS = {"dispatch_send": 0, "combine_stage": 4, "combine_reduce": 8}
+NUM_COUNTERS = 12
 COMM_PARAMS = (("uint64_t", "err_record"), ("long long", "timeout_ns"), ("int", "rank"))
 
 
@@ -145,7 +150,8 @@ def dispatch_send_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
                 ("long long", "off_x"), ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"),
                 ("long long", "off_src"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
                 ("float*", "out_w"), ("int*", "out_src"), ("int", "num_out_rows"), ("int", "peer_blocks"),
-                ("int", "role_mask"), ("int*", "block_counter"), ("const uint64_t*", "epoch_counter"),
+                ("int", "role_mask"), ("int", "dynamic"), ("int", "fused_barrier"), ("int", "fused_recv"),
+                ("int*", "counters"), ("uint64_t*", "epoch_counter"),
                 ("unsigned long long*", "marks")) + COMM_PARAMS,
         num_threads=num_threads)
 
@@ -170,7 +176,7 @@ def combine_stage_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "topk_weights"), ("int", "num_topk"),
                 ("const int*", "count_matrix"), ("int", "num_rows"), ("const uint64_t*", "peer_bases"),
                 ("long long", "data_offset"), ("long long", "off_cx"), ("long long", "off_cw"), ("int", "zero_copy"),
-                ("int*", "block_counter"), ("uint64_t*", "epoch_counter"),
+                ("int*", "counters"), ("uint64_t*", "epoch_counter"),
                 ("unsigned long long*", "marks")) + COMM_PARAMS,
         num_threads=num_threads)
 
@@ -183,8 +189,9 @@ def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kerne
                 ("long long", "off_cw"), ("int", "row_int4"), ("int", "num_topk"), ("const int*", "send_pos"),
                 ("const int*", "count_matrix"), ("int", "num_tokens"),
                 ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
-                ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"),
-                ("const uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,
+                ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"), ("int", "dynamic"),
+                ("int", "fused_stage"), ("int*", "counters"), ("uint64_t*", "epoch_counter"),
+                ("unsigned long long*", "marks")) + COMM_PARAMS,
         num_threads=num_threads)
 
 

@@ -82,3 +82,16 @@ def test_pairwise_cases_cover_every_pair_and_stay_small():
     assert 16 <= len(cases) <= 30                          # 4 x 4 levels need 16; the full product is 2304
     assert cases == pairwise_cases(factors, seed=3)         # seeded: the same plan on every rank
     assert pairwise_cases({"x": [1, 2, 3]}) == [{"x": 1}, {"x": 2}, {"x": 3}]
+
+
+def test_kernel_counters_mirror_the_header_and_do_not_overlap():
+    """Each kernel's counters (blocks done + NUM_TICKETS tickets) sit at COUNTER_SLOTS in one int32 array; the last
+    block out resets only its own, so two kernels' ranges must not overlap, and NUM_TICKETS mirrors kNumTickets."""
+    import re
+    from pathlib import Path
+    header = (Path(__file__).resolve().parents[1] / "cuda_src" / "epcomm" / "intranode.cuh").read_text()
+    assert int(re.search(r"constexpr int kNumTickets = (\d+);", header).group(1)) == intra.NUM_TICKETS
+    ranges = sorted((start, start + 1 + intra.NUM_TICKETS) for start in intra.COUNTER_SLOTS.values())
+    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+        assert end <= start, ranges
+    assert ranges[-1][1] <= intra.NUM_COUNTERS

@@ -301,31 +301,72 @@ EPCOMM_DEVICE_INLINE int block_start(const int (*matrix)[kNumRanks], int src, in
     return start;
 }
 
-// Signal `kind` to every peer once all blocks of this grid are done (last block out releases the flags).
-// marks (diagnostics): [6] block 0 arrived, [3] block 0 counted out, [4] the last block signalled.
-template <int kNumRanks>
-EPCOMM_DEVICE_INLINE void grid_done_signal(int* block_counter, const uint64_t* peer_bases, int kind, int rank,
-                                           uint64_t epoch, uint64_t* epoch_counter, unsigned long long* marks) {
+// Per-kernel counters (int32, zero between calls): [0] blocks that finished, [1, 1 + kNumTickets) the ticket counters
+// of TokenDealer. The last block out resets them all, after every block has counted in (so after its last ticket).
+constexpr int kNumTickets = 2;
+
+// True in every thread of the one block that finished last (each block counts in once its threads are done); that
+// block also resets the counters. Cumulative: every block's stores are ordered before its count by a system fence.
+// marks (diagnostics): [6] block 0 arrived, [3] block 0 counted out.
+EPCOMM_DEVICE_INLINE bool last_block_out(int* counters, unsigned long long* marks) {
     __syncthreads();
     __shared__ int is_last;
     mark(marks, 6);
     if (threadIdx.x == 0) {
-        // Cumulative fence: this block's stores (all threads, ordered by the barrier above) before the count.
         fence_acq_rel_sys();
-        is_last = atomicAdd(block_counter, 1) == static_cast<int>(gridDim.x) - 1;
+        is_last = atomicAdd(counters, 1) == static_cast<int>(gridDim.x) - 1;
+        if (is_last)
+            for (int i = 0; i <= kNumTickets; ++i) counters[i] = 0;
     }
     mark(marks, 3);
     __syncthreads();
+    return is_last;
+}
+
+// Signal `kind` to every peer once all blocks of this grid are done (the last block out releases the flags, and
+// stores the epoch into epoch_counter unless it is nullptr). Returns true in the last block.
+// marks (diagnostics): as last_block_out, and [4] the last block signalled.
+template <int kNumRanks>
+EPCOMM_DEVICE_INLINE bool grid_done_signal(int* counters, const uint64_t* peer_bases, int kind, int rank,
+                                           uint64_t epoch, uint64_t* epoch_counter, unsigned long long* marks) {
+    const bool is_last = last_block_out(counters, marks);
     if (is_last && threadIdx.x < kNumRanks) {
         fence_acq_rel_sys();  // pairs with the acquire waits on kind's flag at every peer
         st_release_sys_u64(Meta<kNumRanks>::flag(peer_base(peer_bases, threadIdx.x), kind, rank), epoch);
         if (threadIdx.x == 0) {
-            *block_counter = 0;
             if (epoch_counter) *epoch_counter = epoch;  // every block has read the old value (all counted in)
             if (marks != nullptr) marks[4] = globaltimer_ns();
         }
     }
+    return is_last;
 }
+
+// Which token a warp takes next. Static (tickets == nullptr): every `stride`-th token from the warp's first. Dynamic:
+// the next ticket of a counter the warps share (Per-kernel counters above), so that warps on faster SMs take more
+// tokens and all finish together instead of waiting for the slowest SM's last round. A ticket is drawn one token
+// ahead: the atomic's latency hides behind the current token's copy. All lanes of the warp call every member.
+struct TokenDealer {
+    int* tickets;
+    int stride;
+    int lane;
+    int ahead;  // lane 0: the ticket drawn for the token after the current one
+
+    EPCOMM_DEVICE_INLINE TokenDealer(int* tickets_, int stride_, int lane_)
+        : tickets(tickets_), stride(stride_), lane(lane_), ahead(0) {}
+    EPCOMM_DEVICE_INLINE int draw() { return lane == 0 ? atomicAdd(tickets, 1) : 0; }
+    EPCOMM_DEVICE_INLINE int first(int static_first) {
+        if (tickets == nullptr) return static_first;
+        const int t = __shfl_sync(kFullWarpMask, draw(), 0);
+        ahead = draw();
+        return t;
+    }
+    EPCOMM_DEVICE_INLINE int next(int t) {
+        if (tickets == nullptr) return t + stride;
+        const int n = __shfl_sync(kFullWarpMask, ahead, 0);
+        ahead = draw();
+        return n;
+    }
+};
 
 // Byte offsets, inside the data region of every rank's buffer, of one call's arrays (same on all ranks).
 struct RecvOffsets {
@@ -350,7 +391,14 @@ struct RowSink {
 // the other blocks copy this rank's own rows (bound by what an SM moves), so the two run side by side on different
 // SMs instead of taking turns in every warp; otherwise every block does both. role_mask (diagnostics only, 7 in
 // normal use) leaves out the peer rows (bit 0 clear), the own rows (bit 1 clear) or every row's scales, top-k and
-// source index (bit 2 clear), to time each part alone.
+// source index (bit 2 clear), to time each part alone. off_src < 0: no source index is sent (a cached dispatch: the
+// handle has it). dynamic: warps take tokens from their role's ticket counter (TokenDealer), else statically.
+// fused_barrier (a cached dispatch, which runs no notify): this kernel is the barrier and owns the dispatch epoch,
+// as notify does otherwise: every block releases kFlagNotify to every peer at its start and waits for all R
+// flags before its first row (any rank's earlier combine may still read a peer's region, see docs/design.md), and the
+// last block out stores the epoch. fused_recv (a zero-copy call with nothing to copy out): the last block out also
+// waits for every source's done flag, which dispatch_recv would otherwise wait for (the kernel ends when every row
+// has arrived).
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float* scales, long long scale_stride_t,
                                         long long scale_stride_s, int num_scales, const int64_t* topk_idx,
@@ -360,17 +408,25 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
                                         long long off_x, long long off_scales, long long off_idx, long long off_w,
                                         long long off_src, int4* out_x, float* out_scales, int64_t* out_idx,
                                         float* out_w, int* out_src, int num_out_rows, int peer_blocks, int role_mask,
-                                        int* block_counter, const uint64_t* epoch_counter, unsigned long long* marks,
+                                        int dynamic, int fused_barrier, int fused_recv, int* counters,
+                                        uint64_t* epoch_counter, unsigned long long* marks,
                                         uint64_t err_record, long long timeout_ns, int rank) {
     mark(marks, 0);
-    const uint64_t epoch = *epoch_counter;  // advanced by this call's notify
+    using M = Meta<kNumRanks>;
+    // The epoch: advanced by this call's notify, or (fused_barrier) by this kernel.
+    const uint64_t epoch = *epoch_counter + (fused_barrier ? 1 : 0);
+    if (fused_barrier && threadIdx.x < kNumRanks)  // every block: no wait depends on one block being resident
+        st_release_sys_u64(M::flag(peer_base(peer_bases, threadIdx.x), kFlagNotify, rank), epoch);
     __shared__ int matrix[kNumRanks][kNumRanks];
     __shared__ int my_start[kNumRanks];
     for (int i = threadIdx.x; i < kNumRanks * kNumRanks; i += kNumThreads) matrix[i / kNumRanks][i % kNumRanks] = count_matrix[i];
     __syncthreads();
     if (threadIdx.x < kNumRanks) my_start[threadIdx.x] = block_start<kNumRanks>(matrix, rank, threadIdx.x);
-    __syncthreads();
     comm::Waiter waiter(err_record, timeout_ns, rank);
+    if (fused_barrier && threadIdx.x < kNumRanks)  // pairs with the release above at every peer
+        comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagNotify, threadIdx.x), epoch, waiter, threadIdx.x,
+                       phase::kNotify);
+    __syncthreads();
     mark(marks, 5);  // diagnostics: before the error check
     const bool skip = comm::block_has_error(waiter);  // e.g. a capacity error from notify: address nothing
     // In shared memory: kNumRanks x 5 pointers in registers would spill at 8 ranks.
@@ -383,7 +439,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
             uint8_t* data = peer_base(peer_bases, d) + data_offset;
             sink[d] = RowSink{reinterpret_cast<int4*>(data + off_x), reinterpret_cast<float*>(data + off_scales),
                               reinterpret_cast<int64_t*>(data + off_idx), reinterpret_cast<float*>(data + off_w),
-                              reinterpret_cast<int*>(data + off_src)};
+                              off_src < 0 ? nullptr : reinterpret_cast<int*>(data + off_src)};
         }
     }
     __syncthreads();
@@ -402,12 +458,14 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
     const auto route = [&](int t) {
         return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
     };
-    const int first = role_block * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize;
-    int next_pos = route(first);
-    for (int t = first; t < num_tokens && !skip; t += warps) {
+    TokenDealer dealer(dynamic ? counters + 1 + (split && !peer_role ? 1 : 0) : nullptr, warps, lane);
+    int t = dealer.first(role_block * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
+    int next_pos = route(t);
+    for (int t_next; t < num_tokens && !skip; t = t_next) {
         const long long tt = t;
         const int my_pos = next_pos;
-        next_pos = route(t + warps);
+        t_next = dealer.next(t);
+        next_pos = route(t_next);
         long long row[kNumRanks];
         int4* dst[kNumRanks];
         bool any = false;
@@ -452,7 +510,20 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
         }
     }
     mark(marks, 2);
-    grid_done_signal<kNumRanks>(block_counter, peer_bases, kFlagDispatchDone, rank, epoch, nullptr, marks);
+    const bool is_last = grid_done_signal<kNumRanks>(counters, peer_bases, kFlagDispatchDone, rank, epoch,
+                                                     fused_barrier ? epoch_counter : nullptr, marks);
+    if (fused_recv && is_last) {
+        if (threadIdx.x < kNumRanks)  // pairs with each source's done release (grid_done_signal)
+            comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagDispatchDone, threadIdx.x), epoch, waiter,
+                           threadIdx.x, phase::kDispatch);
+        if (threadIdx.x == 0) {
+            int n = 0;
+            for (int s = 0; s < kNumRanks; ++s) n += matrix[s][rank];
+            if (n > num_out_rows) comm::record_error(waiter, comm::kErrCapacity, rank, phase::kDispatch, n, num_out_rows);
+        }
+        __syncthreads();
+        if (marks != nullptr && threadIdx.x == 0) marks[7] = globaltimer_ns();  // diagnostics: every row arrived
+    }
 }
 
 // Dispatch receive: wait for every source's done flag, then copy other sources' rows of [0, N) from the receive
@@ -549,7 +620,7 @@ template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float* topk_weights, int num_topk,
                                         const int* count_matrix, int num_rows, const uint64_t* peer_bases,
                                         long long data_offset, long long off_cx, long long off_cw, int zero_copy,
-                                        int* block_counter, uint64_t* epoch_counter, unsigned long long* marks,
+                                        int* counters, uint64_t* epoch_counter, unsigned long long* marks,
                                         uint64_t err_record, long long timeout_ns, int rank) {
     mark(marks, 0);
     using M = Meta<kNumRanks>;
@@ -589,23 +660,32 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
         }
     }
     mark(marks, 2);
-    grid_done_signal<kNumRanks>(block_counter, peer_bases, kFlagCombineDone, rank, epoch, epoch_counter, marks);
+    grid_done_signal<kNumRanks>(counters, peer_bases, kFlagCombineDone, rank, epoch, epoch_counter, marks);
 }
 
 // Combine reduce: wait until every rank has staged its rows, then out[t] = bias0 + bias1 + sum over ranks d (in
 // order) of d's row for t, read from d's region over NVLink (my own rows: from x), accumulated in float32 and rounded
-// to bf16 once. One warp per token, 8 channels per lane step.
+// to bf16 once. One warp per token, 8 channels per lane step; dynamic: warps take tokens from a ticket counter
+// (TokenDealer). fused_stage (a zero-copy combine without weights: the caller wrote the rows into the staging region
+// itself, so combine_stage would have nothing to copy): this kernel owns the combine epoch and every block releases
+// the combine-done flag to every peer at its start, after a system fence (the caller's earlier writes of the rows
+// first); the last block out stores the epoch.
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long data_offset, long long off_cx,
                                          long long off_cw, int row_int4, int num_topk,
                                          const int* send_pos, const int* count_matrix, int num_tokens,
                                          const int4* bias0, const int4* bias1, const int4* x_local,
-                                         const float* w_local, int4* out, float* out_w,
-                                         const uint64_t* epoch_counter, unsigned long long* marks,
+                                         const float* w_local, int4* out, float* out_w, int dynamic, int fused_stage,
+                                         int* counters, uint64_t* epoch_counter, unsigned long long* marks,
                                          uint64_t err_record, long long timeout_ns, int rank) {
     mark(marks, 0);
     using M = Meta<kNumRanks>;
-    const uint64_t epoch = *epoch_counter;  // advanced by this call's combine_stage
+    // Advanced by this call's combine_stage, or (fused_stage) by this kernel.
+    const uint64_t epoch = *epoch_counter + (fused_stage ? 1 : 0);
+    if (fused_stage && threadIdx.x < kNumRanks) {  // every block: no wait depends on one block being resident
+        fence_acq_rel_sys();  // pairs with the acquire waits below at every peer
+        st_release_sys_u64(M::flag(peer_base(peer_bases, threadIdx.x), kFlagCombineDone, rank), epoch);
+    }
     __shared__ int area_start[kNumRanks];   // my block in rank d's receive order (= in d's staged rows, or in x_local)
     __shared__ const uint8_t* area[kNumRanks];
     comm::Waiter waiter(err_record, timeout_ns, rank);
@@ -615,12 +695,12 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
         for (int s = 0; s < rank; ++s) start += count_matrix[s * kNumRanks + d];
         area_start[d] = start;
         area[d] = peer_base(peer_bases, d) + data_offset;
-        // Pairs with d's combine_stage release (last block out): its staged rows are complete.
+        // Pairs with d's combine_stage release (last block out), or its release above: its staged rows are complete.
         comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineDone, d), epoch, waiter, d, phase::kCombine);
     }
     __syncthreads();
     mark(marks, 5);  // diagnostics: before the error check
-    if (comm::block_has_error(waiter)) return;
+    const bool skip = comm::block_has_error(waiter);
     mark(marks, 1);
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
@@ -629,11 +709,13 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     const auto route = [&](int t) {
         return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
     };
-    const int first = blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize;
-    int next_pos = route(first);
-    for (int t = first; t < num_tokens; t += warps) {
+    TokenDealer dealer(dynamic ? counters + 1 : nullptr, warps, lane);
+    int t = dealer.first(blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
+    int next_pos = route(t);
+    for (int t_next; t < num_tokens && !skip; t = t_next) {
         const int my_pos = next_pos;
-        next_pos = route(t + warps);
+        t_next = dealer.next(t);
+        next_pos = route(t_next);
         const int4* src[kNumRanks];
         long long rows[kNumRanks];
         #pragma unroll
@@ -684,6 +766,8 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
         }
     }
     mark(marks, 2);
+    if (last_block_out(counters, marks) && fused_stage && threadIdx.x == 0)
+        *epoch_counter = epoch;  // every block has read the old value (all counted in)
 }
 
 }  // namespace intranode

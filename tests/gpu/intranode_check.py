@@ -174,6 +174,16 @@ def determinism(iters):
             raise AssertionError(f"iteration {i}: results drifted (hash {digest[:12]} != {first[:12]})")
 
 
+def combine_back(recv_x, handle, zero_copy):
+    """Combine the received rows as they are (no weights); zero_copy: copied into get_combine_buffer first, as an
+    expert would write its output there."""
+    if not zero_copy:
+        return buf.combine(recv_x, handle)[0]
+    cb = buf.get_combine_buffer(handle)
+    cb.view(cp.uint16)[...] = recv_x.view(cp.uint16)
+    return buf.combine(None, handle, zero_copy=True)[0]
+
+
 def cuda_graph(zero_copy=False):
     """Layout + dispatch (num_worst_tokens) + combine captured once, replayed with new inputs; zero_copy: the
     outputs are buffer views and the combine reads get_combine_buffer, filled by a copy inside the graph."""
@@ -189,12 +199,7 @@ def cuda_graph(zero_copy=False):
         rx, ri, rw, _, hd, _ = buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                                             num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,
                                             num_worst_tokens=worst_rows, zero_copy=zero_copy)
-        if zero_copy:
-            cb = buf.get_combine_buffer(hd)
-            cb.view(cp.uint16)[...] = rx.view(cp.uint16)
-            c, _, _ = buf.combine(None, hd, zero_copy=True)
-        else:
-            c, _, _ = buf.combine(rx, hd)
+        c = combine_back(rx, hd, zero_copy)
         out.update(recv_x=rx, recv_idx=ri, combined=c, handle=hd)
 
     s, graph = capture_graph(step, group)
@@ -209,6 +214,44 @@ def cuda_graph(zero_copy=False):
         in_ranks = [ref.get_dispatch_layout(i, e, R)[3] for i in idxs]
         want_c = ref.combine([r_.recv_x for r_ in results], results, in_ranks)[rank][0]
         bf16_close(out["combined"].get(), want_c, f"graph replay {rep} combined")
+
+
+def cuda_graph_cached(zero_copy=False):
+    """A cached dispatch and a combine without weights captured once, replayed with new inputs, several replays back
+    to back. The cached dispatch runs no notify (dispatch_send is the barrier and advances the epoch); zero_copy
+    also leaves out dispatch_recv (the send waits for the rows) and combine_stage (combine_reduce signals the rows
+    the caller wrote into get_combine_buffer)."""
+    h, k, e = 4096, 8, 64
+    tokens = [160 + 16 * r for r in range(R)]
+    xs, idxs, ws = make_rank_inputs(8, tokens, h, k, e)
+    idx = cp.asarray(idxs[rank])
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
+    _, _, _, _, handle, _ = buf.dispatch(cp.asarray(xs[rank]), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                         num_tokens_per_expert=per_expert, topk_idx=idx,
+                                         topk_weights=cp.asarray(ws[rank]))
+    x = cp.asarray(xs[rank])  # the captured input; replays copy new values into it
+    out = {}
+
+    def step():
+        rx, _, _, _, _, _ = buf.dispatch(x, handle=handle, zero_copy=zero_copy)
+        c = combine_back(rx, handle, zero_copy)
+        out.update(recv_x=rx, combined=c)
+
+    s, graph = capture_graph(step, group)
+    for rep in range(3):
+        rng = np.random.default_rng(80 + rep)
+        xs2 = [make_x(rng, t, h, r) for r, t in enumerate(tokens)]
+        replay_graph(s, graph, group, [(x, xs2[rank])])
+        for _ in range(2 * rep):  # back to back: epochs and ticket counters advance on the device alone
+            graph.launch(s)
+        s.synchronize()
+        results = ref.dispatch(xs2, idxs, None, e)
+        n = results[rank].num_recv_tokens
+        assert_bitwise_equal(out["recv_x"].get()[:n], results[rank].recv_x[:n], f"graph replay {rep} cached recv_x")
+        in_ranks = [ref.get_dispatch_layout(i, e, R)[3] for i in idxs]
+        want_c = ref.combine([r_.recv_x for r_ in results], results, in_ranks)[rank][0]
+        bf16_close(out["combined"].get(), want_c, f"graph replay {rep} combined")
+    buf._backend._check("graph replays")
 
 
 def zero_copy_capacity_case():
@@ -253,6 +296,49 @@ def timeout_case():
         print(f"rank {rank}: CommTimeoutError after {dt:.1f} s: {str(exc)[:160]}", flush=True)
         return
     raise AssertionError("dispatch did not time out although a rank skipped it")
+
+
+def cached_timeout_case():
+    """One rank skips a CACHED dispatch, whose barrier is dispatch_send itself (no notify kernel runs): every other
+    rank raises CommTimeoutError naming phase notify and the skipping rank, within the bound. On a Buffer of its own
+    (destroyed after), so that the main Buffer stays usable for the cases after this one."""
+    old_timeout = os.environ.get("EPCOMM_TIMEOUT_S")
+    os.environ["EPCOMM_TIMEOUT_S"] = "2"
+    b = epcomm.Buffer(group, num_nvl_bytes=nvl_buffer_size_hint(64, 1024, R, 4, zero_copy=True), backend="gpu")
+    try:
+        h, k, e = 512, 4, 16
+        xs, idxs, ws = make_rank_inputs(10, [32] * R, h, k, e)
+        x, idx = cp.asarray(xs[rank]), cp.asarray(idxs[rank])
+        per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx, e)
+        _, _, _, _, handle, _ = b.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                           num_tokens_per_expert=per_expert, topk_idx=idx,
+                                           topk_weights=cp.asarray(ws[rank]))
+        cp.cuda.Device().synchronize()
+        group.barrier()
+        t0 = time.time()
+        if rank == R - 1:
+            time.sleep(6)  # this rank skips the cached dispatch
+            return
+        try:
+            b.dispatch(x, handle=handle, zero_copy=True)
+            b._backend.sync()
+        except epcomm.CommTimeoutError as exc:
+            dt = time.time() - t0
+            assert exc.peer == R - 1, f"the error names peer {exc.peer}, the skipping rank is {R - 1}: {exc}"
+            assert "notify" in str(exc), str(exc)
+            assert dt < 10, f"took {dt:.1f} s"
+            print(f"rank {rank}: CommTimeoutError after {dt:.1f} s: {str(exc)[:160]}", flush=True)
+            return
+        raise AssertionError("a cached dispatch did not time out although a rank skipped it")
+    finally:
+        try:
+            b.destroy()
+        except Exception as exc:  # poisoned by the timeout; teardown must still work
+            print(f"rank {rank}: destroy raised {exc}", flush=True)
+        if old_timeout is None:
+            os.environ.pop("EPCOMM_TIMEOUT_S", None)
+        else:
+            os.environ["EPCOMM_TIMEOUT_S"] = old_timeout
 
 
 H = [2048, 4096, 7168, 7680]
@@ -319,7 +405,10 @@ cases.run("determinism_x1000" if not args.oversubscribed else "determinism_x20",
           20 if (args.oversubscribed or args.quick) else 1000)
 cases.run("cuda_graph_worst_tokens", cuda_graph)
 cases.run("cuda_graph_worst_tokens_zero_copy", cuda_graph, True)
+cases.run("cuda_graph_cached", cuda_graph_cached)
+cases.run("cuda_graph_cached_zero_copy", cuda_graph_cached, True)
 cases.run("zero_copy_worst_tokens_over_capacity", zero_copy_capacity_case)
+cases.run("cached_timeout_names_rank_peer_phase", cached_timeout_case)
 cases.run("timeout_names_rank_peer_phase", timeout_case)
 code = cases.finish()
 try:
