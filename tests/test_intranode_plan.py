@@ -26,7 +26,7 @@ def test_default_peer_sms_gives_peers_more_with_more_ranks(fp8):
 
 
 def test_default_peer_sms_is_the_measured_split_at_ep2():
-    assert intra.default_peer_sms(24, 2, fp8=True) == 10 and intra.default_peer_sms(24, 2, fp8=False) == 16
+    assert intra.default_peer_sms(24, 2, fp8=True) == 12 and intra.default_peer_sms(24, 2, fp8=False) == 16
 
 
 def test_zero_copy_split_keeps_dispatch_and_combine_apart():

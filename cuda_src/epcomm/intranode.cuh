@@ -306,14 +306,18 @@ EPCOMM_DEVICE_INLINE int block_start(const int (*matrix)[kNumRanks], int src, in
 constexpr int kNumTickets = 2;
 
 // True in every thread of the one block that finished last (each block counts in once its threads are done); that
-// block also resets the counters. Cumulative: every block's stores are ordered before its count by a system fence.
+// block also resets the counters. kPublish: every block's stores are ordered before its count by a SYSTEM fence, so
+// that the last block can release them to peers (grid_done_signal); otherwise a GPU fence orders only the counters
+// (the system fence cost 11 us per block at the end of combine_reduce, where nothing is published: bench/NOTES.md).
 // marks (diagnostics): [6] block 0 arrived, [3] block 0 counted out.
+template <bool kPublish>
 EPCOMM_DEVICE_INLINE bool last_block_out(int* counters, unsigned long long* marks) {
     __syncthreads();
     __shared__ int is_last;
     mark(marks, 6);
     if (threadIdx.x == 0) {
-        fence_acq_rel_sys();
+        if (kPublish) fence_acq_rel_sys();
+        else fence_acq_rel_gpu();
         is_last = atomicAdd(counters, 1) == static_cast<int>(gridDim.x) - 1;
         if (is_last)
             for (int i = 0; i <= kNumTickets; ++i) counters[i] = 0;
@@ -329,7 +333,7 @@ EPCOMM_DEVICE_INLINE bool last_block_out(int* counters, unsigned long long* mark
 template <int kNumRanks>
 EPCOMM_DEVICE_INLINE bool grid_done_signal(int* counters, const uint64_t* peer_bases, int kind, int rank,
                                            uint64_t epoch, uint64_t* epoch_counter, unsigned long long* marks) {
-    const bool is_last = last_block_out(counters, marks);
+    const bool is_last = last_block_out<true>(counters, marks);
     if (is_last && threadIdx.x < kNumRanks) {
         fence_acq_rel_sys();  // pairs with the acquire waits on kind's flag at every peer
         st_release_sys_u64(Meta<kNumRanks>::flag(peer_base(peer_bases, threadIdx.x), kind, rank), epoch);
@@ -766,7 +770,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
         }
     }
     mark(marks, 2);
-    if (last_block_out(counters, marks) && fused_stage && threadIdx.x == 0)
+    if (last_block_out<false>(counters, marks) && fused_stage && threadIdx.x == 0)
         *epoch_counter = epoch;  // every block has read the old value (all counted in)
 }
 
