@@ -345,10 +345,11 @@ EPCOMM_DEVICE_INLINE bool grid_done_signal(int* counters, const uint64_t* peer_b
     return is_last;
 }
 
-// Which token a warp takes next. Static (tickets == nullptr): every `stride`-th token from the warp's first. Dynamic:
-// the next ticket of a counter the warps share (Per-kernel counters above), so that warps on faster SMs take more
-// tokens and all finish together instead of waiting for the slowest SM's last round. A ticket is drawn one token
-// ahead: the atomic's latency hides behind the current token's copy. All lanes of the warp call every member.
+// Which token a warp takes next. Every warp's first token is its index w among the `stride` warps (no wait at the
+// start). Then, static (tickets == nullptr): every stride-th token. Dynamic: token stride + the next ticket of a
+// counter the warps share (Per-kernel counters above), so that warps on faster SMs take more tokens and all finish
+// together instead of waiting for the slowest SM's last round. A ticket is drawn one token ahead: the atomic's latency
+// hides behind the current token's copy. All lanes of the warp call every member.
 struct TokenDealer {
     int* tickets;
     int stride;
@@ -357,17 +358,14 @@ struct TokenDealer {
 
     EPCOMM_DEVICE_INLINE TokenDealer(int* tickets_, int stride_, int lane_)
         : tickets(tickets_), stride(stride_), lane(lane_), ahead(0) {}
-    EPCOMM_DEVICE_INLINE int draw() { return lane == 0 ? atomicAdd(tickets, 1) : 0; }
-    EPCOMM_DEVICE_INLINE int first(int static_first) {
-        if (tickets == nullptr) return static_first;
-        const int t = __shfl_sync(kFullWarpMask, draw(), 0);
-        ahead = draw();
-        return t;
+    EPCOMM_DEVICE_INLINE int first(int warp_index) {
+        if (tickets != nullptr && lane == 0) ahead = atomicAdd(tickets, 1);
+        return warp_index;
     }
     EPCOMM_DEVICE_INLINE int next(int t) {
         if (tickets == nullptr) return t + stride;
-        const int n = __shfl_sync(kFullWarpMask, ahead, 0);
-        ahead = draw();
+        const int n = stride + __shfl_sync(kFullWarpMask, ahead, 0);
+        if (lane == 0) ahead = atomicAdd(tickets, 1);
         return n;
     }
 };
@@ -421,6 +419,23 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
     const uint64_t epoch = *epoch_counter + (fused_barrier ? 1 : 0);
     if (fused_barrier && threadIdx.x < kNumRanks)  // every block: no wait depends on one block being resident
         st_release_sys_u64(M::flag(peer_base(peer_bases, threadIdx.x), kFlagNotify, rank), epoch);
+    const bool split = peer_blocks > 0 && peer_blocks < static_cast<int>(gridDim.x);
+    const bool peer_role = !split || static_cast<int>(blockIdx.x) < peer_blocks;
+    const bool own_role = !split || static_cast<int>(blockIdx.x) >= peer_blocks;
+    const bool do_peers = peer_role && (role_mask & 1), do_own = own_role && (role_mask & 2), do_meta = role_mask & 4;
+    const int role_block = (split && !peer_role) ? blockIdx.x - peer_blocks : blockIdx.x;
+    const int role_blocks = !split ? gridDim.x : (peer_role ? peer_blocks : gridDim.x - peer_blocks);
+    const int lane = threadIdx.x % kWarpSize;
+    const int warps = kNumThreads / kWarpSize * role_blocks;
+    const int experts_per_rank = num_experts / kNumRanks;
+    // The routing of a token is its send_pos row (-1: not sent there), lane d holding destination d's entry; the
+    // next token's is loaded before this token's row copy, so no load latency separates one row from the next.
+    const auto route = [&](int t) {
+        return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
+    };
+    TokenDealer dealer(dynamic ? counters + 1 + (split && !peer_role ? 1 : 0) : nullptr, warps, lane);
+    int t = dealer.first(role_block * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
+    int next_pos = route(t);  // the first token's routing and ticket are on their way during the set-up below
     __shared__ int matrix[kNumRanks][kNumRanks];
     __shared__ int my_start[kNumRanks];
     for (int i = threadIdx.x; i < kNumRanks * kNumRanks; i += kNumThreads) matrix[i / kNumRanks][i % kNumRanks] = count_matrix[i];
@@ -448,23 +463,6 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
     }
     __syncthreads();
     mark(marks, 1);
-    const bool split = peer_blocks > 0 && peer_blocks < static_cast<int>(gridDim.x);
-    const bool peer_role = !split || static_cast<int>(blockIdx.x) < peer_blocks;
-    const bool own_role = !split || static_cast<int>(blockIdx.x) >= peer_blocks;
-    const bool do_peers = peer_role && (role_mask & 1), do_own = own_role && (role_mask & 2), do_meta = role_mask & 4;
-    const int role_block = (split && !peer_role) ? blockIdx.x - peer_blocks : blockIdx.x;
-    const int role_blocks = !split ? gridDim.x : (peer_role ? peer_blocks : gridDim.x - peer_blocks);
-    const int lane = threadIdx.x % kWarpSize;
-    const int warps = kNumThreads / kWarpSize * role_blocks;
-    const int experts_per_rank = num_experts / kNumRanks;
-    // The routing of a token is its send_pos row (-1: not sent there), lane d holding destination d's entry; the
-    // next token's is loaded before this token's row copy, so no load latency separates one row from the next.
-    const auto route = [&](int t) {
-        return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
-    };
-    TokenDealer dealer(dynamic ? counters + 1 + (split && !peer_role ? 1 : 0) : nullptr, warps, lane);
-    int t = dealer.first(role_block * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
-    int next_pos = route(t);
     for (int t_next; t < num_tokens && !skip; t = t_next) {
         const long long tt = t;
         const int my_pos = next_pos;
@@ -690,6 +688,16 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
         fence_acq_rel_sys();  // pairs with the acquire waits below at every peer
         st_release_sys_u64(M::flag(peer_base(peer_bases, threadIdx.x), kFlagCombineDone, rank), epoch);
     }
+    const int lane = threadIdx.x % kWarpSize;
+    const int warps = kNumThreads / kWarpSize * gridDim.x;
+    // A token's routing is its send_pos row (-1: not sent there), lane d holding rank d's entry; the next token's is
+    // loaded before this token's rows, so no load latency separates one token from the next (as in dispatch_send).
+    const auto route = [&](int t) {
+        return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
+    };
+    TokenDealer dealer(dynamic ? counters + 1 : nullptr, warps, lane);
+    int t = dealer.first(blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
+    int next_pos = route(t);  // the first token's routing and ticket are on their way during the wait below
     __shared__ int area_start[kNumRanks];   // my block in rank d's receive order (= in d's staged rows, or in x_local)
     __shared__ const uint8_t* area[kNumRanks];
     comm::Waiter waiter(err_record, timeout_ns, rank);
@@ -706,16 +714,6 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     mark(marks, 5);  // diagnostics: before the error check
     const bool skip = comm::block_has_error(waiter);
     mark(marks, 1);
-    const int lane = threadIdx.x % kWarpSize;
-    const int warps = kNumThreads / kWarpSize * gridDim.x;
-    // A token's routing is its send_pos row (-1: not sent there), lane d holding rank d's entry; the next token's is
-    // loaded before this token's rows, so no load latency separates one token from the next (as in dispatch_send).
-    const auto route = [&](int t) {
-        return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
-    };
-    TokenDealer dealer(dynamic ? counters + 1 : nullptr, warps, lane);
-    int t = dealer.first(blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
-    int next_pos = route(t);
     for (int t_next; t < num_tokens && !skip; t = t_next) {
         const int my_pos = next_pos;
         t_next = dealer.next(t);
