@@ -307,8 +307,10 @@ constexpr int kNumTickets = 2;
 
 // True in every thread of the one block that finished last (each block counts in once its threads are done); that
 // block also resets the counters. kPublish: every block's stores are ordered before its count by a SYSTEM fence, so
-// that the last block can release them to peers (grid_done_signal); otherwise a GPU fence orders only the counters
-// (the system fence cost 11 us per block at the end of combine_reduce, where nothing is published: bench/NOTES.md).
+// that the last block can release them to peers (grid_done_signal). Otherwise no fence: the count orders only the
+// block's ticket draws, which its warps have waited for (TokenDealer::finish: an atomic whose result arrived is
+// performed at L2, where the counters live) before the barrier in here. A fence at the end of combine_reduce, where
+// nothing is published, held each block 10-14 us (system or GPU scope alike: bench/NOTES.md).
 // marks (diagnostics): [6] block 0 arrived, [3] block 0 counted out.
 template <bool kPublish>
 EPCOMM_DEVICE_INLINE bool last_block_out(int* counters, unsigned long long* marks) {
@@ -317,7 +319,6 @@ EPCOMM_DEVICE_INLINE bool last_block_out(int* counters, unsigned long long* mark
     mark(marks, 6);
     if (threadIdx.x == 0) {
         if (kPublish) fence_acq_rel_sys();
-        else fence_acq_rel_gpu();
         is_last = atomicAdd(counters, 1) == static_cast<int>(gridDim.x) - 1;
         if (is_last)
             for (int i = 0; i <= kNumTickets; ++i) counters[i] = 0;
@@ -367,6 +368,12 @@ struct TokenDealer {
         const int n = stride + __shfl_sync(kFullWarpMask, ahead, 0);
         if (lane == 0) ahead = atomicAdd(tickets, 1);
         return n;
+    }
+    // After the warp's last token: wait for the ticket drawn ahead (its atomic has then been performed), so that the
+    // block's count in last_block_out comes after every ticket draw of the block.
+    // (A ticket is never negative: the test only makes lane 0 wait for the value, an empty asm would not.)
+    EPCOMM_DEVICE_INLINE void finish() const {
+        if (tickets != nullptr && ahead < 0) __trap();
     }
 };
 
@@ -511,6 +518,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
             if (lane == 0 && sink[d].src) sink[d].src[row[d]] = t;
         }
     }
+    dealer.finish();
     mark(marks, 2);
     const bool is_last = grid_done_signal<kNumRanks>(counters, peer_bases, kFlagDispatchDone, rank, epoch,
                                                      fused_barrier ? epoch_counter : nullptr, marks);
@@ -767,6 +775,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
             }
         }
     }
+    dealer.finish();
     mark(marks, 2);
     if (last_block_out<false>(counters, marks) && fused_stage && threadIdx.x == 0)
         *epoch_counter = epoch;  // every block has read the old value (all counted in)
