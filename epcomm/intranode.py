@@ -190,8 +190,8 @@ def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kerne
                 ("long long", "off_cw"), ("int", "row_int4"), ("int", "num_topk"), ("const int*", "send_pos"),
                 ("const int*", "count_matrix"), ("int", "num_tokens"),
                 ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
-                ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"), ("int", "dynamic"),
-                ("int", "fused_stage"), ("int*", "counters"), ("uint64_t*", "epoch_counter"),
+                ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"), ("int", "num_parts"),
+                ("int", "dynamic"), ("int", "fused_stage"), ("int*", "counters"), ("uint64_t*", "epoch_counter"),
                 ("unsigned long long*", "marks")) + COMM_PARAMS,
         num_threads=num_threads)
 

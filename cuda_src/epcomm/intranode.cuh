@@ -307,10 +307,9 @@ constexpr int kNumTickets = 2;
 
 // True in every thread of the one block that finished last (each block counts in once its threads are done); that
 // block also resets the counters. kPublish: every block's stores are ordered before its count by a SYSTEM fence, so
-// that the last block can release them to peers (grid_done_signal). Otherwise no fence: the count orders only the
-// block's ticket draws, which its warps have waited for (TokenDealer::finish: an atomic whose result arrived is
-// performed at L2, where the counters live) before the barrier in here. A fence at the end of combine_reduce, where
-// nothing is published, held each block 10-14 us (system or GPU scope alike: bench/NOTES.md).
+// that the last block can release them to peers (grid_done_signal); otherwise a GPU fence orders the block's ticket
+// draws (its warps waited for the last one: TokenDealer::finish) before its count. The last block acquires (a GPU
+// fence after its count) before it resets the counters.
 // marks (diagnostics): [6] block 0 arrived, [3] block 0 counted out.
 template <bool kPublish>
 EPCOMM_DEVICE_INLINE bool last_block_out(int* counters, unsigned long long* marks) {
@@ -319,9 +318,12 @@ EPCOMM_DEVICE_INLINE bool last_block_out(int* counters, unsigned long long* mark
     mark(marks, 6);
     if (threadIdx.x == 0) {
         if (kPublish) fence_acq_rel_sys();
+        else fence_acq_rel_gpu();
         is_last = atomicAdd(counters, 1) == static_cast<int>(gridDim.x) - 1;
-        if (is_last)
+        if (is_last) {
+            fence_acq_rel_gpu();
             for (int i = 0; i <= kNumTickets; ++i) counters[i] = 0;
+        }
     }
     mark(marks, 3);
     __syncthreads();
@@ -675,8 +677,9 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
 
 // Combine reduce: wait until every rank has staged its rows, then out[t] = bias0 + bias1 + sum over ranks d (in
 // order) of d's row for t, read from d's region over NVLink (my own rows: from x), accumulated in float32 and rounded
-// to bf16 once. One warp per token, 8 channels per lane step; dynamic: warps take tokens from a ticket counter
-// (TokenDealer). fused_stage (a zero-copy combine without weights: the caller wrote the rows into the staging region
+// to bf16 once. One warp per item, an item being one of num_parts (1 or 2) channel ranges of a token (a whole token
+// per warp left the last warps ~16 us of work after the others were done: 384 warps share the link, so one token
+// takes a warp that long), 8 channels per lane step; dynamic: warps take items from a ticket counter (TokenDealer). fused_stage (a zero-copy combine without weights: the caller wrote the rows into the staging region
 // itself, so combine_stage would have nothing to copy): this kernel owns the combine epoch and every block releases
 // the combine-done flag to every peer at its start, after a system fence (the caller's earlier writes of the rows
 // first); the last block out stores the epoch.
@@ -685,7 +688,8 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
                                          long long off_cw, int row_int4, int num_topk,
                                          const int* send_pos, const int* count_matrix, int num_tokens,
                                          const int4* bias0, const int4* bias1, const int4* x_local,
-                                         const float* w_local, int4* out, float* out_w, int dynamic, int fused_stage,
+                                         const float* w_local, int4* out, float* out_w, int num_parts, int dynamic,
+                                         int fused_stage,
                                          int* counters, uint64_t* epoch_counter, unsigned long long* marks,
                                          uint64_t err_record, long long timeout_ns, int rank) {
     mark(marks, 0);
@@ -700,12 +704,17 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     const int warps = kNumThreads / kWarpSize * gridDim.x;
     // A token's routing is its send_pos row (-1: not sent there), lane d holding rank d's entry; the next token's is
     // loaded before this token's rows, so no load latency separates one token from the next (as in dispatch_send).
-    const auto route = [&](int t) {
-        return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
+    const int parts = num_parts == 2 ? 2 : 1;
+    const int num_items = num_tokens * parts;
+    // Channel ranges: [0, split) and [split, row_int4), split a multiple of the warp width (parts 1: the whole row).
+    const int split = parts == 1 ? row_int4 : ((row_int4 + 1) / 2 + kWarpSize - 1) / kWarpSize * kWarpSize;
+    const auto route = [&](int item) {
+        return (item < num_items && lane < kNumRanks)
+                   ? send_pos[static_cast<long long>(item / parts) * kNumRanks + lane] : -1;
     };
     TokenDealer dealer(dynamic ? counters + 1 : nullptr, warps, lane);
-    int t = dealer.first(blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
-    int next_pos = route(t);  // the first token's routing and ticket are on their way during the wait below
+    int item = dealer.first(blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
+    int next_pos = route(item);  // the first item's routing and ticket are on their way during the wait below
     __shared__ int area_start[kNumRanks];   // my block in rank d's receive order (= in d's staged rows, or in x_local)
     __shared__ const uint8_t* area[kNumRanks];
     comm::Waiter waiter(err_record, timeout_ns, rank);
@@ -722,10 +731,12 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     mark(marks, 5);  // diagnostics: before the error check
     const bool skip = comm::block_has_error(waiter);
     mark(marks, 1);
-    for (int t_next; t < num_tokens && !skip; t = t_next) {
+    for (int item_next; item < num_items && !skip; item = item_next) {
         const int my_pos = next_pos;
-        t_next = dealer.next(t);
-        next_pos = route(t_next);
+        item_next = dealer.next(item);
+        next_pos = route(item_next);
+        const int t = item / parts, part = item % parts;
+        const int lo = part == 0 ? 0 : split, hi = part == 0 ? (split < row_int4 ? split : row_int4) : row_int4;
         const int4* src[kNumRanks];
         long long rows[kNumRanks];
         #pragma unroll
@@ -738,20 +749,20 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
         }
         // kReduceUnroll vectors per lane per source in flight, every source's loads issued before the first add.
         constexpr int kReduceUnroll = kNumRanks <= 2 ? 8 : (kNumRanks <= 4 ? 4 : 2);
-        for (int base = lane; base < row_int4; base += kWarpSize * kReduceUnroll) {
+        for (int base = lo + lane; base < hi; base += kWarpSize * kReduceUnroll) {
             int4 v[kNumRanks][kReduceUnroll];
             #pragma unroll
             for (int d = 0; d < kNumRanks; ++d)
                 #pragma unroll
                 for (int u = 0; u < kReduceUnroll; ++u) {
                     const int i = base + u * kWarpSize;
-                    if (src[d] != nullptr && i < row_int4)
+                    if (src[d] != nullptr && i < hi)
                         v[d][u] = d == rank ? ld_global_nc_na_v4(src[d] + i) : ld_global_v4(src[d] + i);
                 }
             #pragma unroll
             for (int u = 0; u < kReduceUnroll; ++u) {
                 const int i = base + u * kWarpSize;
-                if (i >= row_int4) continue;
+                if (i >= hi) continue;
                 float acc[8];
                 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
@@ -763,7 +774,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
                 st_global_v4(out + static_cast<long long>(t) * row_int4 + i, pack_bf16x8(acc));
             }
         }
-        if (out_w) {
+        if (out_w && part == 0) {
             for (int k = lane; k < num_topk; k += kWarpSize) {
                 float w = 0.0f;
                 #pragma unroll
