@@ -531,7 +531,8 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
         if (threadIdx.x == 0) {
             int n = 0;
             for (int s = 0; s < kNumRanks; ++s) n += matrix[s][rank];
-            if (n > num_out_rows) comm::record_error(waiter, comm::kErrCapacity, rank, phase::kDispatch, n, num_out_rows);
+            if (n > num_out_rows)
+                comm::record_error(waiter, comm::kErrCapacity, rank, phase::kDispatch, n, num_out_rows);
         }
         __syncthreads();
         if (marks != nullptr && threadIdx.x == 0) marks[7] = globaltimer_ns();  // diagnostics: every row arrived
@@ -679,9 +680,10 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
 // order) of d's row for t, read from d's region over NVLink (my own rows: from x), accumulated in float32 and rounded
 // to bf16 once. One warp per item, an item being one of num_parts (1 or 2) channel ranges of a token (a whole token
 // per warp left the last warps ~16 us of work after the others were done: 384 warps share the link, so one token
-// takes a warp that long), 8 channels per lane step; dynamic: warps take items from a ticket counter (TokenDealer). fused_stage (a zero-copy combine without weights: the caller wrote the rows into the staging region
-// itself, so combine_stage would have nothing to copy): this kernel owns the combine epoch and every block releases
-// the combine-done flag to every peer at its start, after a system fence (the caller's earlier writes of the rows
+// takes a warp that long), 8 channels per lane step; dynamic: warps take items from a ticket counter (TokenDealer).
+// fused_stage (a zero-copy combine without weights: the caller wrote the rows into the staging region itself, so
+// combine_stage would have nothing to copy): this kernel owns the combine epoch and every block releases the
+// combine-done flag to every peer at its start, after a system fence (the caller's earlier writes of the rows
 // first); the last block out stores the epoch.
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long data_offset, long long off_cx,
@@ -702,8 +704,9 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     }
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
-    // A token's routing is its send_pos row (-1: not sent there), lane d holding rank d's entry; the next token's is
-    // loaded before this token's rows, so no load latency separates one token from the next (as in dispatch_send).
+    // An item's routing is its token's send_pos row (-1: not sent there), lane d holding rank d's entry; the next
+    // item's is loaded before this item's rows, so no load latency separates one item from the next (as in
+    // dispatch_send).
     const int parts = num_parts == 2 ? 2 : 1;
     const int num_items = num_tokens * parts;
     // Channel ranges: [0, split) and [split, row_int4), split a multiple of the warp width (parts 1: the whole row).
