@@ -346,8 +346,7 @@ __device__ void run(uint64_t* u64, uint32_t* u32, int32_t* s32, int64_t* s64, in
     fence_acq_rel_sys(); fence_acq_rel_gpu(); fence_acq_rel_cta(); fence_sc_sys();
     int4 v = ld_global_v4(v4);
     const int4 nc = ld_global_nc_na_v4(v4 + 1);
-    const int4 na = ld_global_v4_l1(v4 + 4, s32[8]);
-    v.x += nc.x + na.y;
+    v.x += nc.x;
     st_global_v4(v4 + 2, v); st_global_na_v4(v4 + 3, v);
     acc += globaltimer_ns() + lane_id() + warp_id() + ceil_div(7, 2) + align_up(7, 4);
     f[0] = warp_reduce_sum(f[1]) + warp_reduce_max(f[2]) + warp_reduce_sum(static_cast<int>(acc));
