@@ -401,15 +401,6 @@ finally:
     be.reduce_parts = 2
 log(f"combine_reduce items, zero-copy combine, 24 SMs, graph: half tokens {zc_c:.1f} us, whole tokens {c_whole:.1f} us")
 add_row("combine", "bf16", c_whole, "graph, zero-copy, whole-token items", zero_copy=True)
-be.reduce_remote_no_allocate = 0  # the peers' rows through plain (L1-allocating) loads
-try:
-    c_alloc = agree(timed_graph(lambda: buf.combine(None, handle, config=cfg24, zero_copy=True)))
-finally:
-    be.reduce_remote_no_allocate = 1
-zc_c2 = agree(timed_graph(lambda: buf.combine(None, handle, config=cfg24, zero_copy=True)))  # the default, again
-log(f"combine_reduce remote loads, zero-copy combine, 24 SMs, graph: no L1 allocation {zc_c:.1f} / {zc_c2:.1f} us, "
-    f"plain {c_alloc:.1f} us")
-add_row("combine", "bf16", c_alloc, "graph, zero-copy, L1-allocating remote loads", zero_copy=True)
 for op, dt, us, variant in (("dispatch", "fp8", zc_f8, "cached-graph, zero-copy"),
                             ("dispatch", "bf16", zc_b16, "cached-graph, zero-copy"),
                             ("combine", "bf16", zc_c, "graph, zero-copy"),

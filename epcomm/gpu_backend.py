@@ -68,8 +68,6 @@ class GpuBackend:
         self.fuse_kernels = True
         # Diagnostics (bench): combine_reduce's work item, a whole token (1) or half of one (2, normal use).
         self.reduce_parts = 2
-        # Diagnostics (bench): combine_reduce loads the peers' rows without allocating L1 lines (1) or plainly (0).
-        self.reduce_remote_no_allocate = 1
         # Whether the latest dispatch left its outputs in the buffer (zero-copy): combine then stages its rows above
         # zero_copy_split. The same on every rank, as all ranks make the same calls.
         self.outputs_in_buffer = False
@@ -378,8 +376,7 @@ class GpuBackend:
         get_kernel(intra.combine_reduce_spec(r, config.num_threads)).launch(
             grid if t else 1, (self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
                                handle.send_pos, st["count_matrix"], t, b0, b1, x, topk_weights,
-                               out, out_w, self.reduce_parts, self.reduce_remote_no_allocate,
-                               int(self.dynamic_tokens), int(fused_stage),
+                               out, out_w, self.reduce_parts, int(self.dynamic_tokens), int(fused_stage),
                                self._counter("combine_reduce"), self._epoch_ptr(1),
                                self._marks("combine_reduce")) + self._comm(), stream=self.stream)
         self._mark("combine_reduce")

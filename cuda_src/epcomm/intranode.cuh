@@ -680,8 +680,7 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
 // order) of d's row for t, read from d's region over NVLink (my own rows: from x), accumulated in float32 and rounded
 // to bf16 once. One warp per item, an item being one of num_parts (1 or 2) channel ranges of a token (a whole token
 // per warp left the last warps ~16 us of work after the others were done: 384 warps share the link, so one token
-// takes a warp that long), 8 channels per lane step; dynamic: warps take items from a ticket counter (TokenDealer);
-// remote_no_allocate: the peers' rows are loaded without allocating L1 lines.
+// takes a warp that long), 8 channels per lane step; dynamic: warps take items from a ticket counter (TokenDealer).
 // fused_stage (a zero-copy combine without weights: the caller wrote the rows into the staging region itself, so
 // combine_stage would have nothing to copy): this kernel owns the combine epoch and every block releases the
 // combine-done flag to every peer at its start, after a system fence (the caller's earlier writes of the rows
@@ -691,8 +690,8 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
                                          long long off_cw, int row_int4, int num_topk,
                                          const int* send_pos, const int* count_matrix, int num_tokens,
                                          const int4* bias0, const int4* bias1, const int4* x_local,
-                                         const float* w_local, int4* out, float* out_w, int num_parts,
-                                         int remote_no_allocate, int dynamic, int fused_stage,
+                                         const float* w_local, int4* out, float* out_w, int num_parts, int dynamic,
+                                         int fused_stage,
                                          int* counters, uint64_t* epoch_counter, unsigned long long* marks,
                                          uint64_t err_record, long long timeout_ns, int rank) {
     mark(marks, 0);
@@ -761,8 +760,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
                 for (int u = 0; u < kReduceUnroll; ++u) {
                     const int i = base + u * kWarpSize;
                     if (src[d] != nullptr && i < hi)
-                        v[d][u] = d == rank ? ld_global_nc_na_v4(src[d] + i)
-                                            : ld_global_v4_l1(src[d] + i, remote_no_allocate);
+                        v[d][u] = d == rank ? ld_global_nc_na_v4(src[d] + i) : ld_global_v4(src[d] + i);
                 }
             #pragma unroll
             for (int u = 0; u < kReduceUnroll; ++u) {

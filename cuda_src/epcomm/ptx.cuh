@@ -200,20 +200,6 @@ EPCOMM_DEVICE_INLINE int4 ld_global_v4(const int4* ptr) {
     return v;
 }
 
-// Plain (coherent, weak) 16-byte global load; no_allocate != 0: without allocating in L1 (data read once, e.g. a
-// peer's rows over NVLink after an acquire: an allocating load holds an L1 line per request in flight). One
-// instruction either way, chosen by a predicate (no branch around the loads).
-EPCOMM_DEVICE_INLINE int4 ld_global_v4_l1(const int4* ptr, int no_allocate) {
-    int4 v;
-    asm volatile(
-        "{\n\t.reg .pred p;\n\tsetp.ne.s32 p, %5, 0;\n\t"
-        "@p ld.global.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];\n\t"
-        "@!p ld.global.v4.s32 {%0, %1, %2, %3}, [%4];\n\t}"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(ptr), "r"(no_allocate));
-    return v;
-}
-
 // 16-byte load through the read-only path without L1 allocation: only for data no one writes during the kernel.
 EPCOMM_DEVICE_INLINE int4 ld_global_nc_na_v4(const int4* ptr) {
     int4 v;
