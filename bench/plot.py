@@ -1,5 +1,6 @@
-"""Plots of benchmark records (bench/results/*.jsonl): GB/s against SMs for the intranode sweep. Used by
-bench_intranode.py after a run, and offline: `python bench/plot.py --commit 43a3d02 --ranks 2 --out plot.png`."""
+"""Plots of benchmark records (bench/results/*.jsonl): GB/s against SMs for the intranode sweep (used by
+bench_intranode.py after a run, and offline: `python bench/plot.py --commit 43a3d02 --ranks 2 --out plot.png`), and
+the zero-copy times of every commit measured, against the goals (`python bench/plot.py --versions --out v.png`)."""
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,59 @@ def plot_sm_sweep(rows: list[dict], ceiling_gbps: float, title: str, path: str) 
     plt.close(fig)
 
 
+# The zero-copy rows of the version history and issue 3's goals for them (us at 24 SMs).
+VERSION_OPS = (("dispatch", "fp8", "cached-graph, zero-copy", 100.0),
+               ("dispatch", "bf16", "cached-graph, zero-copy", 190.0),
+               ("combine", "bf16", "graph, zero-copy", 200.0))
+
+
+def version_series(rows: list[dict], ranks: int = 2, num_sms: int = 24) -> tuple[list[str], dict]:
+    """(commits in the order of their first record, {(op, dtype): [median us per commit, None where unmeasured]}):
+    VERSION_OPS rows at `ranks` ranks and `num_sms` SMs; a commit measured in several runs gets the median of them."""
+    import statistics
+    commits: list[str] = []
+    values: dict = {}
+    for r in sorted(rows, key=lambda r: r.get("timestamp") or ""):
+        for op, dt, variant, _ in VERSION_OPS:
+            if (r["op"], r["dtype"], r.get("variant"), r.get("ranks"), r.get("num_sms")) == (op, dt, variant, ranks,
+                                                                                          num_sms):
+                if r["commit"] not in commits:
+                    commits.append(r["commit"])
+                values.setdefault((op, dt), {}).setdefault(r["commit"], []).append(r["median_us"])
+    series = {key: [statistics.median(per[c]) if c in per else None for c in commits] for key, per in values.items()}
+    return commits, series
+
+
+def plot_versions(rows: list[dict], title: str, path: str, ranks: int = 2) -> None:
+    """One panel per op: the zero-copy CUDA-graph median of every commit measured (in record order), and the goal."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    commits, series = version_series(rows, ranks)
+    if not commits:
+        raise ValueError(f"no zero-copy records at {ranks} ranks and 24 SMs")
+    fig, axes = plt.subplots(1, len(VERSION_OPS), figsize=(12, 4.2), sharex=True)
+    x = list(range(len(commits)))
+    for ax, (op, dt, _, goal), color in zip(axes, VERSION_OPS, ("tab:blue", "tab:orange", "tab:green")):
+        ys = series.get((op, dt), [None] * len(commits))
+        pts = [(i, y) for i, y in zip(x, ys) if y is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color)
+        ax.axhline(goal, ls=":", c="red", label=f"goal {goal:.0f} us")
+        ax.set_title(f"{dt} {op}")
+        ax.set_xticks(x)
+        ax.set_xticklabels(commits, rotation=70, fontsize=7)
+        ax.set_ylabel("us (CUDA-graph replay, median)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--commit", required=True)
+    ap.add_argument("--commit", help="plot this commit's SM sweep")
+    ap.add_argument("--versions", action="store_true", help="plot the zero-copy times of every commit instead")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "intranode.jsonl"))
@@ -44,6 +95,16 @@ def main() -> None:
     args = ap.parse_args()
     with open(args.results) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    if args.versions:
+        try:
+            plot_versions(rows, f"epcomm intranode EP{args.ranks}, zero-copy, 24 SMs: each commit measured", args.out,
+                          args.ranks)
+        except ValueError as exc:
+            raise SystemExit(str(exc))
+        print(f"wrote {args.out}")
+        return
+    if not args.commit:
+        ap.error("--commit or --versions is required")
     rows = [r for r in rows if r["commit"] == args.commit and r["ranks"] == args.ranks]
     if not rows:
         raise SystemExit(f"no records of commit {args.commit} with {args.ranks} ranks in {args.results}")

@@ -34,3 +34,44 @@ def test_plot_from_records(tmp_path):
                            str(tmp_path / "none.png")], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "no records of commit nothere" in done.stderr
     assert not (tmp_path / "none.png").exists()
+
+
+def test_version_series_orders_commits_and_takes_medians():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import plot
+    finally:
+        sys.path.pop(0)
+    rows = []
+    for i, (commit, us) in enumerate((("c1", 120.0), ("c2", 100.0), ("c2", 110.0), ("c2", 90.0), ("c3", 95.0))):
+        r = _record("dispatch", "fp8", "cached-graph, zero-copy", 24, 1.0, 1.0, commit=commit)
+        r.update(median_us=us, timestamp=f"2026-01-01T00:00:0{i}")
+        rows.append(r)
+    other = _record("dispatch", "fp8", "cached-graph, zero-copy", 16, 1.0, 1.0, commit="c4")  # another SM count
+    other.update(median_us=1.0, timestamp="2026-01-01T00:00:09")
+    comb = _record("combine", "bf16", "graph, zero-copy", 24, 1.0, 1.0, commit="c3")
+    comb.update(median_us=199.0, timestamp="2026-01-01T00:00:08")
+    commits, series = plot.version_series(rows + [other, comb])
+    assert commits == ["c1", "c2", "c3"]
+    assert series[("dispatch", "fp8")] == [120.0, 100.0, 95.0]  # c2: the median of its three runs
+    assert series[("combine", "bf16")] == [None, None, 199.0]
+
+
+def test_versions_plot_from_records(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = []
+    for i, commit in enumerate(("c1", "c2")):
+        for op, dt, var in (("dispatch", "fp8", "cached-graph, zero-copy"), ("combine", "bf16", "graph, zero-copy")):
+            r = _record(op, dt, var, 24, 1.0, 1.0, commit=commit)
+            r.update(median_us=100.0 - i, timestamp=f"2026-01-01T00:00:0{i}")
+            rows.append(r)
+    results = tmp_path / "intranode.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "versions.png"
+    done = subprocess.run([sys.executable, PLOT, "--versions", "--results", str(results), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    done = subprocess.run([sys.executable, PLOT, "--versions", "--ranks", "8", "--results", str(results), "--out",
+                           str(tmp_path / "none.png")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "no zero-copy records at 8 ranks" in done.stderr
