@@ -45,15 +45,16 @@ def version_series(rows: list[dict], ranks: int = 2, num_sms: int = 24) -> tuple
     """(commits in the order of their first record, {(op, dtype): [median us per commit, None where unmeasured]}):
     VERSION_OPS rows at `ranks` ranks and `num_sms` SMs; a commit measured in several runs gets the median of them."""
     import statistics
+    wanted = {(op, dt, variant) for op, dt, variant, _ in VERSION_OPS}
     commits: list[str] = []
     values: dict = {}
     for r in sorted(rows, key=lambda r: r.get("timestamp") or ""):
-        for op, dt, variant, _ in VERSION_OPS:
-            if (r["op"], r["dtype"], r.get("variant"), r.get("ranks"), r.get("num_sms")) == (op, dt, variant, ranks,
-                                                                                          num_sms):
-                if r["commit"] not in commits:
-                    commits.append(r["commit"])
-                values.setdefault((op, dt), {}).setdefault(r["commit"], []).append(r["median_us"])
+        key = (r["op"], r["dtype"], r.get("variant"))
+        if (r.get("ranks"), r.get("num_sms")) != (ranks, num_sms) or key not in wanted:
+            continue
+        if r["commit"] not in commits:
+            commits.append(r["commit"])
+        values.setdefault((r["op"], r["dtype"]), {}).setdefault(r["commit"], []).append(r["median_us"])
     series = {key: [statistics.median(per[c]) if c in per else None for c in commits] for key, per in values.items()}
     return commits, series
 
