@@ -354,6 +354,7 @@ __device__ void run(uint64_t* u64, uint32_t* u32, int32_t* s32, int64_t* s64, in
     ok = ok && comm::wait_eq(u64 + 6, 1, w, 1, phase::kBarrier) && comm::wait_eq(s32 + 9, 1, w, 1, phase::kBarrier);
     ok = ok && comm::wait_ne(u64 + 7, 0, w, 1, phase::kNotify) && comm::wait_ne(s32 + 10, 0, w, 1, phase::kNotify);
     if (!comm::block_all_ok(ok) || comm::has_error(w) || comm::block_has_error(w)) return;
+    if (comm::last_block_out<true>(s32 + 12) && comm::last_block_out<false>(s32 + 13)) s32[14] = 1;
     comm::record_error(w, comm::kErrCapacity, 1, phase::kDispatch, 10, 8);
 }
 }
@@ -365,7 +366,7 @@ def test_every_device_helper_assembles(cuda_src_copy):
                    for name in ("ptx.cuh", "common.cuh", "comm.cuh"))
     public = set(re.findall(r"EPCOMM_(?:HOST_)?DEVICE_INLINE\s+(?:constexpr\s+)?[\w:]+\*?\s+(\w+)\(", text))
     public -= {"load_acquire", "satisfied", "wait_until"}  # comm::detail
-    missing = sorted(name for name in public if not re.search(rf"\b{name}\(", HELPER_CHECK))
+    missing = sorted(name for name in public if not re.search(rf"\b{name}(<[^>]*>)?\(", HELPER_CHECK))
     assert not missing, f"add these helpers to HELPER_CHECK: {missing}"
     (cuda_src_copy / "epcomm" / "helpercheck.cuh").write_text(HELPER_CHECK)
     spec = KernelSpec(family="helpercheck", op="run", num_threads=128, params=(

@@ -190,4 +190,25 @@ EPCOMM_DEVICE_INLINE bool wait_ne(const int32_t* addr, int32_t value, const Wait
     return detail::wait_until<kCmpNe>(addr, value, w, peer, phase);
 }
 
+// The one owner of "last block out": true in every thread of the one block of the grid that counts itself out last
+// on *counter (every block calls it once, after its work; the caller resets the counter for the next launch).
+// Release: every block's stores (all its threads, ordered by the first barrier) happen before its count, through a
+// fence of scope kSystem ? system : GPU; system where the last block passes them on to peers (it then releases a flag
+// or signal of its own), GPU where only this GPU's threads read them (e.g. ticket counters).
+// Acquire: thread 0 of the last block fences after its count (GPU scope: the counts are this GPU's), and the second
+// barrier orders the block's other threads after it.
+template <bool kSystem>
+EPCOMM_DEVICE_INLINE bool last_block_out(int* counter) {
+    __shared__ int is_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if (kSystem) fence_acq_rel_sys();
+        else fence_acq_rel_gpu();
+        is_last = atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1;
+        if (is_last) fence_acq_rel_gpu();
+    }
+    __syncthreads();
+    return is_last != 0;
+}
+
 }  // namespace epcomm::comm

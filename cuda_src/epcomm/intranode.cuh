@@ -305,28 +305,21 @@ EPCOMM_DEVICE_INLINE int block_start(const int (*matrix)[kNumRanks], int src, in
 // of TokenDealer. The last block out resets them all, after every block has counted in (so after its last ticket).
 constexpr int kNumTickets = 2;
 
-// True in every thread of the one block that finished last (each block counts in once its threads are done); that
-// block also resets the counters. kPublish: every block's stores are ordered before its count by a SYSTEM fence, so
-// that the last block can release them to peers (grid_done_signal); otherwise a GPU fence orders the block's ticket
-// draws (its warps waited for the last one: TokenDealer::finish) before its count. The last block acquires (a GPU
-// fence after its count) before it resets the counters.
-// marks (diagnostics): [6] block 0 arrived, [3] block 0 counted out.
+// comm::last_block_out over this kernel's counters; the last block also resets them all for the next launch (every
+// block has counted in, so drawn its last ticket). kPublish: a SYSTEM fence orders every block's stores before its
+// count, so that the last block can release them to peers (grid_done_signal); otherwise a GPU fence orders the block's
+// ticket draws (its warps waited for the last one: TokenDealer::finish) before its count.
+// marks (diagnostics): [6] block 0 arrived (all its threads), [3] block 0 counted out.
 template <bool kPublish>
 EPCOMM_DEVICE_INLINE bool last_block_out(int* counters, unsigned long long* marks) {
-    __syncthreads();
-    __shared__ int is_last;
-    mark(marks, 6);
-    if (threadIdx.x == 0) {
-        if (kPublish) fence_acq_rel_sys();
-        else fence_acq_rel_gpu();
-        is_last = atomicAdd(counters, 1) == static_cast<int>(gridDim.x) - 1;
-        if (is_last) {
-            fence_acq_rel_gpu();
-            for (int i = 0; i <= kNumTickets; ++i) counters[i] = 0;
-        }
+    if (marks != nullptr) {  // uniform over the grid
+        __syncthreads();
+        mark(marks, 6);
     }
+    const bool is_last = comm::last_block_out<kPublish>(counters);
     mark(marks, 3);
-    __syncthreads();
+    if (is_last && threadIdx.x == 0)
+        for (int i = 0; i <= kNumTickets; ++i) counters[i] = 0;
     return is_last;
 }
 
@@ -346,6 +339,13 @@ EPCOMM_DEVICE_INLINE bool grid_done_signal(int* counters, const uint64_t* peer_b
         }
     }
     return is_last;
+}
+
+// A token's routing, for the warp that handles it: its send_pos row (the row of token t in rank d's receive order,
+// -1 where not sent there), lane d holding rank d's entry; -1 in every lane for t >= num_tokens (no token).
+template <int kNumRanks>
+EPCOMM_DEVICE_INLINE int load_route(const int* send_pos, int t, int num_tokens, int lane) {
+    return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
 }
 
 // Which token a warp takes next. Every warp's first token is its index w among the `stride` warps (no wait at the
@@ -437,11 +437,9 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * role_blocks;
     const int experts_per_rank = num_experts / kNumRanks;
-    // The routing of a token is its send_pos row (-1: not sent there), lane d holding destination d's entry; the
-    // next token's is loaded before this token's row copy, so no load latency separates one row from the next.
-    const auto route = [&](int t) {
-        return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
-    };
+    // The next token's routing (load_route) is loaded before this token's row copy, so no load latency separates one
+    // row from the next.
+    const auto route = [&](int t) { return load_route<kNumRanks>(send_pos, t, num_tokens, lane); };
     TokenDealer dealer(dynamic ? counters + 1 + (split && !peer_role ? 1 : 0) : nullptr, warps, lane);
     int t = dealer.first(role_block * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
     int next_pos = route(t);  // the first token's routing and ticket are on their way during the set-up below
@@ -704,17 +702,13 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     }
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
-    // An item's routing is its token's send_pos row (-1: not sent there), lane d holding rank d's entry; the next
-    // item's is loaded before this item's rows, so no load latency separates one item from the next (as in
-    // dispatch_send).
+    // An item's routing is its token's (load_route); the next item's is loaded before this item's rows, so no load
+    // latency separates one item from the next (as in dispatch_send).
     const int parts = num_parts == 2 ? 2 : 1;
     const int num_items = num_tokens * parts;
     // Channel ranges: [0, split) and [split, row_int4), split a multiple of the warp width (parts 1: the whole row).
     const int split = parts == 1 ? row_int4 : ((row_int4 + 1) / 2 + kWarpSize - 1) / kWarpSize * kWarpSize;
-    const auto route = [&](int item) {
-        return (item < num_items && lane < kNumRanks)
-                   ? send_pos[static_cast<long long>(item / parts) * kNumRanks + lane] : -1;
-    };
+    const auto route = [&](int item) { return load_route<kNumRanks>(send_pos, item / parts, num_tokens, lane); };
     TokenDealer dealer(dynamic ? counters + 1 : nullptr, warps, lane);
     int item = dealer.first(blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
     int next_pos = route(item);  // the first item's routing and ticket are on their way during the wait below

@@ -74,23 +74,6 @@ EPCOMM_DEVICE_INLINE int find_block(const int* begins, int n, int m) {
     return lo;
 }
 
-// The last block of the grid to get here returns true (all blocks must call it, once, after their work). Every
-// block's earlier stores (all its threads) happen before whatever the last block does afterwards.
-EPCOMM_DEVICE_INLINE bool last_block_out(int* block_counter) {
-    __shared__ int is_last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        // Release pattern (cumulative over the block's stores, ordered by the barrier above); pairs with the fence
-        // after the barrier below in the last block.
-        fence_acq_rel_sys();
-        is_last = atomicAdd(block_counter, 1) == static_cast<int>(gridDim.x) - 1;
-    }
-    __syncthreads();
-    if (!is_last) return false;
-    fence_acq_rel_sys();  // acquire pattern of every thread of the last block: pairs with the fence above
-    return true;
-}
-
 #if defined(EPCOMM_NVSHMEM)
 
 // This block's view of every rank's copy of the symmetric buffer: the NVLink / same-GPU address (nvshmem_ptr), or
@@ -120,7 +103,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
     constexpr int kNumWarps = kNumThreads / kWarpSize;
     constexpr int kGroupChannels = kWarpSize * 16;  // FP8: a warp casts 512 channels (4 scale blocks) per step
-    // NOTES: every block reads the epoch before it counts itself out in last_block_out; the last block stores it.
+    // NOTES: every block reads the epoch before it counts itself out in comm::last_block_out; the last block stores it.
     const uint64_t epoch = *epoch_counter + 1;
     __shared__ uint8_t* peer_bases[kMaxRanks];
     __shared__ uint8_t* dst_ptr[kMaxTopk];     // direct address of (t, k)'s message slot, nullptr if none / remote
@@ -263,7 +246,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
     if (issued) nvshmem::quiet();
 
     // 4. Last block out: every expert's count to its owner, then the epoch for this call's receive kernel.
-    if (!last_block_out(block_counter)) return;
+    if (!comm::last_block_out<true>(block_counter)) return;
     for (int e = threadIdx.x; e < num_experts; e += kNumThreads) {
         int count = atomicExch(&expert_counters[e], 0);  // reset for the next call
         count = count < tmax ? count : tmax;
@@ -498,7 +481,7 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
                                                tmax, off_weight_signals, off_weights, off_partial, epoch,
                                                debug_skip, waiter, rank);
 
-    if (!last_block_out(block_counter)) return;
+    if (!comm::last_block_out<true>(block_counter)) return;
     for (int r = threadIdx.x; r < num_ranks; r += kNumThreads) {
         const long long sig_off = off_signals + static_cast<long long>(rank) * num_local_experts * sizeof(uint64_t);
         const uint64_t value = (epoch << 1) | ((once_per_rank && peer_bases[r] != nullptr) ? 1ull : 0ull);
