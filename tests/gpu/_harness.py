@@ -87,3 +87,28 @@ def replay_graph(s, graph, group, inputs) -> None:
 def exit_with(code: int) -> None:
     sys.stdout.flush()
     sys.exit(code)
+
+
+def expect_timeout(call, group, phase: str, what: str, sleep_s: float = 6, bound_s: float = 10) -> None:
+    """The last rank sleeps past the wait bound instead of calling; every other rank's call() (which must include a
+    synchronisation) must raise CommTimeoutError naming `phase` and the sleeping rank, within bound_s (the caller sets
+    EPCOMM_TIMEOUT_S well below it). Every rank synchronises its GPU and meets the others at a barrier first."""
+    import cupy as cp
+    import epcomm
+    rank, last = group.rank, group.size - 1
+    cp.cuda.Device().synchronize()
+    group.barrier()
+    t0 = time.time()
+    if rank == last:
+        time.sleep(sleep_s)
+        return
+    try:
+        call()
+    except epcomm.CommTimeoutError as exc:
+        dt = time.time() - t0
+        assert phase in str(exc), str(exc)
+        assert exc.peer == last, f"the error names peer {exc.peer}, the skipping rank is {last}: {exc}"
+        assert dt < bound_s, f"took {dt:.1f} s"
+        print(f"rank {rank}: CommTimeoutError after {dt:.1f} s: {str(exc)[:160]}", flush=True)
+        return
+    raise AssertionError(f"{what} did not time out although a rank skipped it")

@@ -9,12 +9,11 @@ shows), and the result is compared with reference.low_latency_combine_* at calc_
 --quick: a few cases; --oversubscribed: small shapes for several ranks per GPU (correctness only)."""
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import cupy as cp  # noqa: E402
 import numpy as np  # noqa: E402
-from _harness import Cases, capture_graph, check_args, exit_with, poison_pool, replay_graph  # noqa: E402
+from _harness import Cases, capture_graph, check_args, exit_with, expect_timeout, poison_pool, replay_graph  # noqa: E402
 
 import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
@@ -311,27 +310,6 @@ def clean_then_case():
     ll_case(2048, 4, 16 if 16 % R == 0 else R, fp8=True, seed=77)
 
 
-def expect_timeout(call, phase, what):
-    """The last rank sleeps past the bound instead of calling; every other rank's call(), then a synchronisation,
-    must raise CommTimeoutError naming `phase` and the sleeping rank, within 10 s (EPCOMM_TIMEOUT_S is 2)."""
-    cp.cuda.Device().synchronize()
-    group.barrier()
-    t0 = time.time()
-    if rank == R - 1:
-        time.sleep(6)
-        return
-    try:
-        call()
-    except epcomm.CommTimeoutError as exc:
-        dt = time.time() - t0
-        assert phase in str(exc), str(exc)
-        assert exc.peer == R - 1, f"the error names peer {exc.peer}, the skipping rank is {R - 1}: {exc}"
-        assert dt < 10, f"took {dt:.1f} s"
-        print(f"rank {rank}: CommTimeoutError after {dt:.1f} s: {str(exc)[:160]}", flush=True)
-        return
-    raise AssertionError(f"{what} did not time out although a rank skipped it")
-
-
 def timeout_case(b):
     """One rank skips a dispatch: the others raise CommTimeoutError naming the phase, within the bound."""
     os.environ["EPCOMM_TIMEOUT_S"] = "2"
@@ -346,7 +324,7 @@ def timeout_case(b):
         ev.synchronize()
         b._backend.sync()
 
-    expect_timeout(call, "ll_dispatch_recv", "low_latency_dispatch")
+    expect_timeout(call, group, "ll_dispatch_recv", "low_latency_dispatch")
 
 
 def combine_timeout_case(b):
@@ -365,7 +343,7 @@ def combine_timeout_case(b):
         ev.synchronize()
         b._backend.sync()
 
-    expect_timeout(call, "ll_combine_send", "low_latency_combine")
+    expect_timeout(call, group, "ll_combine_send", "low_latency_combine")
 
 
 def fits(e):
