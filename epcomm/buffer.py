@@ -279,7 +279,7 @@ class Buffer:
         self._check_open()
         if not isinstance(handle, DispatchHandle):
             raise ConfigError(f"handle: expected the DispatchHandle of a dispatch, got {type(handle).__name__}")
-        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        rows = handle.num_rows
         if zero_copy and x is None:
             # The caller's stream and framework: the weights', else the backend's own (the handle's arrays).
             like = topk_weights if topk_weights is not None else handle.is_token_in_rank

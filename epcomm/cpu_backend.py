@@ -57,7 +57,7 @@ class CpuBackend:
 
     def get_combine_buffer(self, handle: DispatchHandle, num_topk: int):
         """An array kept with the handle; a zero-copy combine of the handle reads it (as the GPU's staging rows)."""
-        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        rows = handle.num_rows
         buf = handle.backend_state.get("combine_buffer")
         if buf is None:
             from .interop import BF16

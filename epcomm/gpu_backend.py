@@ -273,7 +273,7 @@ class GpuBackend:
         peer_blocks = (config.send_peer_sms if config.send_peer_sms is not None
                        else intra.default_peer_sms(grid, self.num_ranks, scales is not None))
         fused_barrier = cached and self.fuse_kernels
-        fused_recv = fused_barrier and zero_copy and recv_src is None and recv_idx is None
+        fused_recv = fused_barrier and zero_copy  # a cached call has no index, weight or source outputs
         get_kernel(intra.dispatch_send_spec(self.num_ranks, config.num_threads)).launch(
             grid, (data, row_int4, scales, stride_t, stride_s, s, topk_idx, topk_weights, k, num_experts,
                    send_pos, matrix, t, self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_scales, lay.off_idx,
@@ -302,7 +302,7 @@ class GpuBackend:
         st = handle.backend_state
         s = scales.shape[1] if scales is not None else 0
         lay = self._recv_layout(h * data.dtype.itemsize, s, 0, zero_copy)
-        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        rows = handle.num_rows
         recv_x, recv_scales, _, _, _ = self._recv_outputs(lay, rows, h, data.dtype, s, 0, zero_copy, ctx, False)
         self._begin(ctx)
         if self.fuse_kernels:  # dispatch_send is the barrier (and advances the epoch)
@@ -323,7 +323,7 @@ class GpuBackend:
         buffer, else from the start of the data region."""
         base = intra.zero_copy_split(self.data_bytes) if self.outputs_in_buffer else 0
         lay = intra.CombineLayout.plan(self.data_bytes, handle.hidden, k, base)
-        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        rows = handle.num_rows
         if rows > lay.capacity_rows:
             hint = ", zero_copy=True" if self.outputs_in_buffer else ""
             raise ConfigError(f"{what}: combine of {rows} rows of {handle.hidden * 2 + 4 * k} bytes needs that many "
@@ -332,7 +332,7 @@ class GpuBackend:
         return lay
 
     def _combine_view(self, lay, handle: DispatchHandle):
-        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        rows = handle.num_rows
         from .interop import BF16
         return self.nvl.local.view(self.meta_bytes + lay.off_x, (rows, handle.hidden), BF16)
 
@@ -346,7 +346,7 @@ class GpuBackend:
         t, h, r = handle.num_tokens, handle.hidden, self.num_ranks
         k = topk_weights.shape[1] if topk_weights is not None else 0
         lay = self._combine_layout(handle, k, "x")
-        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        rows = handle.num_rows
         if zero_copy:
             view = self._combine_view(lay, handle)
             if x is not None and int(x.data.ptr) != int(view.data.ptr):

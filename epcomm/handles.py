@@ -36,6 +36,12 @@ class DispatchHandle:
     device_num_recv_tokens: Any = None
     backend_state: dict = field(default_factory=dict)
 
+    @property
+    def num_rows(self) -> int | None:
+        """Rows of the dispatch's outputs (and of combine's input): num_worst_tokens when padded, else
+        num_recv_tokens."""
+        return self.num_worst_tokens or self.num_recv_tokens
+
 
 @dataclass
 class LowLatencyHandle:
