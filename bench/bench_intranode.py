@@ -133,16 +133,46 @@ for what, src_ptr, dst_ptr, active in (
     probe[what] = nb / (agree(t8 if active else 0) * 1e-6) / 1e9
 log("24 blocks x 512 threads, 8 loads in flight per thread: " +
     ", ".join(f"{k} {v:.0f} GB/s" for k, v in probe.items()))
+# Both ways at once, half the data pushed and half pulled (the blocks split between the two), against all pushed or
+# all pulled above: what a combine that pushes part of its rows could reach. Rates count the bytes each rank receives.
+mixed8 = cp.RawKernel(r"""
+extern "C" __global__ void __launch_bounds__(512) mixed8(const int4* __restrict__ s0, int4* __restrict__ d0,
+    const int4* __restrict__ s1, int4* __restrict__ d1, size_t n, int split) {
+  const bool first = (int)blockIdx.x < split;
+  const int4* s = first ? s0 : s1;
+  int4* d = first ? d0 : d1;
+  const size_t st = (size_t)(first ? split : gridDim.x - split) * blockDim.x;
+  const size_t b0 = (size_t)(first ? blockIdx.x : blockIdx.x - split) * blockDim.x + threadIdx.x;
+  for (size_t b = b0; b < n; b += 8 * st) {
+    int4 v[8];
+    #pragma unroll
+    for (int u = 0; u < 8; ++u) if (b + u * st < n) v[u] = s[b + u * st];
+    #pragma unroll
+    for (int u = 0; u < 8; ++u) if (b + u * st < n) d[b + u * st] = v[u];
+  }
+}""", "mixed8")
+half = nb // 2 // 16  # int4 per half: pushed into the peer's [0, nb/2), pulled from the peer's [nb/2, nb)
+probe_mixed = {}
+for push_blocks in (8, 12, 16):
+    def run_mixed(push_blocks=push_blocks):
+        mixed8((24,), (512,), (src, cp.uint64(peer_ptr), cp.uint64(peer_ptr + nb // 2), local_dst,
+                               cp.uint64(half), cp.int32(push_blocks)))
+    probe_mixed[push_blocks] = nb / (agree(timed(run_mixed, n=10)) * 1e-6) / 1e9
+log("both ways, half pushed and half pulled, 24 blocks x 512 threads, 8 loads in flight: " +
+    ", ".join(f"{b} pushing blocks {v:.0f} GB/s" for b, v in probe_mixed.items()))
 # The same with Hopper bulk copies (TMA): one thread per block, 8 x 16 KiB in flight through shared memory.
 from epcomm.probe import BULK_CHUNK, bulk_copy  # noqa: E402
 nb_tma = nb // BULK_CHUNK * BULK_CHUNK
 probe_tma = {}
 for blocks in (24, 48):
-    for what, dst_ptr, active in (("peer one-way", peer_ptr, rank == 0), ("peer both ways", peer_ptr, True),
-                                  ("local copy", int(local_dst.data.ptr), True)):
-        def run_tma(blocks=blocks, dst_ptr=dst_ptr, active=active):
+    for what, src_ptr, dst_ptr, active in (
+            ("peer one-way", int(src.data.ptr), peer_ptr, rank == 0),
+            ("peer both ways", int(src.data.ptr), peer_ptr, True),
+            ("local copy", int(src.data.ptr), int(local_dst.data.ptr), True),
+            ("peer reads both ways", peer_ptr, int(local_dst.data.ptr), True)):
+        def run_tma(blocks=blocks, src_ptr=src_ptr, dst_ptr=dst_ptr, active=active):
             if active:
-                bulk_copy(src, dst_ptr, nb_tma, blocks, stream=cp.cuda.get_current_stream())
+                bulk_copy(src_ptr, dst_ptr, nb_tma, blocks, stream=cp.cuda.get_current_stream())
         t_tma = timed(run_tma, n=10)
         probe_tma[(blocks, what)] = nb_tma / (agree(t_tma if active else 0) * 1e-6) / 1e9
 log("bulk copies (TMA), 1 thread x 128 KiB in flight per block: " +
@@ -320,6 +350,10 @@ def bf16_cached(cfg=cfg24, zc=False):
     return buf.dispatch(x_bf16, handle=handle, config=cfg, zero_copy=zc)
 
 
+def zc_combine(cfg=cfg24):  # reads the rows the caller wrote into get_combine_buffer (no staging copy)
+    return buf.combine(None, handle, config=cfg, zero_copy=True)
+
+
 # Where a call's device time goes (timestamp kernels between the kernels inside the graph), at 24 SMs.
 graph_split("fp8 cached dispatch, 24 SMs", fp8_cached)
 graph_split("bf16 cached dispatch, 24 SMs", bf16_cached)
@@ -358,8 +392,8 @@ graph_split("bf16 cached dispatch, zero-copy, 24 SMs", lambda: bf16_cached(zc=Tr
 bf16_cached(zc=True)
 cbuf = buf.get_combine_buffer(handle)
 cbuf.view(cp.uint16)[...] = recv_bf16.view(cp.uint16)
-zc_c = agree(timed_graph(lambda: buf.combine(None, handle, config=cfg24, zero_copy=True)))
-graph_split("bf16 combine, zero-copy, 24 SMs", lambda: buf.combine(None, handle, config=cfg24, zero_copy=True))
+zc_c = agree(timed_graph(zc_combine))
+graph_split("bf16 combine, zero-copy, 24 SMs", zc_combine)
 zc_d8 = agree(timed(lambda: buf.dispatch((x_fp8, scales_cm), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                                          num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, config=cfg24,
                                          zero_copy=True)))
@@ -385,7 +419,7 @@ for fuse, dyn, label in ((True, True, ""), (False, True, ", unfused"), (True, Fa
         f8v = agree(timed_graph(lambda: fp8_cached(zc=True)))
         b16v = agree(timed_graph(lambda: bf16_cached(zc=True)))
         bf16_cached(zc=True)
-        cv = agree(timed_graph(lambda: buf.combine(None, handle, config=cfg24, zero_copy=True)))
+        cv = agree(timed_graph(zc_combine))
     finally:
         be.fuse_kernels, be.dynamic_tokens = True, True
     log(f"  fused {fuse!s:5} dynamic {dyn!s:5}: {f8v:.1f} / {b16v:.1f} / {cv:.1f} us")
@@ -396,7 +430,7 @@ for fuse, dyn, label in ((True, True, ""), (False, True, ", unfused"), (True, Fa
 be.reduce_parts = 1  # combine_reduce's item: a whole token (the default is half of one)
 try:
     bf16_cached(zc=True)
-    c_whole = agree(timed_graph(lambda: buf.combine(None, handle, config=cfg24, zero_copy=True)))
+    c_whole = agree(timed_graph(zc_combine))
 finally:
     be.reduce_parts = 2
 log(f"combine_reduce items, zero-copy combine, 24 SMs, graph: half tokens {zc_c:.1f} us, whole tokens {c_whole:.1f} us")
