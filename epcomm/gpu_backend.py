@@ -66,8 +66,10 @@ class GpuBackend:
         # weights without combine_stage (combine_reduce signals its rows).
         self.dynamic_tokens = True
         self.fuse_kernels = True
-        # Diagnostics (bench): combine_reduce's work item, a whole token (1) or half of one (2, normal use).
+        # combine_reduce's work items (bench sweeps them): the last reduce_tail_warps x (its warp count) tokens are
+        # split into reduce_parts channel ranges each, the others are whole tokens (None: every token is split).
         self.reduce_parts = 2
+        self.reduce_tail_warps: float | None = None
         # Whether the latest dispatch left its outputs in the buffer (zero-copy): combine then stages its rows above
         # zero_copy_split. The same on every rank, as all ranks make the same calls.
         self.outputs_in_buffer = False
@@ -372,11 +374,13 @@ class GpuBackend:
             self._mark("combine_stage")
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
+        warps = grid * config.num_threads // 32
+        tail = t if self.reduce_tail_warps is None else min(t, int(round(self.reduce_tail_warps * warps)))
         # Launched also with no tokens: it still waits for every rank's staged flag, closing the call.
         get_kernel(intra.combine_reduce_spec(r, config.num_threads)).launch(
             grid if t else 1, (self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
                                handle.send_pos, st["count_matrix"], t, b0, b1, x, topk_weights,
-                               out, out_w, self.reduce_parts, int(self.dynamic_tokens), int(fused_stage),
+                               out, out_w, self.reduce_parts, tail, int(self.dynamic_tokens), int(fused_stage),
                                self._counter("combine_reduce"), self._epoch_ptr(1),
                                self._marks("combine_reduce")) + self._comm(), stream=self.stream)
         self._mark("combine_reduce")

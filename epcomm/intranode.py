@@ -191,7 +191,7 @@ def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kerne
                 ("const int*", "count_matrix"), ("int", "num_tokens"),
                 ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
                 ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"), ("int", "num_parts"),
-                ("int", "dynamic"), ("int", "fused_stage"), ("int*", "counters"), ("uint64_t*", "epoch_counter"),
+                ("int", "tail_tokens"), ("int", "dynamic"), ("int", "fused_stage"), ("int*", "counters"), ("uint64_t*", "epoch_counter"),
                 ("unsigned long long*", "marks")) + COMM_PARAMS,
         num_threads=num_threads)
 

@@ -676,9 +676,11 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
 
 // Combine reduce: wait until every rank has staged its rows, then out[t] = bias0 + bias1 + sum over ranks d (in
 // order) of d's row for t, read from d's region over NVLink (my own rows: from x), accumulated in float32 and rounded
-// to bf16 once. One warp per item, an item being one of num_parts (1 or 2) channel ranges of a token (a whole token
-// per warp left the last warps ~16 us of work after the others were done: 384 warps share the link, so one token
-// takes a warp that long), 8 channels per lane step; dynamic: warps take items from a ticket counter (TokenDealer).
+// to bf16 once. One warp per item, 8 channels per lane step; dynamic: warps take items from a ticket counter
+// (TokenDealer). Items: the first num_tokens - tail_tokens tokens are whole, each of the last tail_tokens tokens is
+// num_parts items (channel ranges): the items dealt last are small, so the warps finish together (384 warps share the
+// link, so a whole token takes a warp ~16 us: with whole tokens only, the last warps worked that long after the
+// others were done), while most items stay whole (every item costs its own routing, ticket and ramp).
 // fused_stage (a zero-copy combine without weights: the caller wrote the rows into the staging region itself, so
 // combine_stage would have nothing to copy): this kernel owns the combine epoch and every block releases the
 // combine-done flag to every peer at its start, after a system fence (the caller's earlier writes of the rows
@@ -688,8 +690,8 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
                                          long long off_cw, int row_int4, int num_topk,
                                          const int* send_pos, const int* count_matrix, int num_tokens,
                                          const int4* bias0, const int4* bias1, const int4* x_local,
-                                         const float* w_local, int4* out, float* out_w, int num_parts, int dynamic,
-                                         int fused_stage,
+                                         const float* w_local, int4* out, float* out_w, int num_parts,
+                                         int tail_tokens, int dynamic, int fused_stage,
                                          int* counters, uint64_t* epoch_counter, unsigned long long* marks,
                                          uint64_t err_record, long long timeout_ns, int rank) {
     mark(marks, 0);
@@ -704,11 +706,14 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     const int warps = kNumThreads / kWarpSize * gridDim.x;
     // An item's routing is its token's (load_route); the next item's is loaded before this item's rows, so no load
     // latency separates one item from the next (as in dispatch_send).
-    const int parts = num_parts == 2 ? 2 : 1;
-    const int num_items = num_tokens * parts;
-    // Channel ranges: [0, split) and [split, row_int4), split a multiple of the warp width (parts 1: the whole row).
-    const int split = parts == 1 ? row_int4 : ((row_int4 + 1) / 2 + kWarpSize - 1) / kWarpSize * kWarpSize;
-    const auto route = [&](int item) { return load_route<kNumRanks>(send_pos, item / parts, num_tokens, lane); };
+    const int parts = num_parts > 1 ? num_parts : 1;
+    const int tail = tail_tokens < 0 ? 0 : (tail_tokens < num_tokens ? tail_tokens : num_tokens);
+    const int head = num_tokens - tail;  // whole-token items [0, head), then `parts` items per tail token
+    const int num_items = head + tail * parts;
+    // A tail item's channel range: `chunk` channels (x8) from part * chunk, chunk a multiple of the warp width.
+    const int chunk = ((row_int4 + parts - 1) / parts + kWarpSize - 1) / kWarpSize * kWarpSize;
+    const auto token_of = [&](int item) { return item < head ? item : head + (item - head) / parts; };
+    const auto route = [&](int item) { return load_route<kNumRanks>(send_pos, token_of(item), num_tokens, lane); };
     TokenDealer dealer(dynamic ? counters + 1 : nullptr, warps, lane);
     int item = dealer.first(blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
     int next_pos = route(item);  // the first item's routing and ticket are on their way during the wait below
@@ -732,8 +737,9 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
         const int my_pos = next_pos;
         item_next = dealer.next(item);
         next_pos = route(item_next);
-        const int t = item / parts, part = item % parts;
-        const int lo = part == 0 ? 0 : split, hi = part == 0 ? (split < row_int4 ? split : row_int4) : row_int4;
+        const int t = token_of(item);
+        const int lo = item < head ? 0 : (item - head) % parts * chunk;
+        const int hi = item < head ? row_int4 : (lo + chunk < row_int4 ? lo + chunk : row_int4);
         const int4* src[kNumRanks];
         long long rows[kNumRanks];
         #pragma unroll
@@ -771,7 +777,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
                 st_global_v4(out + static_cast<long long>(t) * row_int4 + i, pack_bf16x8(acc));
             }
         }
-        if (out_w && part == 0) {
+        if (out_w && lo == 0) {
             for (int k = lane; k < num_topk; k += kWarpSize) {
                 float w = 0.0f;
                 #pragma unroll

@@ -183,6 +183,45 @@ def combine_back(recv_x, handle, zero_copy):
     return buf.combine(None, handle, zero_copy=True)[0]
 
 
+def combine_items_case():
+    """combine_reduce's work items (GpuBackend.reduce_parts, reduce_tail_warps: whole tokens, then the last tokens
+    split into channel ranges) change who adds which channels, not the sum: every split gives the default's output
+    bit for bit, with weights (combine_stage runs) and zero-copy without them (combine_reduce signals itself); the
+    default is checked against the reference."""
+    h, k, e = 2048, 8, 64
+    tokens = [300 + 7 * r for r in range(R)]
+    xs, idxs, ws = make_rank_inputs(31, tokens, h, k, e)
+    x, idx, w = cp.asarray(xs[rank]), cp.asarray(idxs[rank]), cp.asarray(ws[rank])
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                   num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)
+    results = ref.dispatch(xs, idxs, ws, e)
+    in_ranks = [ref.get_dispatch_layout(i, e, R)[3] for i in idxs]
+    want = ref.combine([rr.recv_x for rr in results], results, in_ranks, [rr.recv_topk_weights for rr in results])
+    be = buf._backend
+
+    def both():  # a cached dispatch before each combine: get_combine_buffer needs a dispatch since the last combine
+        buf.dispatch(x, handle=handle)
+        cx, cw, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+        buf.dispatch(x, handle=handle)
+        return host(cx), host(cw), host(combine_back(recv_x, handle, True))
+
+    default = (be.reduce_parts, be.reduce_tail_warps)
+    base_x, base_w, base_zc = both()
+    bf16_close(base_x, want[rank][0], "combined_x (default items)")
+    assert_bitwise_equal(base_zc, base_x, "zero-copy combined_x against the copying combine's")
+    np.testing.assert_allclose(base_w, want[rank][1], rtol=1e-6, atol=1e-6)
+    try:
+        for parts, tail in ((1, None), (2, None), (4, None), (3, 0.1), (4, 0.25), (2, 1000.0), (4, 0.0)):
+            be.reduce_parts, be.reduce_tail_warps = parts, tail
+            got_x, got_w, got_zc = both()
+            assert_bitwise_equal(got_x, base_x, f"combined_x, parts {parts} tail {tail}")
+            assert_bitwise_equal(got_w, base_w, f"combined_w, parts {parts} tail {tail}")
+            assert_bitwise_equal(got_zc, base_zc, f"zero-copy combined_x, parts {parts} tail {tail}")
+    finally:
+        be.reduce_parts, be.reduce_tail_warps = default
+
+
 def cuda_graph(zero_copy=False):
     """Layout + dispatch (num_worst_tokens) + combine captured once, replayed with new inputs; zero_copy: the
     outputs are buffer views and the combine reads get_combine_buffer, filled by a copy inside the graph."""
@@ -381,6 +420,7 @@ for i, (name, kw) in enumerate(plan):
     cases.run(name, normal_case, seed=i, **kw)
 cases.run("determinism_x1000" if not args.oversubscribed else "determinism_x20", determinism,
           20 if (args.oversubscribed or args.quick) else 1000)
+cases.run("combine_items_split_bitwise", combine_items_case)
 cases.run("cuda_graph_worst_tokens", cuda_graph)
 cases.run("cuda_graph_worst_tokens_zero_copy", cuda_graph, True)
 cases.run("cuda_graph_cached", cuda_graph_cached)
