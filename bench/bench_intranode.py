@@ -430,22 +430,19 @@ for fuse, dyn, label in ((True, True, ""), (False, True, ", unfused"), (True, Fa
 # combine_reduce's work items: the last tail x (its warp count) tokens split into `parts` channel ranges each, the
 # others whole (tail None: every token split; parts 1: whole tokens only).
 log("combine_reduce items, zero-copy combine, 24 SMs, graph:")
-default_items = (be.reduce_parts, be.reduce_tail_warps, be.reduce_pull_async)
-for pull in ((True, False) if R == 2 else (False,)):
-    for parts, tail in ((1, None), (2, None), (4, None), (2, 1.0), (2, 2.0), (4, 0.5), (4, 1.0), (4, 2.0)):
-        be.reduce_parts, be.reduce_tail_warps, be.reduce_pull_async = parts, tail, pull
-        try:
-            bf16_cached(zc=True)
-            c_items = agree(timed_graph(zc_combine))
-        finally:
-            be.reduce_parts, be.reduce_tail_warps, be.reduce_pull_async = default_items
-        label = "whole tokens" if parts == 1 else (f"every token in {parts}" if tail is None
-                                                   else f"whole, the last {tail:g} x warps tokens in {parts}")
-        label += ", peer rows through shared memory" if pull else ", peer rows through registers"
-        is_default = (parts, tail, pull) == default_items or (R != 2 and (parts, tail) == default_items[:2])
-        log(f"  {label}{' (default)' if is_default else ''}: {c_items:.1f} us")
-        add_row("combine", "bf16", c_items, f"graph, zero-copy, items: {label}", zero_copy=True,
-                reduce_parts=parts, reduce_tail_warps=tail, reduce_pull_async=pull)
+default_items = (be.reduce_parts, be.reduce_tail_warps)
+for parts, tail in ((1, None), (2, None), (4, None), (2, 1.0), (2, 2.0), (4, 0.5), (4, 1.0), (4, 2.0)):
+    be.reduce_parts, be.reduce_tail_warps = parts, tail
+    try:
+        bf16_cached(zc=True)
+        c_items = agree(timed_graph(zc_combine))
+    finally:
+        be.reduce_parts, be.reduce_tail_warps = default_items
+    label = "whole tokens" if parts == 1 else (f"every token in {parts}" if tail is None
+                                               else f"whole, the last {tail:g} x warps tokens in {parts}")
+    log(f"  {label}{' (default)' if (parts, tail) == default_items else ''}: {c_items:.1f} us")
+    add_row("combine", "bf16", c_items, f"graph, zero-copy, items: {label}", zero_copy=True, reduce_parts=parts,
+            reduce_tail_warps=tail)
 for op, dt, us, variant in (("dispatch", "fp8", zc_f8, "cached-graph, zero-copy"),
                             ("dispatch", "bf16", zc_b16, "cached-graph, zero-copy"),
                             ("combine", "bf16", zc_c, "graph, zero-copy"),

@@ -53,9 +53,6 @@ class GpuBackend:
         self.poisoned: str | None = None
         self.timeout_s = float(env("EPCOMM_TIMEOUT_S"))
         self.num_sms_device = cupy.cuda.Device().attributes["MultiProcessorCount"]
-        attrs = cupy.cuda.Device().attributes  # opt-in shared memory per block (if CuPy lacks the key: by arch)
-        self.max_smem_device = attrs.get("MaxSharedMemoryPerBlockOptin") or (
-            intra.HOPPER_SMEM if int(cupy.cuda.Device().compute_capability) >= 90 else 99 * 1024)
         self.low_latency = None
         self.trace: list | None = None  # set to [] to record per-kernel timestamps (bench: graph_split, --trace)
         self.trace_stamps = cupy.zeros(256, cupy.uint64)
@@ -73,8 +70,6 @@ class GpuBackend:
         # split into reduce_parts channel ranges each, the others are whole tokens (None: every token is split).
         self.reduce_parts = 2
         self.reduce_tail_warps: float | None = None
-        # combine_reduce at EP2 pulls the peer's rows through shared memory (cp.async), else through registers.
-        self.reduce_pull_async = True
         # Whether the latest dispatch left its outputs in the buffer (zero-copy): combine then stages its rows above
         # zero_copy_split. The same on every rank, as all ranks make the same calls.
         self.outputs_in_buffer = False
@@ -382,11 +377,10 @@ class GpuBackend:
         warps = grid * config.num_threads // 32
         tail = t if self.reduce_tail_warps is None else min(t, int(round(self.reduce_tail_warps * warps)))
         # Launched also with no tokens: it still waits for every rank's staged flag, closing the call.
-        get_kernel(intra.combine_reduce_spec(r, config.num_threads, self.max_smem_device)).launch(
+        get_kernel(intra.combine_reduce_spec(r, config.num_threads)).launch(
             grid if t else 1, (self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
                                handle.send_pos, st["count_matrix"], t, b0, b1, x, topk_weights,
                                out, out_w, self.reduce_parts, tail, int(self.dynamic_tokens), int(fused_stage),
-                               int(self.reduce_pull_async),
                                self._counter("combine_reduce"), self._epoch_ptr(1),
                                self._marks("combine_reduce")) + self._comm(), stream=self.stream)
         self._mark("combine_reduce")

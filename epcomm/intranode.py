@@ -182,36 +182,18 @@ def combine_stage_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
         num_threads=num_threads)
 
 
-PULL_VECTORS = 8  # kPullVectors in intranode.cuh: 16-byte vectors per lane in one piece of the pulled path
-
-
-HOPPER_SMEM = 227 * 1024  # dynamic shared memory a block may opt into on sm_90 (A100: 163 KiB)
-
-
-def pull_stages(num_ranks: int, num_threads: int = NUM_THREADS, max_smem: int = HOPPER_SMEM) -> int:
-    """Pieces in flight per warp in combine_reduce's pulled-through-shared-memory path (EP2 only; 0: no such path):
-    3 where they fit in max_smem less 8 KiB (512 threads: 192 KiB), else 2, else 0."""
-    if num_ranks != 2:
-        return 0
-    per_stage = num_threads // 32 * PULL_VECTORS * 32 * 16
-    return next((s for s in (3, 2) if s * per_stage <= max_smem - 8 * 1024), 0)
-
-
 @functools.lru_cache(maxsize=None)
-def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS, max_smem: int = HOPPER_SMEM) -> KernelSpec:
-    """max_smem: the device's opt-in shared memory per block, which bounds the EP2 path's stages (pull_stages)."""
-    stages = pull_stages(num_ranks, num_threads, max_smem)
+def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
     return KernelSpec(
-        family="intranode", op="combine_reduce",
-        template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads), ("kPullStages", stages)),
+        family="intranode", op="combine_reduce", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const uint64_t*", "peer_bases"), ("long long", "data_offset"), ("long long", "off_cx"),
                 ("long long", "off_cw"), ("int", "row_int4"), ("int", "num_topk"), ("const int*", "send_pos"),
                 ("const int*", "count_matrix"), ("int", "num_tokens"),
                 ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
                 ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"), ("int", "num_parts"),
-                ("int", "tail_tokens"), ("int", "dynamic"), ("int", "fused_stage"), ("int", "pull_async"),
-                ("int*", "counters"), ("uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,
-        num_threads=num_threads, smem_bytes=stages * (num_threads // 32) * PULL_VECTORS * 32 * 16)
+                ("int", "tail_tokens"), ("int", "dynamic"), ("int", "fused_stage"), ("int*", "counters"), ("uint64_t*", "epoch_counter"),
+                ("unsigned long long*", "marks")) + COMM_PARAMS,
+        num_threads=num_threads)
 
 
 def max_experts_bucket(num_experts: int) -> int:

@@ -348,8 +348,6 @@ __device__ void run(uint64_t* u64, uint32_t* u32, int32_t* s32, int64_t* s64, in
     const int4 nc = ld_global_nc_na_v4(v4 + 1);
     v.x += nc.x;
     st_global_v4(v4 + 2, v); st_global_na_v4(v4 + 3, v);
-    __shared__ int4 staged[2];
-    cp_async_16(&staged[0], v4 + 4); cp_async_commit(); cp_async_wait<0>(); v4[5] = staged[0];
     acc += globaltimer_ns() + lane_id() + warp_id() + ceil_div(7, 2) + align_up(7, 4);
     f[0] = warp_reduce_sum(f[1]) + warp_reduce_max(f[2]) + warp_reduce_sum(static_cast<int>(acc));
     bool ok = comm::wait_geq(u64 + 5, acc, w, 0, phase::kProbe) && comm::wait_geq(s32 + 8, 1, w, 0, phase::kProbe);

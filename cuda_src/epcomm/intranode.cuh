@@ -674,169 +674,6 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
     grid_done_signal<kNumRanks>(counters, peer_bases, kFlagCombineDone, rank, epoch, epoch_counter, marks);
 }
 
-// One combine_reduce work item: token t's channels [lo, hi) (x8), and every rank d's row of t: rows[d] (-1: t was not
-// sent to d) and src[d], this rank's own from x_local, the others' from their staged rows over NVLink.
-template <int kNumRanks>
-struct ReduceItem {
-    int t, lo, hi;
-    long long rows[kNumRanks];
-    const int4* src[kNumRanks];
-
-    // pos: the token's routing (load_route: lane d holds its row in rank d's receive order); all lanes call it.
-    static EPCOMM_DEVICE_INLINE ReduceItem make(int t, int lo, int hi, int pos, int rank, int row_int4,
-                                                const int* area_start, const uint8_t* const* area, long long off_cx,
-                                                const int4* x_local) {
-        ReduceItem it;
-        it.t = t, it.lo = lo, it.hi = hi;
-        #pragma unroll
-        for (int d = 0; d < kNumRanks; ++d) {
-            const int p = __shfl_sync(kFullWarpMask, pos, d);
-            it.rows[d] = p >= 0 ? area_start[d] + p : -1;
-            it.src[d] = it.rows[d] < 0 ? nullptr
-                        : d == rank ? x_local + it.rows[d] * row_int4
-                                    : reinterpret_cast<const int4*>(area[d] + off_cx) + it.rows[d] * row_int4;
-        }
-        return it;
-    }
-};
-
-// Where combine_reduce writes: out[t][i] = bias0[t][i] + bias1[t][i] + v[0] + ... + v[R - 1] (ranks in order, absent
-// rows and biases left out), accumulated in float32 and rounded to bf16 once.
-struct ReduceOut {
-    int4* out;
-    const int4* bias0;
-    const int4* bias1;
-    int row_int4;
-
-    template <int kNumRanks>
-    EPCOMM_DEVICE_INLINE void store_sum(const ReduceItem<kNumRanks>& it, int i, const int4 (&v)[kNumRanks]) const {
-        const long long at = static_cast<long long>(it.t) * row_int4 + i;
-        float acc[8];
-        #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
-        if (bias0) accumulate_bf16x8(acc, ld_global_nc_na_v4(bias0 + at));
-        if (bias1) accumulate_bf16x8(acc, ld_global_nc_na_v4(bias1 + at));
-        #pragma unroll
-        for (int d = 0; d < kNumRanks; ++d)
-            if (it.src[d] != nullptr) accumulate_bf16x8(acc, v[d]);
-        st_global_v4(out + at, pack_bf16x8(acc));
-    }
-};
-
-// out_w[t][k] = sum over ranks d (in order) of the weight d staged for its row of t (this rank's: w_local).
-template <int kNumRanks>
-EPCOMM_DEVICE_INLINE void reduce_weights(const ReduceItem<kNumRanks>& it, float* out_w, const float* w_local,
-                                         const uint8_t* const* area, long long off_cw, int num_topk, int rank,
-                                         int lane) {
-    for (int k = lane; k < num_topk; k += kWarpSize) {
-        float w = 0.0f;
-        #pragma unroll
-        for (int d = 0; d < kNumRanks; ++d)
-            if (it.rows[d] >= 0)
-                w += d == rank ? w_local[it.rows[d] * num_topk + k]
-                               : reinterpret_cast<const float*>(area[d] + off_cw)[it.rows[d] * num_topk + k];
-        out_w[static_cast<long long>(it.t) * num_topk + k] = w;
-    }
-}
-
-// combine_reduce's rows at EP2 with the peer's rows pulled through shared memory (cp_async_16) instead of registers:
-// each lane keeps up to kStages pieces of kPullVectors vectors in flight (a piece: kPullVectors x 32 vectors of one
-// item's peer row), and the pieces run on across items (the next item's are issued while this one's are added), so
-// the warp's loads never drain at a piece's or an item's end as the register path's do (there, 8 vectors per lane
-// per source, issued and then waited for together). Each lane reads back only the shared slots its own copies wrote,
-// so cp_async_wait is the only synchronisation. Shared memory: kStages x kPullVectors x 32 x 16 bytes per warp
-// (pull_stage_bytes in intranode.py). Items come from the dealer as in the register path; make_item builds one from
-// its routing, weights writes its weights.
-constexpr int kPullVectors = 8;
-
-// kRank: this rank, a template argument so that src[kRank] and src[kPeer] are fixed registers (a run-time index, even
-// written as selects, put the items in local memory).
-template <int kStages, int kRank, typename Dealer, typename Route, typename MakeItem, typename Weights>
-EPCOMM_DEVICE_INLINE void reduce_pulled_ep2(int item, int pos, int num_items, Dealer& dealer, const Route& route,
-                                            const MakeItem& make_item, const Weights& weights, const ReduceOut& out_to,
-                                            int lane) {
-    static_assert(kRank == 0 || kRank == 1, "EP2");
-    constexpr int kPeer = 1 - kRank;
-    static_assert(kStages >= 1 && kStages <= 3, "cp_async_wait below covers up to 2 newer groups");
-    constexpr int kPiece = kPullVectors * kWarpSize;  // vectors of one piece
-    if (item >= num_items) return;  // no item for this warp (more warps than items)
-    extern __shared__ int4 pull_slots[];              // [warp][stage][u][lane]
-    int4* const slots = pull_slots + static_cast<long long>(threadIdx.x / kWarpSize) * kStages * kPiece;
-    const auto num_pieces = [](const ReduceItem<2>& it) { return it.hi > it.lo ? (it.hi - it.lo + kPiece - 1) / kPiece : 0; };
-    ReduceItem<2> cur = make_item(item, pos), nxt;
-    int cur_pieces = num_pieces(cur), cur_done = 0, cur_issued = 0;
-    int item_next = dealer.next(item), pos_next = route(item_next);
-    bool nxt_made = false;
-    int nxt_pieces = 0, nxt_issued = 0;
-    int issued = 0, done = 0;  // pieces issued / added by this warp so far (a piece's stage: its number % kStages)
-    // Fields by value (a reference to cur or nxt would put both items in local memory).
-    const auto issue = [&](const int4* theirs, int lo, int hi, int piece) {
-        int4* const slot = slots + (issued % kStages) * kPiece + lane;
-        const int base = lo + piece * kPiece + lane;
-        if (theirs != nullptr)
-            #pragma unroll
-            for (int u = 0; u < kPullVectors; ++u)
-                if (base + u * kWarpSize < hi) cp_async_16(slot + u * kWarpSize, theirs + base + u * kWarpSize);
-        cp_async_commit();  // one group per piece, empty where the peer has no row
-        ++issued;
-    };
-    while (true) {
-        // Top up: kStages pieces in flight, this item's first, then the next item's.
-        while (issued - done < kStages) {
-            if (cur_issued < cur_pieces) {
-                issue(cur.src[kPeer], cur.lo, cur.hi, cur_issued++);
-            } else if (item_next < num_items) {
-                if (!nxt_made) {
-                    nxt = make_item(item_next, pos_next);
-                    nxt_pieces = num_pieces(nxt);
-                    nxt_made = true;
-                }
-                if (nxt_issued >= nxt_pieces) break;
-                issue(nxt.src[kPeer], nxt.lo, nxt.hi, nxt_issued++);
-            } else {
-                break;
-            }
-        }
-        if (cur_done < cur_pieces) {
-            const int base = cur.lo + cur_done * kPiece + lane;
-            const int4* const own = cur.src[kRank];
-            int4 mine[kPullVectors];
-            #pragma unroll
-            for (int u = 0; u < kPullVectors; ++u)  // this rank's own row: registers, issued before the wait
-                if (own != nullptr && base + u * kWarpSize < cur.hi)
-                    mine[u] = ld_global_nc_na_v4(own + base + u * kWarpSize);
-            // The piece's group is `issued - 1 - done` groups from the newest: wait until at most that many pend.
-            const int newer = issued - 1 - done;
-            if (newer >= 2) cp_async_wait<2>();
-            else if (newer == 1) cp_async_wait<1>();
-            else cp_async_wait<0>();
-            const int4* const slot = slots + (done % kStages) * kPiece + lane;
-            #pragma unroll
-            for (int u = 0; u < kPullVectors; ++u) {
-                if (base + u * kWarpSize >= cur.hi) continue;
-                const int4 theirs = slot[u * kWarpSize];  // unused (never added) where the peer has no row
-                const int4 v[2] = {kRank == 0 ? mine[u] : theirs, kRank == 0 ? theirs : mine[u]};
-                out_to.store_sum(cur, base + u * kWarpSize, v);
-            }
-            ++done;
-            ++cur_done;
-        }
-        if (cur_done < cur_pieces) continue;
-        weights(cur);
-        if (item_next >= num_items) break;
-        if (!nxt_made) {
-            nxt = make_item(item_next, pos_next);
-            nxt_pieces = num_pieces(nxt);
-        }
-        cur = nxt, cur_pieces = nxt_pieces, cur_done = 0, cur_issued = nxt_issued;
-        nxt_made = false, nxt_issued = 0;
-        item = item_next;
-        item_next = dealer.next(item);
-        pos_next = route(item_next);
-    }
-    cp_async_wait<0>();
-}
-
 // Combine reduce: wait until every rank has staged its rows, then out[t] = bias0 + bias1 + sum over ranks d (in
 // order) of d's row for t, read from d's region over NVLink (my own rows: from x), accumulated in float32 and rounded
 // to bf16 once. One warp per item, 8 channels per lane step; dynamic: warps take items from a ticket counter
@@ -848,16 +685,15 @@ EPCOMM_DEVICE_INLINE void reduce_pulled_ep2(int item, int pos, int num_items, De
 // combine_stage would have nothing to copy): this kernel owns the combine epoch and every block releases the
 // combine-done flag to every peer at its start, after a system fence (the caller's earlier writes of the rows
 // first); the last block out stores the epoch.
-template <int kNumRanks, int kNumThreads, int kPullStages>
+template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long data_offset, long long off_cx,
                                          long long off_cw, int row_int4, int num_topk,
                                          const int* send_pos, const int* count_matrix, int num_tokens,
                                          const int4* bias0, const int4* bias1, const int4* x_local,
                                          const float* w_local, int4* out, float* out_w, int num_parts,
-                                         int tail_tokens, int dynamic, int fused_stage, int pull_async,
+                                         int tail_tokens, int dynamic, int fused_stage,
                                          int* counters, uint64_t* epoch_counter, unsigned long long* marks,
                                          uint64_t err_record, long long timeout_ns, int rank) {
-    static_assert(kPullStages == 0 || kNumRanks == 2, "the pulled-through-shared-memory path is EP2's");
     mark(marks, 0);
     using M = Meta<kNumRanks>;
     // Advanced by this call's combine_stage, or (fused_stage) by this kernel.
@@ -897,50 +733,61 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     mark(marks, 5);  // diagnostics: before the error check
     const bool skip = comm::block_has_error(waiter);
     mark(marks, 1);
-    const auto make_item = [&](int it, int pos) {
-        const int lo = it < head ? 0 : (it - head) % parts * chunk;
-        const int hi = it < head ? row_int4 : (lo + chunk < row_int4 ? lo + chunk : row_int4);
-        return ReduceItem<kNumRanks>::make(token_of(it), lo, hi, pos,
-                                           rank, row_int4, area_start, area, off_cx, x_local);
-    };
-    const ReduceOut out_to{out, bias0, bias1, row_int4};
-    const auto weights = [&](const ReduceItem<kNumRanks>& it) {
-        if (out_w && it.lo == 0)
-            reduce_weights<kNumRanks>(it, out_w, w_local, area, off_cw, num_topk, rank, lane);
-    };
-    if constexpr (kPullStages > 0) {
-        if (pull_async && !skip) {
-            if (rank == 0)
-                reduce_pulled_ep2<kPullStages, 0>(item, next_pos, num_items, dealer, route, make_item, weights, out_to,
-                                                  lane);
-            else
-                reduce_pulled_ep2<kPullStages, 1>(item, next_pos, num_items, dealer, route, make_item, weights, out_to,
-                                                  lane);
-            item = num_items;  // done
-        }
-    }
     for (int item_next; item < num_items && !skip; item = item_next) {
         const int my_pos = next_pos;
         item_next = dealer.next(item);
         next_pos = route(item_next);
-        const ReduceItem<kNumRanks> it = make_item(item, my_pos);
+        const int t = token_of(item);
+        const int lo = item < head ? 0 : (item - head) % parts * chunk;
+        const int hi = item < head ? row_int4 : (lo + chunk < row_int4 ? lo + chunk : row_int4);
+        const int4* src[kNumRanks];
+        long long rows[kNumRanks];
+        #pragma unroll
+        for (int d = 0; d < kNumRanks; ++d) {
+            const int pos = __shfl_sync(kFullWarpMask, my_pos, d);
+            rows[d] = pos >= 0 ? area_start[d] + pos : -1;
+            src[d] = rows[d] < 0 ? nullptr
+                     : d == rank ? x_local + rows[d] * row_int4
+                                 : reinterpret_cast<const int4*>(area[d] + off_cx) + rows[d] * row_int4;
+        }
         // kReduceUnroll vectors per lane per source in flight, every source's loads issued before the first add.
         constexpr int kReduceUnroll = kNumRanks <= 2 ? 8 : (kNumRanks <= 4 ? 4 : 2);
-        for (int base = it.lo + lane; base < it.hi; base += kWarpSize * kReduceUnroll) {
-            int4 v[kReduceUnroll][kNumRanks];
+        for (int base = lo + lane; base < hi; base += kWarpSize * kReduceUnroll) {
+            int4 v[kNumRanks][kReduceUnroll];
             #pragma unroll
             for (int d = 0; d < kNumRanks; ++d)
                 #pragma unroll
                 for (int u = 0; u < kReduceUnroll; ++u) {
                     const int i = base + u * kWarpSize;
-                    if (it.src[d] != nullptr && i < it.hi)
-                        v[u][d] = d == rank ? ld_global_nc_na_v4(it.src[d] + i) : ld_global_v4(it.src[d] + i);
+                    if (src[d] != nullptr && i < hi)
+                        v[d][u] = d == rank ? ld_global_nc_na_v4(src[d] + i) : ld_global_v4(src[d] + i);
                 }
             #pragma unroll
-            for (int u = 0; u < kReduceUnroll; ++u)
-                if (base + u * kWarpSize < it.hi) out_to.store_sum(it, base + u * kWarpSize, v[u]);
+            for (int u = 0; u < kReduceUnroll; ++u) {
+                const int i = base + u * kWarpSize;
+                if (i >= hi) continue;
+                float acc[8];
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+                if (bias0) accumulate_bf16x8(acc, ld_global_nc_na_v4(bias0 + static_cast<long long>(t) * row_int4 + i));
+                if (bias1) accumulate_bf16x8(acc, ld_global_nc_na_v4(bias1 + static_cast<long long>(t) * row_int4 + i));
+                #pragma unroll
+                for (int d = 0; d < kNumRanks; ++d)
+                    if (src[d] != nullptr) accumulate_bf16x8(acc, v[d][u]);
+                st_global_v4(out + static_cast<long long>(t) * row_int4 + i, pack_bf16x8(acc));
+            }
         }
-        weights(it);
+        if (out_w && lo == 0) {
+            for (int k = lane; k < num_topk; k += kWarpSize) {
+                float w = 0.0f;
+                #pragma unroll
+                for (int d = 0; d < kNumRanks; ++d)
+                    if (rows[d] >= 0)
+                        w += d == rank ? w_local[rows[d] * num_topk + k]
+                                       : reinterpret_cast<const float*>(area[d] + off_cw)[rows[d] * num_topk + k];
+                out_w[static_cast<long long>(t) * num_topk + k] = w;
+            }
+        }
     }
     dealer.finish();
     mark(marks, 2);

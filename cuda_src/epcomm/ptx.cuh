@@ -222,28 +222,6 @@ EPCOMM_DEVICE_INLINE void st_global_na_v4(int4* ptr, int4 v) {
                  : "memory");
 }
 
-// ---- Asynchronous 16-byte copies global -> shared (cp.async, sm_80+): the data lands in shared memory without
-// passing through registers, so a thread can keep more in flight than its registers hold. Completion is tracked per
-// thread in commit groups: cp_async_wait<N>() returns once at most N of the thread's latest groups are pending; the
-// thread may then read the shared memory its own copies of the older groups wrote.
-
-// Copy 16 bytes from global src (this GPU's or a peer's memory) to shared dst, cached in L2 only (.cg).
-EPCOMM_DEVICE_INLINE void cp_async_16(void* smem_dst, const void* gmem_src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(
-                     __cvta_generic_to_shared(smem_dst))),
-                 "l"(gmem_src)
-                 : "memory");
-}
-
-// Close the thread's current group of cp_async_16 copies (an empty group is allowed).
-EPCOMM_DEVICE_INLINE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-// Wait until at most kPending of the thread's committed groups are still in flight.
-template <int kPending>
-EPCOMM_DEVICE_INLINE void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
 // ---- Timers and thread coordinates.
 
 // Nanoseconds of the GPU's global timer (same clock on every SM; resolution about 1 us on some parts).

@@ -185,9 +185,8 @@ def combine_back(recv_x, handle, zero_copy):
 
 def combine_items_case():
     """combine_reduce's work items (GpuBackend.reduce_parts, reduce_tail_warps: whole tokens, then the last tokens
-    split into channel ranges) and its EP2 load path (reduce_pull_async: the peer's rows through shared memory or
-    through registers) change who adds which channels, not the sum: every setting gives the default's output bit
-    for bit, with weights (combine_stage runs) and zero-copy without them (combine_reduce signals itself); the
+    split into channel ranges) change who adds which channels, not the sum: every split gives the default's output
+    bit for bit, with weights (combine_stage runs) and zero-copy without them (combine_reduce signals itself); the
     default is checked against the reference."""
     h, k, e = 2048, 8, 64
     tokens = [300 + 7 * r for r in range(R)]
@@ -207,23 +206,20 @@ def combine_items_case():
         buf.dispatch(x, handle=handle)
         return host(cx), host(cw), host(combine_back(recv_x, handle, True))
 
-    default = (be.reduce_parts, be.reduce_tail_warps, be.reduce_pull_async)
+    default = (be.reduce_parts, be.reduce_tail_warps)
     base_x, base_w, base_zc = both()
     bf16_close(base_x, want[rank][0], "combined_x (default items)")
     assert_bitwise_equal(base_zc, base_x, "zero-copy combined_x against the copying combine's")
     np.testing.assert_allclose(base_w, want[rank][1], rtol=1e-6, atol=1e-6)
     try:
-        for parts, tail, pull in ((1, None, True), (2, None, True), (4, None, True), (3, 0.1, True),
-                                  (4, 0.25, True), (2, 1000.0, True), (4, 0.0, True), (2, None, False),
-                                  (1, None, False), (4, 0.25, False)):
-            be.reduce_parts, be.reduce_tail_warps, be.reduce_pull_async = parts, tail, pull
+        for parts, tail in ((1, None), (2, None), (4, None), (3, 0.1), (4, 0.25), (2, 1000.0), (4, 0.0)):
+            be.reduce_parts, be.reduce_tail_warps = parts, tail
             got_x, got_w, got_zc = both()
-            what = f"parts {parts} tail {tail} pull_async {pull}"
-            assert_bitwise_equal(got_x, base_x, f"combined_x, {what}")
-            assert_bitwise_equal(got_w, base_w, f"combined_w, {what}")
-            assert_bitwise_equal(got_zc, base_zc, f"zero-copy combined_x, {what}")
+            assert_bitwise_equal(got_x, base_x, f"combined_x, parts {parts} tail {tail}")
+            assert_bitwise_equal(got_w, base_w, f"combined_w, parts {parts} tail {tail}")
+            assert_bitwise_equal(got_zc, base_zc, f"zero-copy combined_x, parts {parts} tail {tail}")
     finally:
-        be.reduce_parts, be.reduce_tail_warps, be.reduce_pull_async = default
+        be.reduce_parts, be.reduce_tail_warps = default
 
 
 def cuda_graph(zero_copy=False):
