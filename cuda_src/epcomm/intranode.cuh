@@ -293,11 +293,12 @@ EPCOMM_DEVICE_INLINE void notify(const bool* is_token_in_rank, int num_tokens, c
     }
 }
 
-// Start row of source `src`'s block in destination `dst`'s receive order: sum over sources s < src.
+// Start row of source `src`'s block in destination `dst`'s receive order: sum over sources s < src of the count
+// matrix's [s][dst] (matrix: R x R row-major, in global or shared memory).
 template <int kNumRanks>
-EPCOMM_DEVICE_INLINE int block_start(const int (*matrix)[kNumRanks], int src, int dst) {
+EPCOMM_DEVICE_INLINE int block_start(const int* matrix, int src, int dst) {
     int start = 0;
-    for (int s = 0; s < src; ++s) start += matrix[s][dst];
+    for (int s = 0; s < src; ++s) start += matrix[s * kNumRanks + dst];
     return start;
 }
 
@@ -447,7 +448,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
     __shared__ int my_start[kNumRanks];
     for (int i = threadIdx.x; i < kNumRanks * kNumRanks; i += kNumThreads) matrix[i / kNumRanks][i % kNumRanks] = count_matrix[i];
     __syncthreads();
-    if (threadIdx.x < kNumRanks) my_start[threadIdx.x] = block_start<kNumRanks>(matrix, rank, threadIdx.x);
+    if (threadIdx.x < kNumRanks) my_start[threadIdx.x] = block_start<kNumRanks>(&matrix[0][0], rank, threadIdx.x);
     comm::Waiter waiter(err_record, timeout_ns, rank);
     if (fused_barrier && threadIdx.x < kNumRanks)  // pairs with the release above at every peer
         comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagNotify, threadIdx.x), epoch, waiter, threadIdx.x,
@@ -564,8 +565,7 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
     mark(marks, 1);
     const int n = info[0];
     const int copy_rows = n < num_out_rows ? n : num_out_rows;
-    int self_begin = 0;
-    for (int s = 0; s < rank; ++s) self_begin += count_matrix[s * kNumRanks + rank];
+    const int self_begin = block_start<kNumRanks>(count_matrix, rank, rank);
     const int self_end = self_begin + count_matrix[rank * kNumRanks + rank];
     if (n > num_out_rows && blockIdx.x == 0 && threadIdx.x == 0)
         comm::record_error(waiter, comm::kErrCapacity, rank, phase::kDispatch, n, num_out_rows);
@@ -722,9 +722,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     comm::Waiter waiter(err_record, timeout_ns, rank);
     if (threadIdx.x < kNumRanks) {
         const int d = threadIdx.x;
-        int start = 0;
-        for (int s = 0; s < rank; ++s) start += count_matrix[s * kNumRanks + d];
-        area_start[d] = start;
+        area_start[d] = block_start<kNumRanks>(count_matrix, rank, d);
         area[d] = peer_base(peer_bases, d) + data_offset;
         // Pairs with d's combine_stage release (last block out), or its release above: its staged rows are complete.
         comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineDone, d), epoch, waiter, d, phase::kCombine);
