@@ -164,8 +164,8 @@ def dispatch_recv_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
         params=(("const uint8_t*", "local_base"), ("long long", "data_offset"), ("long long", "off_x"),
                 ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"), ("long long", "off_src"),
                 ("int", "row_int4"), ("int", "num_scales"), ("int", "num_topk"), ("const int*", "info"),
-                ("const int*", "count_matrix"), ("int", "num_out_rows"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
-                ("float*", "out_w"), ("int*", "out_src"), ("int", "zero_copy"),
+                ("const int*", "count_matrix"), ("int", "num_out_rows"), ("int4*", "out_x"), ("float*", "out_scales"),
+                ("int64_t*", "out_idx"), ("float*", "out_w"), ("int*", "out_src"), ("int", "zero_copy"),
                 ("const uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,
         num_threads=num_threads)
 
@@ -191,8 +191,8 @@ def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kerne
                 ("const int*", "count_matrix"), ("int", "num_tokens"),
                 ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
                 ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"), ("int", "num_parts"),
-                ("int", "tail_tokens"), ("int", "dynamic"), ("int", "fused_stage"), ("int*", "counters"), ("uint64_t*", "epoch_counter"),
-                ("unsigned long long*", "marks")) + COMM_PARAMS,
+                ("int", "tail_tokens"), ("int", "dynamic"), ("int", "fused_stage"), ("int*", "counters"),
+                ("uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,
         num_threads=num_threads)
 
 
