@@ -226,6 +226,20 @@ except Exception as exc:  # torch missing or NCCL unusable: say so in the table
 
 # -- epcomm ---------------------------------------------------------------------------------------------------
 rows = []
+
+
+def add_row(op, dt, us, variant=None, sms=24, **extra):
+    """One result record: DeepEP's byte counts, the PyTorch baseline of the same op and dtype, the ceiling; variant
+    None (an eager call) leaves the key out."""
+    lb, pb = byte_counts(op, dt, H, rows_total, rows_remote)
+    base = baseline.get(f"{dt}_{op}")
+    b = {"name": "torch NCCL all_to_all_single + index_select/index_add", "median_us": round(base, 1)} if base else None
+    if variant is not None:
+        extra["variant"] = variant
+    rows.append(record(op, dt, R, gpus, T, H, K, E, sms, us, lb, pb, card, b,
+                       ceiling_one_way_gbps=round(ceiling_one_way, 1), **extra))
+
+
 sweep = sorted({8, 16, 24, 32, 48, 64, sms_all})
 rows.append(record("layout", "int64", R, gpus, T, H, K, E, None, layout_us, 0, 0, card))
 rows.append(record("layout", "int64", R, gpus, T, H, K, E, None, layout_graph_us, 0, 0, card, variant="graph"))
@@ -240,16 +254,11 @@ for sms in sweep:
     f8g = agree(timed_graph(lambda: buf.dispatch((x_fp8, scales_cm), handle=handle, config=cfg)))
     d16g = agree(timed_graph(lambda: buf.dispatch(x_bf16, handle=handle, config=cfg)))
     c16g = agree(timed_graph(lambda: buf.combine(recv_bf16, handle, config=cfg)))
-    for op, dt, us, base, extra in (("dispatch", "fp8", f8g, baseline.get("fp8_dispatch"), {"variant": "cached-graph"}),
-                                    ("dispatch", "bf16", d16g, baseline.get("bf16_dispatch"), {"variant": "cached-graph"}),
-                                    ("combine", "bf16", c16g, baseline.get("bf16_combine"), {"variant": "graph"}),("dispatch", "fp8", disp8, baseline.get("fp8_dispatch"), {}),
-                                    ("dispatch", "fp8", f8, baseline.get("fp8_dispatch"), {"variant": "cached"}),
-                                    ("dispatch", "bf16", d16, baseline.get("bf16_dispatch"), {}),
-                                    ("combine", "bf16", c16, baseline.get("bf16_combine"), {})):
-        lb, pb = byte_counts(op, dt, H, rows_total, rows_remote)
-        b = {"name": "torch NCCL all_to_all_single + index_select/index_add", "median_us": round(base, 1)} if base else None
-        rows.append(record(op, dt, R, gpus, T, H, K, E, sms, us, lb, pb, card, b,
-                           ceiling_one_way_gbps=round(ceiling_one_way, 1), **extra))
+    for op, dt, us, variant in (("dispatch", "fp8", f8g, "cached-graph"), ("dispatch", "bf16", d16g, "cached-graph"),
+                                ("combine", "bf16", c16g, "graph"), ("dispatch", "fp8", disp8, None),
+                                ("dispatch", "fp8", f8, "cached"), ("dispatch", "bf16", d16, None),
+                                ("combine", "bf16", c16, None)):
+        add_row(op, dt, us, variant, sms=sms)
 
 KERNEL_PHASES = {  # in-kernel marks (intranode.cuh, mark()): slot -> what block 0 (the last block: slot 4) did
     "dispatch_send": ("start", "set up", "rows done", "counted out", "last signalled", "before error check",
@@ -329,14 +338,6 @@ def trace_split(name, fn, n=10):
         _segments(marks, segs)
     parts = ", ".join(f"{k} {np.median(v):.0f}" for k, v in segs.items())
     log(f"trace {name}: host {np.median(host):.0f} us per call; device us: {parts}")
-
-
-def add_row(op, dt, us, variant, sms=24, **extra):
-    lb, pb = byte_counts(op, dt, H, rows_total, rows_remote)
-    base = baseline.get(f"{dt}_{op}")
-    b = {"name": "torch NCCL all_to_all_single + index_select/index_add", "median_us": round(base, 1)} if base else None
-    rows.append(record(op, dt, R, gpus, T, H, K, E, sms, us, lb, pb, card, b,
-                       ceiling_one_way_gbps=round(ceiling_one_way, 1), variant=variant, **extra))
 
 
 cfg24 = epcomm.Config(num_sms=24)
