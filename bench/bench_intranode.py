@@ -267,7 +267,7 @@ KERNEL_PHASES = {  # in-kernel marks (intranode.cuh, mark()): slot -> what block
     "combine_stage": ("start", "waited", "rows done", "counted out", "last signalled", "before error check",
                       "arrived at the count"),
     "combine_reduce": ("start", "waited", "rows done", "counted out", None, "before error check",
-                       "arrived at the count"),
+                       "arrived at the count", "pushed (push combine)"),
 }
 
 
@@ -456,7 +456,7 @@ for parts, tail in ((1, None), (2, None), (4, None), (2, 1.0), (2, 2.0), (4, 0.5
 # The push combine (the default for a zero-copy combine without weights when the landing rows fit) against the pull
 # combine (push SMs 0), its SM split and its chunk size.
 log("push combine: pushing SMs of 24 and chunk rows, zero-copy combine, graph (push SMs 0 = pull):")
-for push_sms, chunk_rows in ((0, 8), (8, 8), (10, 8), (12, 8), (14, 8), (16, 8), (12, 16), (12, 32), (12, 4)):
+for push_sms, chunk_rows in ((0, 8), (4, 8), (6, 8), (8, 8), (10, 8), (12, 8), (16, 8), (8, 16), (8, 32)):
     c_push = zc_combine_with(combine_push_sms=push_sms, combine_chunk_rows=chunk_rows)
     log(f"  push SMs {push_sms:2d}, chunk rows {chunk_rows:2d}: {c_push:.1f} us")
     add_row("combine", "bf16", c_push, f"graph, zero-copy, push SMs {push_sms}, chunk rows {chunk_rows}",

@@ -4,6 +4,7 @@
 #pragma once
 #include "epcomm/common.cuh"
 #include "epcomm/copy.cuh"
+#include "epcomm/fp8.cuh"
 #include "epcomm/ptx.cuh"
 #include "epcomm/comm.cuh"
 #include "epcomm/phases.cuh"
@@ -63,30 +64,11 @@ EPCOMM_DEVICE_INLINE int warp_inclusive_sum(int v) {
 }
 
 // acc[0..7] += the 8 bf16 values packed in v (exact widening to float32).
-EPCOMM_DEVICE_INLINE void accumulate_bf16x8(float* acc, int4 v) {
-    const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                               static_cast<uint32_t>(v.w)};
+EPCOMM_DEVICE_INLINE void accumulate_bf16x8(float (&acc)[8], int4 v) {
+    float f[8];
+    fp8::unpack_bf16x8(v, f);
     #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        acc[2 * i] += __uint_as_float(words[i] << 16);
-        acc[2 * i + 1] += __uint_as_float(words[i] & 0xffff0000u);
-    }
-}
-
-// Round a float32 to bf16 bits, to nearest even (NaN stays NaN).
-EPCOMM_DEVICE_INLINE uint32_t float_to_bf16_bits(float f) {
-    uint32_t u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return u >> 16;
-}
-
-// Pack 8 float32 values into 8 bf16 (one 16-byte vector), each rounded once to nearest even.
-EPCOMM_DEVICE_INLINE int4 pack_bf16x8(const float* acc) {
-    uint32_t w[4];
-    #pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = float_to_bf16_bits(acc[2 * i]) | (float_to_bf16_bits(acc[2 * i + 1]) << 16);
-    return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
+    for (int j = 0; j < 8; ++j) acc[j] += f[j];
 }
 
 // Loads in flight per lane in the row copies: a lane issues kUnroll 16-byte loads before its first store, so a warp
@@ -380,6 +362,15 @@ struct TokenDealer {
         const int n = stride + __shfl_sync(kFullWarpMask, ahead, 0);
         if (lane == 0) ahead = atomicAdd(tickets, 1);
         return n;
+    }
+    // A warp that joins after another role (tickets only): its first token is stride + a ticket, and the next ticket
+    // is drawn ahead, as in next().
+    EPCOMM_DEVICE_INLINE int join() {
+        int ticket = 0;
+        if (lane == 0) ticket = atomicAdd(tickets, 1);
+        const int t = stride + __shfl_sync(kFullWarpMask, ticket, 0);
+        if (lane == 0) ahead = atomicAdd(tickets, 1);
+        return t;
     }
     // After the warp's last token: wait for the ticket drawn ahead (its atomic has then been performed), so that the
     // block's count in last_block_out comes after every ticket draw of the block.
@@ -819,12 +810,16 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     }
     __syncthreads();
     const bool push = plan.chunk > 0;
-    if (push && static_cast<int>(blockIdx.x) < push_blocks) {
+    // A pushing block joins the reduce once its chunks are out (taking tokens from tickets), where tokens are dealt so.
+    const bool joiner = push && static_cast<int>(blockIdx.x) < push_blocks;
+    if (joiner) {
         push_chunks<kNumRanks, kNumThreads>(plan, x_local, row_int4, peer_bases, data_offset, off_cx, push_blocks,
                                             epoch, rank);
-        mark(marks, 2);
-        if (last_block_out<false>(counters, marks) && threadIdx.x == 0) *epoch_counter = epoch;
-        return;
+        mark(marks, 7);
+        if (!dynamic) {
+            if (last_block_out<false>(counters, marks) && threadIdx.x == 0) *epoch_counter = epoch;
+            return;
+        }
     }
     if (fused_stage && !push && threadIdx.x < kNumRanks) {  // every block: no wait depends on one block being resident
         fence_acq_rel_sys();  // pairs with the acquire waits below at every peer
@@ -845,7 +840,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     const auto token_of = [&](int item) { return item < head ? item : head + (item - head) / parts; };
     const auto route = [&](int item) { return load_route<kNumRanks>(send_pos, token_of(item), num_tokens, lane); };
     TokenDealer dealer(dynamic ? counters + 1 : nullptr, warps, lane);
-    int item = dealer.first(block * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
+    int item = joiner ? dealer.join() : dealer.first(block * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
     int next_pos = route(item);  // the first item's routing and ticket are on their way during the wait below
     __shared__ int area_start[kNumRanks];   // my block in rank d's receive order (= in d's staged rows, or in x_local)
     __shared__ const uint8_t* area[kNumRanks];
@@ -915,7 +910,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
                 #pragma unroll
                 for (int d = 0; d < kNumRanks; ++d)
                     if (src[d] != nullptr) accumulate_bf16x8(acc, v[d][u]);
-                st_global_v4(out + static_cast<long long>(t) * row_int4 + i, pack_bf16x8(acc));
+                st_global_v4(out + static_cast<long long>(t) * row_int4 + i, fp8::pack_bf16x8(acc));
             }
         }
         if (out_w && lo == 0) {

@@ -284,8 +284,9 @@ def push_combine_fallback_case():
         x, idx = cp.asarray(xs[rank]), cp.asarray(idxs[rank])
         per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx, e)
         recv_x, _, _, _, handle, _ = b.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                                                num_tokens_per_expert=per_expert, topk_idx=idx, zero_copy=True)
-        results = ref.dispatch(xs, idxs, None, e)
+                                                num_tokens_per_expert=per_expert, topk_idx=idx,
+                                                topk_weights=cp.asarray(ws[rank]), zero_copy=True)
+        results = ref.dispatch(xs, idxs, ws, e)
         in_ranks = [ref.get_dispatch_layout(i, e, R)[3] for i in idxs]
         assert all(r_.all() for r_ in in_ranks), "every token goes to every rank"
         want = ref.combine([rr.recv_x for rr in results], results, in_ranks)[rank][0]
@@ -307,7 +308,8 @@ def push_timeout_case():
         x, idx = cp.asarray(xs[rank]), cp.asarray(idxs[rank])
         per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx, e)
         recv_x, _, _, _, handle, _ = b.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                                                num_tokens_per_expert=per_expert, topk_idx=idx, zero_copy=True)
+                                                num_tokens_per_expert=per_expert, topk_idx=idx,
+                                                topk_weights=cp.asarray(ws[rank]), zero_copy=True)
         cb = b.get_combine_buffer(handle)
         cb.view(cp.uint16)[...] = recv_x.view(cp.uint16)
 
