@@ -267,7 +267,7 @@ KERNEL_PHASES = {  # in-kernel marks (intranode.cuh, mark()): slot -> what block
     "combine_stage": ("start", "waited", "rows done", "counted out", "last signalled", "before error check",
                       "arrived at the count"),
     "combine_reduce": ("start", "waited", "rows done", "counted out", None, "before error check",
-                       "arrived at the count", "pushed (push combine)"),
+                       "arrived at the count"),
 }
 
 
@@ -430,37 +430,20 @@ for fuse, dyn, label in ((True, True, ""), (False, True, ", unfused"), (True, Fa
         add_row("combine", "bf16", cv, "graph, zero-copy" + label, zero_copy=True)
 # combine_reduce's work items: the last tail x (its warp count) tokens split into `parts` channel ranges each, the
 # others whole (tail None: every token split; parts 1: whole tokens only).
-def zc_combine_with(**settings):
-    """The zero-copy combine's graph-replay median with GpuBackend attributes set for the measurement (restored
-    after); a cached zero-copy dispatch first, as get_combine_buffer's rule asks."""
-    saved = {name: getattr(be, name) for name in settings}
-    for name, value in settings.items():
-        setattr(be, name, value)
-    try:
-        bf16_cached(zc=True)
-        return agree(timed_graph(zc_combine))
-    finally:
-        for name, value in saved.items():
-            setattr(be, name, value)
-
-
 log("combine_reduce items, zero-copy combine, 24 SMs, graph:")
 default_items = (be.reduce_parts, be.reduce_tail_warps)
 for parts, tail in ((1, None), (2, None), (4, None), (2, 1.0), (2, 2.0), (4, 0.5), (4, 1.0), (4, 2.0)):
-    c_items = zc_combine_with(reduce_parts=parts, reduce_tail_warps=tail)
+    be.reduce_parts, be.reduce_tail_warps = parts, tail
+    try:
+        bf16_cached(zc=True)
+        c_items = agree(timed_graph(zc_combine))
+    finally:
+        be.reduce_parts, be.reduce_tail_warps = default_items
     label = "whole tokens" if parts == 1 else (f"every token in {parts}" if tail is None
                                                else f"whole, the last {tail:g} x warps tokens in {parts}")
     log(f"  {label}{' (default)' if (parts, tail) == default_items else ''}: {c_items:.1f} us")
     add_row("combine", "bf16", c_items, f"graph, zero-copy, items: {label}", zero_copy=True, reduce_parts=parts,
             reduce_tail_warps=tail)
-# The push combine (the default for a zero-copy combine without weights when the landing rows fit) against the pull
-# combine (push SMs 0), its SM split and its chunk size.
-log("push combine: pushing SMs of 24 and chunk rows, zero-copy combine, graph (push SMs 0 = pull):")
-for push_sms, chunk_rows in ((0, 8), (4, 8), (6, 8), (8, 8), (10, 8), (12, 8), (16, 8), (8, 16), (8, 32)):
-    c_push = zc_combine_with(combine_push_sms=push_sms, combine_chunk_rows=chunk_rows)
-    log(f"  push SMs {push_sms:2d}, chunk rows {chunk_rows:2d}: {c_push:.1f} us")
-    add_row("combine", "bf16", c_push, f"graph, zero-copy, push SMs {push_sms}, chunk rows {chunk_rows}",
-            zero_copy=True, combine_push_sms=push_sms, combine_chunk_rows=chunk_rows)
 for op, dt, us, variant in (("dispatch", "fp8", zc_f8, "cached-graph, zero-copy"),
                             ("dispatch", "bf16", zc_b16, "cached-graph, zero-copy"),
                             ("combine", "bf16", zc_c, "graph, zero-copy"),

@@ -103,14 +103,11 @@ class Config:
     num_threads: int = 512
     send_peer_sms: int | None = None
 
-    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, zero_copy: bool = False,
-                                 push_combine: bool = True) -> int:
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, zero_copy: bool = False) -> int:
         """Bytes of NVLink buffer for num_max_tokens tokens per rank of hidden_bytes per row (DeepEP's name);
-        zero_copy: also room for zero-copy dispatch outputs to stay in the buffer through the combine, and (with
-        push_combine) for the push combine's landing rows (intranode.nvl_buffer_size_hint)."""
+        zero_copy: also room for zero-copy dispatch outputs to stay in the buffer through the combine."""
         from .intranode import nvl_buffer_size_hint
-        return nvl_buffer_size_hint(self.num_max_tokens, int(hidden_bytes), int(num_ranks), zero_copy=bool(zero_copy),
-                                    push_combine=bool(push_combine))
+        return nvl_buffer_size_hint(self.num_max_tokens, int(hidden_bytes), int(num_ranks), zero_copy=bool(zero_copy))
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes of RDMA buffer the normal kernels need: 0 (epcomm's normal kernels are intranode only so far)."""

@@ -72,11 +72,6 @@ class GpuBackend:
         # (bench/NOTES.md: 196.4 against 198.5 us for half tokens everywhere).
         self.reduce_parts = 4
         self.reduce_tail_warps: float | None = 1.0
-        # Push combine (a zero-copy combine without weights, when the landing rows fit on every rank; else pull):
-        # combine_push_sms of combine_reduce's blocks push every rank's rows into their owners' landing rows, chunks
-        # of at least combine_chunk_rows rows (None: intra.default_push_sms; 0: always pull). bench/NOTES.md v16.
-        self.combine_push_sms: int | None = None
-        self.combine_chunk_rows = 8
         # Whether the latest dispatch left its outputs in the buffer (zero-copy): combine then stages its rows above
         # zero_copy_split. The same on every rank, as all ranks make the same calls.
         self.outputs_in_buffer = False
@@ -381,24 +376,15 @@ class GpuBackend:
             self._mark("combine_stage")
         b0 = bias[0] if len(bias) > 0 else None
         b1 = bias[1] if len(bias) > 1 else None
-        # Push only above zero_copy_split (the latest dispatch was zero-copy): a peer pushes as soon as its own
-        # combine starts, and below the split its rows could land on this rank's receive area while this rank's
-        # dispatch_recv still copies out of it.
-        push = 0
-        if fused_stage and self.outputs_in_buffer and r > 1:
-            push = intra.default_push_sms(grid) if self.combine_push_sms is None else self.combine_push_sms
-            push = push if 0 < push < grid else 0
-        warps = (grid - push) * config.num_threads // 32
+        warps = grid * config.num_threads // 32
         tail = t if self.reduce_tail_warps is None else min(t, int(round(self.reduce_tail_warps * warps)))
-        # Launched also with no tokens: it still waits for every rank's staged flag (or pushes its rows), closing
-        # the call.
+        # Launched also with no tokens: it still waits for every rank's staged flag, closing the call.
         get_kernel(intra.combine_reduce_spec(r, config.num_threads)).launch(
-            grid if (t or push) else 1, (self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
-                                         handle.send_pos, st["count_matrix"], t, b0, b1, x, topk_weights,
-                                         out, out_w, self.reduce_parts, tail, int(self.dynamic_tokens),
-                                         int(fused_stage), lay.capacity_rows, handle.num_worst_tokens or 0, push,
-                                         self.combine_chunk_rows, self._counter("combine_reduce"), self._epoch_ptr(1),
-                                         self._marks("combine_reduce")) + self._comm(), stream=self.stream)
+            grid if t else 1, (self.nvl.peer_bases, self.meta_bytes, lay.off_x, lay.off_w, row_int4, k,
+                               handle.send_pos, st["count_matrix"], t, b0, b1, x, topk_weights,
+                               out, out_w, self.reduce_parts, tail, int(self.dynamic_tokens), int(fused_stage),
+                               self._counter("combine_reduce"), self._epoch_ptr(1),
+                               self._marks("combine_reduce")) + self._comm(), stream=self.stream)
         self._mark("combine_reduce")
         ev = self._finish(ctx, (x, topk_weights, bias))
         return out, out_w, ev

@@ -13,7 +13,6 @@ NOTIFY_THREADS = 512
 LAYOUT_THREADS = 256
 MAX_LOCAL_EXPERTS = 1024   # kMaxLocalExperts in intranode.cuh
 NUM_FLAG_KINDS = 4         # kNumFlagKinds
-MAX_CHUNKS = 1024          # kMaxChunks: chunk flags per source (push combine)
 HOST_INFO_INTS = 1 + MAX_LOCAL_EXPERTS + 1   # kHostInfoInts: N, per-expert counts, epoch
 HOST_INFO_EPOCH = 1 + MAX_LOCAL_EXPERTS
 NUM_TICKETS = 2            # kNumTickets: a kernel's int32 counters are [blocks done, NUM_TICKETS ticket counters]
@@ -29,13 +28,11 @@ def _align(n: int, a: int) -> int:
 
 
 def meta_bytes(num_ranks: int) -> int:
-    """Mirror of Meta<kNumRanks>::kBytes: counts, per-expert counts (both double-buffered by epoch parity), flags,
-    the push combine's chunk flags."""
+    """Mirror of Meta<kNumRanks>::kBytes: counts, per-expert counts (both double-buffered by epoch parity), flags."""
     counts = 2 * num_ranks * num_ranks * 4
     expert_counts = 2 * num_ranks * MAX_LOCAL_EXPERTS * 4
     flags_offset = _align(counts + expert_counts, 128)
-    chunk_flags_offset = _align(flags_offset + NUM_FLAG_KINDS * num_ranks * 8, 128)
-    return _align(chunk_flags_offset + num_ranks * MAX_CHUNKS * 8, 4096)
+    return _align(flags_offset + NUM_FLAG_KINDS * num_ranks * 8, 4096)
 
 
 @dataclass(frozen=True)
@@ -86,18 +83,14 @@ def zero_copy_split(data_bytes: int) -> int:
 
 
 def nvl_buffer_size_hint(num_max_tokens: int, hidden_bytes: int, num_ranks: int, num_topk: int = 16,
-                         zero_copy: bool = False, push_combine: bool = True) -> int:
+                         zero_copy: bool = False) -> int:
     """Bytes for the worst case: every rank sends all num_max_tokens tokens here (R * T rows of dispatch data,
     FP8 scales and top-k included), which also covers combine's R * T returned rows. zero_copy: room for both at
-    once (zero-copy dispatch outputs stay in the buffer while combine stages beside them: zero_copy_split), and, with
-    push_combine, for the push combine's landing rows beside the staged rows ((R - 1) * T more rows of H bf16: a
-    zero-copy combine without weights then pushes instead of pulling; see GpuBackend.combine_push_sms)."""
+    once (zero-copy dispatch outputs stay in the buffer while combine stages beside them: zero_copy_split)."""
     rows = num_ranks * num_max_tokens
     hidden = max(hidden_bytes // 2, 128)
     dispatch = rows * (hidden_bytes + (hidden // 128) * 4 + num_topk * 12 + 4) + 5 * 256
     combine = rows * (hidden * 2 + num_topk * 4) + 512
-    if zero_copy and push_combine:
-        combine += (num_ranks - 1) * num_max_tokens * hidden * 2
     area = _align(max(dispatch, combine), 4096)
     return meta_bytes(num_ranks) + (2 * area if zero_copy else area)
 
@@ -121,12 +114,6 @@ def default_peer_sms(num_sms: int, num_ranks: int, fp8: bool = False) -> int:
     peers = round(num_sms * weight / (weight + 1))
     return max(1, min(num_sms - 1, peers))
 
-
-
-def default_push_sms(num_sms: int) -> int:
-    """How many of a push combine's SMs push rows (the others reduce what lands): half, to be set by the bench's
-    sweep (bench/NOTES.md v16)."""
-    return num_sms // 2
 
 
 # -- kernel specs (the ABI: params are the stub's parameter list and the launch conversion) -----------------
@@ -204,8 +191,7 @@ def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kerne
                 ("const int*", "count_matrix"), ("int", "num_tokens"),
                 ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
                 ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"), ("int", "num_parts"),
-                ("int", "tail_tokens"), ("int", "dynamic"), ("int", "fused_stage"), ("int", "capacity_rows"),
-                ("int", "num_worst"), ("int", "push_blocks"), ("int", "min_chunk_rows"), ("int*", "counters"),
+                ("int", "tail_tokens"), ("int", "dynamic"), ("int", "fused_stage"), ("int*", "counters"),
                 ("uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,
         num_threads=num_threads)
 

@@ -40,11 +40,9 @@ def test_zero_copy_split_keeps_dispatch_and_combine_apart():
     assert recv.capacity_rows >= rows and comb.capacity_rows >= rows
     assert recv.off_src + recv.capacity_rows * 4 <= split <= comb.off_x
     assert comb.off_w + comb.capacity_rows * topk * 4 <= data
-    # Without zero_copy the hint is half the areas (one area serves dispatch and combine in turn), without the push
-    # combine's landing rows.
+    # Without zero_copy the hint is half the areas (one area serves dispatch and combine in turn).
     plain = intra.nvl_buffer_size_hint(4096, hidden * 2, 2, topk)
-    pull_only = intra.nvl_buffer_size_hint(4096, hidden * 2, 2, topk, zero_copy=True, push_combine=False)
-    assert plain - intra.meta_bytes(2) == (pull_only - intra.meta_bytes(2)) // 2
+    assert plain - intra.meta_bytes(2) == (size - intra.meta_bytes(2)) // 2
     assert Config().get_nvl_buffer_size_hint(hidden * 2, 2, zero_copy=True) == intra.nvl_buffer_size_hint(
         4096, hidden * 2, 2, zero_copy=True)
 
@@ -99,33 +97,18 @@ def test_kernel_counters_mirror_the_header_and_do_not_overlap():
     assert ranges[-1][1] <= intra.NUM_COUNTERS
 
 
-def test_push_combine_landing_fits_with_the_zero_copy_hint():
-    """With the zero-copy hint (push_combine on), a combine's staging area holds every rank's staged rows and its
-    landing rows at once for the worst case (R * T staged, (R - 1) * T landing: the kernel's PushPlan condition), so a
-    zero-copy combine without weights pushes; without push_combine it does not (the kernel pulls)."""
-    hidden, topk, t = 7168, 8, 4096
-    for r in (2, 4, 8):
-        for push in (True, False):
-            size = intra.nvl_buffer_size_hint(t, hidden * 2, r, topk, zero_copy=True, push_combine=push)
-            data = size - intra.meta_bytes(r)
-            comb = intra.CombineLayout.plan(data, hidden, 0, base=intra.zero_copy_split(data))
-            fits = comb.capacity_rows >= r * t + (r - 1) * t
-            assert fits == push, (r, push, comb.capacity_rows)
-
-
 def test_meta_bytes_match_intranode_cuh():
-    """intranode.meta_bytes mirrors Meta<R>::kBytes (the data region starts there: a smaller mirror would let the
-    data overlap the chunk flags): compiled and read back from the PTX."""
+    """intranode.meta_bytes mirrors Meta<R>::kBytes (the data region starts there: a smaller mirror would let data
+    overlap the flags): compiled and read back from the PTX."""
     import re
 
     from epcomm.runtime import compiler
-    from epcomm.runtime.compiler import compile_options
 
     source = ('#include "epcomm/intranode.cuh"\n'
               "__device__ const unsigned long long epcomm_meta[] = {epcomm::intranode::Meta<2>::kBytes, "
               "epcomm::intranode::Meta<4>::kBytes, epcomm::intranode::Meta<8>::kBytes};\n")
     options = [("-arch=compute_90" if o.startswith("-arch=") else o)
-               for o in compile_options(intra.notify_spec(2), "sm_90a")]
+               for o in compiler.compile_options(intra.notify_spec(2), "sm_90a")]
     ptx, log = compiler._nvrtc_compile(source, "meta_check.cu", options, ptx=True)
     assert ptx is not None, log
     m = re.search(r"epcomm_meta\[(\d+)\]\s*=\s*\{([^}]*)\}", ptx.decode())

@@ -13,14 +13,11 @@ namespace epcomm {
 namespace intranode {
 
 // NOTES: the meta area at the start of every rank's NVLink buffer. epcomm/intranode.py (MetaLayout) mirrors
-// these offsets; tests/test_intranode_layout.py checks the two agree.
+// these offsets; tests/test_intranode_plan.py (test_meta_bytes_match_intranode_cuh) checks the two agree.
 //   counts[2][R][R] int32      counts[parity][s][d] = tokens source s sends to d (written by s into every peer)
 //   expert_counts[2][R][kMaxLocalExperts] int32   tokens source s sends to each of my local experts
 //   flags[kNumFlagKinds][R] uint64                flags[kind][s] = last epoch source s signalled here
-//   chunk_flags[R][kMaxChunks] uint64             [s][c] = last combine epoch in which source s finished pushing
-//                                                 chunk c of its rows for my tokens into my landing rows (push combine)
 constexpr int kMaxLocalExperts = 1024;
-constexpr int kMaxChunks = 1024;
 constexpr int kFlagNotify = 0, kFlagDispatchDone = 1, kFlagCombineReady = 2, kFlagCombineDone = 3;
 constexpr int kNumFlagKinds = 4;
 // host_info (host-mapped int32): [0] = N, [1 + j] = aligned count of local expert j, [kHostInfoEpoch] = epoch.
@@ -33,10 +30,7 @@ struct Meta {
     static constexpr size_t kExpertCountsOffset = kCountsOffset + 2 * kNumRanks * kNumRanks * sizeof(int);
     static constexpr size_t kFlagsOffset =
         align_up<size_t>(kExpertCountsOffset + 2 * kNumRanks * kMaxLocalExperts * sizeof(int), 128);
-    static constexpr size_t kChunkFlagsOffset =
-        align_up<size_t>(kFlagsOffset + kNumFlagKinds * kNumRanks * sizeof(uint64_t), 128);
-    static constexpr size_t kBytes =
-        align_up<size_t>(kChunkFlagsOffset + static_cast<size_t>(kNumRanks) * kMaxChunks * sizeof(uint64_t), 4096);
+    static constexpr size_t kBytes = align_up<size_t>(kFlagsOffset + kNumFlagKinds * kNumRanks * sizeof(uint64_t), 4096);
 
     EPCOMM_DEVICE_INLINE static int* counts(uint8_t* base, uint64_t epoch) {
         return reinterpret_cast<int*>(base + kCountsOffset) + (epoch & 1) * kNumRanks * kNumRanks;
@@ -46,9 +40,6 @@ struct Meta {
     }
     EPCOMM_DEVICE_INLINE static uint64_t* flag(uint8_t* base, int kind, int src) {
         return reinterpret_cast<uint64_t*>(base + kFlagsOffset) + kind * kNumRanks + src;
-    }
-    EPCOMM_DEVICE_INLINE static uint64_t* chunk_flag(uint8_t* base, int src, int chunk) {
-        return reinterpret_cast<uint64_t*>(base + kChunkFlagsOffset) + src * kMaxChunks + chunk;
     }
 };
 
@@ -363,15 +354,6 @@ struct TokenDealer {
         if (lane == 0) ahead = atomicAdd(tickets, 1);
         return n;
     }
-    // A warp that joins after another role (tickets only): its first token is stride + a ticket, and the next ticket
-    // is drawn ahead, as in next().
-    EPCOMM_DEVICE_INLINE int join() {
-        int ticket = 0;
-        if (lane == 0) ticket = atomicAdd(tickets, 1);
-        const int t = stride + __shfl_sync(kFullWarpMask, ticket, 0);
-        if (lane == 0) ahead = atomicAdd(tickets, 1);
-        return t;
-    }
     // After the warp's last token: wait for the ticket drawn ahead (its atomic has then been performed), so that the
     // block's count in last_block_out comes after every ticket draw of the block.
     // (A ticket is never negative: the test only makes lane 0 wait for the value, an empty asm would not.)
@@ -674,104 +656,6 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
     grid_done_signal<kNumRanks>(counters, peer_bases, kFlagCombineDone, rank, epoch, epoch_counter, marks);
 }
 
-// Push combine (a zero-copy combine without weights, when every rank's landing rows fit): every rank pushes the rows
-// it holds for each owner into the owner's LANDING rows, a chunk at a time, and the owner reduces from its own memory
-// as the chunks land (both ways at once, pushes measured 342-347 GB/s at 24 SMs against 329-334 for pulls; bench/NOTES.md
-// v16). Blocks [0, push_blocks) push, the others reduce.
-// Owner s's landing rows are the top of its own staging area (rows [0, cap) of off_cx): below them the rows its caller
-// wrote (max(N_s, worst) rows); from row cap - need_s (need_s = rows s sent to other ranks) source d's rows of s's
-// tokens, sources in order (skipping s), each in s's send order (row pos = send_pos[t][d]).
-// Every rank plans from the same count matrix, so all ranks push or all pull (plan.chunk == 0).
-template <int kNumRanks>
-struct PushPlan {
-    int chunk;                 // rows per chunk, the same on every rank; 0: pull
-    int land[kNumRanks];       // my landing row of source d's pos 0 (d != rank)
-    int peer_land[kNumRanks];  // owner s's landing row of my rows' pos 0 (s != rank)
-    int staged[kNumRanks];     // my staged row of source s's pos 0 (my receive order)
-    int rows[kNumRanks];       // my staged rows for owner s (= rows s sent me)
-    int chunks[kNumRanks];     // chunks of my staged rows for owner s
-};
-
-// Thread 0: the plan from the R x R count matrix m (shared memory). cap: staging rows of every rank; worst: the padded
-// row count every rank's caller may write (0: not padded); min_chunk_rows: the smallest chunk.
-template <int kNumRanks>
-EPCOMM_DEVICE_INLINE void plan_push(PushPlan<kNumRanks>& plan, const int* m, int rank, int cap, int worst,
-                                    int min_chunk_rows) {
-    int max_count = 0;
-    bool fits = true;
-    for (int s = 0; s < kNumRanks; ++s) {
-        int received = 0, need = 0;
-        for (int d = 0; d < kNumRanks; ++d) {
-            received += m[d * kNumRanks + s];
-            if (d != s) need += m[s * kNumRanks + d];
-            if (d != s && m[s * kNumRanks + d] > max_count) max_count = m[s * kNumRanks + d];
-        }
-        fits = fits && (received > worst ? received : worst) + need <= cap;
-        int row = cap - need;
-        for (int d = 0; d < kNumRanks; ++d) {
-            if (d == s) continue;
-            if (s == rank) plan.land[d] = row;
-            if (d == rank) plan.peer_land[s] = row;
-            row += m[s * kNumRanks + d];
-        }
-        plan.staged[s] = block_start<kNumRanks>(m, s, rank);
-    }
-    const int chunk = max(min_chunk_rows > 0 ? min_chunk_rows : 1, (max_count + kMaxChunks - 1) / kMaxChunks);
-    plan.chunk = fits ? chunk : 0;
-    for (int s = 0; s < kNumRanks; ++s) {
-        plan.rows[s] = m[s * kNumRanks + rank];
-        plan.chunks[s] = (plan.rows[s] + chunk - 1) / chunk;
-    }
-}
-
-// The push role (all threads of a pushing block): chunk j of the sequence c0 of owner rank+1, c0 of rank+2, ...,
-// c1 of rank+1, ... (every owner's rows advance together) goes to block j % push_blocks. Warps 1.. copy the chunk's
-// rows (contiguous in my staging rows and in the owner's landing rows); warp 0 signals: after the block barrier that
-// ends chunk i, lane 0 fences (system scope: every pushing warp's stores, through the barrier) and stores the epoch
-// into the owner's chunk flag, while the other warps copy chunk i + 1. So no copying warp waits for a fence.
-template <int kNumRanks, int kNumThreads>
-EPCOMM_DEVICE_INLINE void push_chunks(const PushPlan<kNumRanks>& plan, const int4* staged, int row_int4,
-                                      const uint64_t* peer_bases, long long data_offset, long long off_cx,
-                                      int push_blocks, uint64_t epoch, int rank) {
-    using M = Meta<kNumRanks>;
-    constexpr int kPeers = kNumRanks - 1;
-    constexpr int kUnroll = 8;
-    constexpr int kCopiers = kNumThreads - kWarpSize;
-    int max_chunks = 0;
-    for (int s = 0; s < kNumRanks; ++s)
-        if (s != rank && plan.chunks[s] > max_chunks) max_chunks = plan.chunks[s];
-    const int total = max_chunks * kPeers;
-    uint64_t* pending = nullptr;  // warp 0, lane 0: the flag of the chunk the latest barrier completed
-    for (int j = blockIdx.x;; j += push_blocks) {
-        if (threadIdx.x == 0 && pending != nullptr) {
-            fence_acq_rel_sys();  // pairs with the owner's acquire wait on the flag
-            st_relaxed_sys_u64(pending, epoch);
-            pending = nullptr;
-        }
-        if (j >= total) break;  // uniform over the block
-        const int s = (rank + 1 + j % kPeers) % kNumRanks, c = j / kPeers;
-        const int first = c * plan.chunk;
-        const int rows = min(plan.chunk, plan.rows[s] - first);  // <= 0: owner s has fewer chunks
-        if (rows > 0 && threadIdx.x >= kWarpSize) {
-            const int4* src = staged + static_cast<long long>(plan.staged[s] + first) * row_int4;
-            int4* dst = reinterpret_cast<int4*>(peer_base(peer_bases, s) + data_offset + off_cx) +
-                        static_cast<long long>(plan.peer_land[s] + first) * row_int4;
-            const long long n = static_cast<long long>(rows) * row_int4;
-            for (long long base = threadIdx.x - kWarpSize; base < n; base += static_cast<long long>(kCopiers) * kUnroll) {
-                int4 v[kUnroll];
-                #pragma unroll
-                for (int u = 0; u < kUnroll; ++u)
-                    if (base + u * kCopiers < n) v[u] = ld_global_nc_na_v4(src + base + u * kCopiers);
-                #pragma unroll
-                for (int u = 0; u < kUnroll; ++u)
-                    if (base + u * kCopiers < n) st_global_na_v4(dst + base + u * kCopiers, v[u]);
-            }
-        }
-        if (threadIdx.x == 0 && rows > 0) pending = M::chunk_flag(peer_base(peer_bases, s), rank, c);
-        __syncthreads();  // the chunk's rows are written (program order of every copying thread) before the signal
-    }
-}
-
 // Combine reduce: wait until every rank has staged its rows, then out[t] = bias0 + bias1 + sum over ranks d (in
 // order) of d's row for t, read from d's region over NVLink (my own rows: from x), accumulated in float32 and rounded
 // to bf16 once. One warp per item, 8 channels per lane step; dynamic: warps take items from a ticket counter
@@ -789,46 +673,19 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
                                          const int* send_pos, const int* count_matrix, int num_tokens,
                                          const int4* bias0, const int4* bias1, const int4* x_local,
                                          const float* w_local, int4* out, float* out_w, int num_parts,
-                                         int tail_tokens, int dynamic, int fused_stage, int capacity_rows,
-                                         int num_worst, int push_blocks, int min_chunk_rows,
+                                         int tail_tokens, int dynamic, int fused_stage,
                                          int* counters, uint64_t* epoch_counter, unsigned long long* marks,
                                          uint64_t err_record, long long timeout_ns, int rank) {
     mark(marks, 0);
     using M = Meta<kNumRanks>;
     // Advanced by this call's combine_stage, or (fused_stage) by this kernel.
     const uint64_t epoch = *epoch_counter + (fused_stage ? 1 : 0);
-    // Push or pull (PushPlan): only a fused call may push (its rows are all in the staging area, and no weights).
-    __shared__ PushPlan<kNumRanks> plan;
-    if (fused_stage && push_blocks > 0 && push_blocks < static_cast<int>(gridDim.x)) {
-        __shared__ int matrix[kNumRanks * kNumRanks];
-        if (threadIdx.x < kNumRanks * kNumRanks) matrix[threadIdx.x] = count_matrix[threadIdx.x];
-        __syncthreads();
-        if (threadIdx.x == 0) plan_push<kNumRanks>(plan, matrix, rank, capacity_rows, num_worst, min_chunk_rows);
-        __syncthreads();
-    } else if (threadIdx.x == 0) {
-        plan.chunk = 0;
-    }
-    __syncthreads();
-    const bool push = plan.chunk > 0;
-    // A pushing block joins the reduce once its chunks are out (taking tokens from tickets), where tokens are dealt so.
-    const bool joiner = push && static_cast<int>(blockIdx.x) < push_blocks;
-    if (joiner) {
-        push_chunks<kNumRanks, kNumThreads>(plan, x_local, row_int4, peer_bases, data_offset, off_cx, push_blocks,
-                                            epoch, rank);
-        mark(marks, 7);
-        if (!dynamic) {
-            if (last_block_out<false>(counters, marks) && threadIdx.x == 0) *epoch_counter = epoch;
-            return;
-        }
-    }
-    if (fused_stage && !push && threadIdx.x < kNumRanks) {  // every block: no wait depends on one block being resident
+    if (fused_stage && threadIdx.x < kNumRanks) {  // every block: no wait depends on one block being resident
         fence_acq_rel_sys();  // pairs with the acquire waits below at every peer
         st_release_sys_u64(M::flag(peer_base(peer_bases, threadIdx.x), kFlagCombineDone, rank), epoch);
     }
     const int lane = threadIdx.x % kWarpSize;
-    const int reduce_blocks = static_cast<int>(gridDim.x) - (push ? push_blocks : 0);
-    const int block = static_cast<int>(blockIdx.x) - (push ? push_blocks : 0);
-    const int warps = kNumThreads / kWarpSize * reduce_blocks;
+    const int warps = kNumThreads / kWarpSize * gridDim.x;
     // An item's routing is its token's (load_route); the next item's is loaded before this item's rows, so no load
     // latency separates one item from the next (as in dispatch_send).
     const int parts = num_parts > 1 ? num_parts : 1;
@@ -840,22 +697,17 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     const auto token_of = [&](int item) { return item < head ? item : head + (item - head) / parts; };
     const auto route = [&](int item) { return load_route<kNumRanks>(send_pos, token_of(item), num_tokens, lane); };
     TokenDealer dealer(dynamic ? counters + 1 : nullptr, warps, lane);
-    int item = joiner ? dealer.join() : dealer.first(block * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
+    int item = dealer.first(blockIdx.x * (kNumThreads / kWarpSize) + threadIdx.x / kWarpSize);
     int next_pos = route(item);  // the first item's routing and ticket are on their way during the wait below
     __shared__ int area_start[kNumRanks];   // my block in rank d's receive order (= in d's staged rows, or in x_local)
     __shared__ const uint8_t* area[kNumRanks];
     comm::Waiter waiter(err_record, timeout_ns, rank);
     if (threadIdx.x < kNumRanks) {
         const int d = threadIdx.x;
-        // Pull: d's staged rows, from my block of d's receive order. Push: my landing rows of source d (my own
-        // rows: combine's input x, as in pull); their waits are per chunk, below.
-        const bool landed = push && d != rank;
-        area_start[d] = landed ? plan.land[d] : block_start<kNumRanks>(count_matrix, rank, d);
-        area[d] = peer_base(peer_bases, landed ? rank : d) + data_offset;
+        area_start[d] = block_start<kNumRanks>(count_matrix, rank, d);
+        area[d] = peer_base(peer_bases, d) + data_offset;
         // Pairs with d's combine_stage release (last block out), or its release above: its staged rows are complete.
-        if (!push)
-            comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineDone, d), epoch, waiter, d,
-                           phase::kCombine);
+        comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineDone, d), epoch, waiter, d, phase::kCombine);
     }
     __syncthreads();
     mark(marks, 5);  // diagnostics: before the error check
@@ -865,14 +717,6 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
         const int my_pos = next_pos;
         item_next = dealer.next(item);
         next_pos = route(item_next);
-        if (push) {  // lane d < R: wait until source d's chunk holding this token's row has landed
-            bool ok = true;
-            if (lane < kNumRanks && lane != rank && my_pos >= 0)
-                ok = comm::wait_geq(M::chunk_flag(peer_base(peer_bases, rank), lane, my_pos / plan.chunk), epoch,
-                                    waiter, lane, phase::kCombine);
-            if (__any_sync(kFullWarpMask, !ok)) break;  // timed out (recorded): the warp stops, the kernel drains
-            __syncwarp();  // the other lanes' loads of the landed rows come after the acquire
-        }
         const int t = token_of(item);
         const int lo = item < head ? 0 : (item - head) % parts * chunk;
         const int hi = item < head ? row_int4 : (lo + chunk < row_int4 ? lo + chunk : row_int4);

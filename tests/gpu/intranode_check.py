@@ -4,7 +4,6 @@ Every rank makes ALL ranks' inputs from one seed, so expected values need no com
 CuPy's pool, which is poisoned before each case so that unwritten rows show. Dispatch is compared bit-exact,
 combine within bf16 rounding of the fp32 reference (same summation order; <= 1 ulp), FP8 scales bit-exact.
 --quick: a few cases; --oversubscribed: small shapes for several ranks per GPU (correctness only)."""
-import contextlib
 import hashlib
 import os
 import sys
@@ -52,7 +51,12 @@ def normal_case(h, k, e, tokens, fp8=False, topk=True, async_=False, worst=0, ca
     if zero_copy:  # poison the buffer too: its receive area is the output
         # Only once every rank is done with the previous case: a slower rank's combine may still be reading this
         # rank's staged rows (found by the pairwise cases at EP4/EP8: the poison showed up as a missing contribution).
-        poison_buffer()
+        cp.cuda.Device().synchronize()
+        group.barrier()
+        loc = buf._backend.nvl.local
+        loc.view(buf._backend.meta_bytes, (buf._backend.data_bytes,), cp.uint8).fill(0xA5)
+        cp.cuda.Device().synchronize()
+        group.barrier()
     cfg = epcomm.Config(send_peer_sms=peer_sms)
     xs, idxs, ws = make_rank_inputs(seed, tokens, h, k, e, skew=skew)
     if fp8:
@@ -218,108 +222,6 @@ def combine_items_case():
         be.reduce_parts, be.reduce_tail_warps = default
 
 
-def poison_buffer(b=None):
-    """Fill the data region of b (default: the main Buffer) with 0xA5 bytes once every rank is done with it."""
-    b = b or buf
-    cp.cuda.Device().synchronize()
-    b.group.barrier()
-    loc = b._backend.nvl.local
-    loc.view(b._backend.meta_bytes, (b._backend.data_bytes,), cp.uint8).fill(0xA5)
-    cp.cuda.Device().synchronize()
-    b.group.barrier()
-
-
-def push_combine_case(tokens, h):
-    """The push combine (a zero-copy combine without weights: every rank pushes its rows into their owners' landing
-    rows; GpuBackend.combine_push_sms) against the pull combine (combine_push_sms = 0) and the reference: the same
-    output bit for bit. That the rows were pushed is checked in the buffer itself: the data region is poisoned first,
-    and after the push combine this rank's landing rows of source d hold its own tokens' rows in its send order to d
-    (the combine input here is the dispatched rows, so d's row of my token t is x[t])."""
-    k, e = 8, 64
-    xs, idxs, ws = make_rank_inputs(41, tokens, h, k, e)
-    x, idx, w = cp.asarray(xs[rank]), cp.asarray(idxs[rank]), cp.asarray(ws[rank])
-    poison_buffer()
-    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
-    recv_x, _, _, _, handle, _ = buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                                              num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,
-                                              zero_copy=True)
-    results = ref.dispatch(xs, idxs, ws, e)
-    in_ranks = [ref.get_dispatch_layout(i, e, R)[3] for i in idxs]
-    want = ref.combine([rr.recv_x for rr in results], results, in_ranks)[rank][0]
-    be = buf._backend
-    assert be.combine_push_sms is None, "the default setting pushes"
-    pushed = host(combine_back(recv_x, handle, True))
-    bf16_close(pushed, want, "push combine")
-    lay = be._combine_layout(handle, 0, "test")
-    m = host(handle.backend_state["count_matrix"]).reshape(R, R)
-    row = lay.capacity_rows - sum(int(m[rank, d]) for d in range(R) if d != rank)
-    region = host(be.nvl.local.view(be.meta_bytes + lay.off_x, (lay.capacity_rows, h), cp.uint16))
-    for d in range(R):
-        if d == rank:
-            continue
-        sent = np.nonzero(in_ranks[rank][:, d])[0]
-        assert len(sent) == m[rank, d]
-        assert_bitwise_equal(region[row:row + len(sent)], xs[rank][sent].view(np.uint16), f"landing rows of {d}")
-        row += len(sent)
-    buf.dispatch(x, handle=handle, zero_copy=True)  # a dispatch since the last combine: the staging rows are free
-    be.combine_push_sms = 0
-    try:
-        pulled = host(combine_back(recv_x, handle, True))
-    finally:
-        be.combine_push_sms = None
-    assert_bitwise_equal(pulled, pushed, "pull combine against the push combine")
-
-
-def push_combine_fallback_case():
-    """A Buffer without room for the landing rows (hint with push_combine=False, every token to every rank): the
-    zero-copy combine pulls instead (every rank decides the same from the count matrix) and is still exact; a
-    Buffer of its own."""
-    h, k, e = 2048, 8, 8 * R
-    t = 64
-    b = epcomm.Buffer(group, num_nvl_bytes=nvl_buffer_size_hint(t, h * 2, R, k, zero_copy=True, push_combine=False),
-                      backend="gpu")
-    try:
-        xs, idxs, ws = make_rank_inputs(43, [t] * R, h, k, e)
-        idxs = [np.stack([np.arange(k) * (e // k) for _ in range(t)]).astype(np.int64) for _ in range(R)]
-        x, idx = cp.asarray(xs[rank]), cp.asarray(idxs[rank])
-        per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx, e)
-        recv_x, _, _, _, handle, _ = b.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                                                num_tokens_per_expert=per_expert, topk_idx=idx,
-                                                topk_weights=cp.asarray(ws[rank]), zero_copy=True)
-        results = ref.dispatch(xs, idxs, ws, e)
-        in_ranks = [ref.get_dispatch_layout(i, e, R)[3] for i in idxs]
-        assert all(r_.all() for r_ in in_ranks), "every token goes to every rank"
-        want = ref.combine([rr.recv_x for rr in results], results, in_ranks)[rank][0]
-        lay = b._backend._combine_layout(handle, 0, "test")
-        assert lay.capacity_rows < R * t + (R - 1) * t, "the landing rows must not fit for this case"
-        cb = b.get_combine_buffer(handle)
-        cb.view(cp.uint16)[...] = recv_x.view(cp.uint16)
-        bf16_close(host(b.combine(None, handle, zero_copy=True)[0]), want, "pull fallback combine")
-    finally:
-        b.destroy()
-
-
-def push_timeout_case():
-    """One rank skips a zero-copy combine without weights (a push combine): every other rank's reduce waits for the
-    skipping rank's chunks and raises CommTimeoutError naming phase combine and that rank, within the bound."""
-    with timeout_buffer() as b:
-        h, k, e = 512, 4, 16
-        xs, idxs, ws = make_rank_inputs(12, [32] * R, h, k, e)
-        x, idx = cp.asarray(xs[rank]), cp.asarray(idxs[rank])
-        per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx, e)
-        recv_x, _, _, _, handle, _ = b.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                                                num_tokens_per_expert=per_expert, topk_idx=idx,
-                                                topk_weights=cp.asarray(ws[rank]), zero_copy=True)
-        cb = b.get_combine_buffer(handle)
-        cb.view(cp.uint16)[...] = recv_x.view(cp.uint16)
-
-        def call():
-            b.combine(None, handle, zero_copy=True)
-            b._backend.sync()
-
-        expect_timeout(call, group, "combine", "a push combine")
-
-
 def cuda_graph(zero_copy=False):
     """Layout + dispatch (num_worst_tokens) + combine captured once, replayed with new inputs; zero_copy: the
     outputs are buffer views and the combine reads get_combine_buffer, filled by a copy inside the graph."""
@@ -424,30 +326,14 @@ def timeout_case():
     expect_timeout(call, group, "notify", "dispatch")
 
 
-@contextlib.contextmanager
-def timeout_buffer():
-    """A small Buffer of its own with a 2 s wait bound, destroyed after (a timeout poisons it; teardown must still
-    work), so that the main Buffer stays usable for the cases after."""
+def cached_timeout_case():
+    """One rank skips a CACHED dispatch, whose barrier is dispatch_send itself (no notify kernel runs): every other
+    rank raises CommTimeoutError naming phase notify and the skipping rank, within the bound. On a Buffer of its own
+    (destroyed after), so that the main Buffer stays usable for the cases after this one."""
     old_timeout = os.environ.get("EPCOMM_TIMEOUT_S")
     os.environ["EPCOMM_TIMEOUT_S"] = "2"
     b = epcomm.Buffer(group, num_nvl_bytes=nvl_buffer_size_hint(64, 1024, R, 4, zero_copy=True), backend="gpu")
     try:
-        yield b
-    finally:
-        try:
-            b.destroy()
-        except Exception as exc:  # poisoned by the timeout; teardown must still work
-            print(f"rank {rank}: destroy raised {exc}", flush=True)
-        if old_timeout is None:
-            os.environ.pop("EPCOMM_TIMEOUT_S", None)
-        else:
-            os.environ["EPCOMM_TIMEOUT_S"] = old_timeout
-
-
-def cached_timeout_case():
-    """One rank skips a CACHED dispatch, whose barrier is dispatch_send itself (no notify kernel runs): every other
-    rank raises CommTimeoutError naming phase notify and the skipping rank, within the bound."""
-    with timeout_buffer() as b:
         h, k, e = 512, 4, 16
         xs, idxs, ws = make_rank_inputs(10, [32] * R, h, k, e)
         x, idx = cp.asarray(xs[rank]), cp.asarray(idxs[rank])
@@ -461,6 +347,15 @@ def cached_timeout_case():
             b._backend.sync()
 
         expect_timeout(call, group, "notify", "a cached dispatch")
+    finally:
+        try:
+            b.destroy()
+        except Exception as exc:  # poisoned by the timeout; teardown must still work
+            print(f"rank {rank}: destroy raised {exc}", flush=True)
+        if old_timeout is None:
+            os.environ.pop("EPCOMM_TIMEOUT_S", None)
+        else:
+            os.environ["EPCOMM_TIMEOUT_S"] = old_timeout
 
 
 H = [2048, 4096, 7168, 7680]
@@ -526,11 +421,6 @@ for i, (name, kw) in enumerate(plan):
 cases.run("determinism_x1000" if not args.oversubscribed else "determinism_x20", determinism,
           20 if (args.oversubscribed or args.quick) else 1000)
 cases.run("combine_items_split_bitwise", combine_items_case)
-cases.run("push_combine_h2048_landing_rows", push_combine_case, [300 + 5 * r for r in range(R)], 2048)
-cases.run("push_combine_h7168_t0_rank", push_combine_case, [0] + [200] * (R - 1), 7168)
-if not args.oversubscribed:
-    cases.run("push_combine_h7168_t4096", push_combine_case, [4096] * R, 7168)
-cases.run("push_combine_no_room_pulls", push_combine_fallback_case)
 cases.run("cuda_graph_worst_tokens", cuda_graph)
 cases.run("cuda_graph_worst_tokens_zero_copy", cuda_graph, True)
 cases.run("cuda_graph_cached", cuda_graph_cached)
@@ -538,7 +428,6 @@ cases.run("cuda_graph_cached_zero_copy", cuda_graph_cached, True)
 cases.run("zero_copy_worst_tokens_over_capacity", zero_copy_capacity_case)
 cases.run("cached_timeout_names_rank_peer_phase", cached_timeout_case)
 cases.run("timeout_names_rank_peer_phase", timeout_case)
-cases.run("push_combine_timeout_names_rank_peer_phase", push_timeout_case)
 code = cases.finish()
 try:
     buf.destroy()
