@@ -266,7 +266,7 @@ KERNEL_PHASES = {  # in-kernel marks (intranode.cuh, mark()): slot -> what block
     "dispatch_recv": ("start", "waited", "rows done", None, None, "before error check"),
     "combine_stage": ("start", "waited", "rows done", "counted out", "last signalled", "before error check",
                       "arrived at the count"),
-    "combine_reduce": ("start", "waited", "rows done", "counted out", None, "before error check",
+    "combine_reduce": ("start", "waited", "rows done", "counted out", None, "thread 0 waited",
                        "arrived at the count"),
 }
 

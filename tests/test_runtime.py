@@ -353,7 +353,7 @@ __device__ void run(uint64_t* u64, uint32_t* u32, int32_t* s32, int64_t* s64, in
     bool ok = comm::wait_geq(u64 + 5, acc, w, 0, phase::kProbe) && comm::wait_geq(s32 + 8, 1, w, 0, phase::kProbe);
     ok = ok && comm::wait_eq(u64 + 6, 1, w, 1, phase::kBarrier) && comm::wait_eq(s32 + 9, 1, w, 1, phase::kBarrier);
     ok = ok && comm::wait_ne(u64 + 7, 0, w, 1, phase::kNotify) && comm::wait_ne(s32 + 10, 0, w, 1, phase::kNotify);
-    if (!comm::block_all_ok(ok) || comm::has_error(w) || comm::block_has_error(w)) return;
+    if (!comm::block_all_ok(ok) || comm::has_error(w) || comm::block_has_error(w) || comm::block_failed(ok, w)) return;
     if (comm::last_block_out<true>(s32 + 12) && comm::last_block_out<false>(s32 + 13)) s32[14] = 1;
     comm::record_error(w, comm::kErrCapacity, 1, phase::kDispatch, 10, 8);
 }

@@ -190,6 +190,14 @@ EPCOMM_DEVICE_INLINE bool wait_ne(const int32_t* addr, int32_t value, const Wait
     return detail::wait_until<kCmpNe>(addr, value, w, peer, phase);
 }
 
+// block_has_error after a block's waits, in one barrier instead of two: `ok` is this thread's wait result (true where
+// it did not wait). The waits must be warp 0's: thread kWarpSize, which does not wait, reads the slot as it reaches the
+// barrier, so the read overlaps the waits instead of following them (errors of earlier kernels, or recorded meanwhile).
+// True in every thread when the block must stop; all threads call it (more than one warp).
+EPCOMM_DEVICE_INLINE bool block_failed(bool ok, const Waiter& w) {
+    return __syncthreads_or(!ok || (threadIdx.x == kWarpSize && has_error(w))) != 0;
+}
+
 // The one owner of "last block out": true in every thread of the one block of the grid that counts itself out last
 // on *counter (every block calls it once, after its work; the caller resets the counter for the next launch).
 // Release: every block's stores (all its threads, ordered by the first barrier) happen before its count, through a

@@ -680,10 +680,11 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     using M = Meta<kNumRanks>;
     // Advanced by this call's combine_stage, or (fused_stage) by this kernel.
     const uint64_t epoch = *epoch_counter + (fused_stage ? 1 : 0);
-    if (fused_stage && threadIdx.x < kNumRanks) {  // every block: no wait depends on one block being resident
-        fence_acq_rel_sys();  // pairs with the acquire waits below at every peer
+    // Every block: no wait depends on one block being resident. The release store is a system-scope release by
+    // itself (a release pattern: the caller's earlier writes of the rows first); it pairs with the acquire waits
+    // below at every peer.
+    if (fused_stage && threadIdx.x < kNumRanks)
         st_release_sys_u64(M::flag(peer_base(peer_bases, threadIdx.x), kFlagCombineDone, rank), epoch);
-    }
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
     // An item's routing is its token's (load_route); the next item's is loaded before this item's rows, so no load
@@ -702,16 +703,17 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     __shared__ int area_start[kNumRanks];   // my block in rank d's receive order (= in d's staged rows, or in x_local)
     __shared__ const uint8_t* area[kNumRanks];
     comm::Waiter waiter(err_record, timeout_ns, rank);
+    bool waited = true;
     if (threadIdx.x < kNumRanks) {
         const int d = threadIdx.x;
         area_start[d] = block_start<kNumRanks>(count_matrix, rank, d);
         area[d] = peer_base(peer_bases, d) + data_offset;
         // Pairs with d's combine_stage release (last block out), or its release above: its staged rows are complete.
-        comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineDone, d), epoch, waiter, d, phase::kCombine);
+        waited = comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineDone, d), epoch, waiter, d,
+                                phase::kCombine);
     }
-    __syncthreads();
-    mark(marks, 5);  // diagnostics: before the error check
-    const bool skip = comm::block_has_error(waiter);
+    mark(marks, 5);  // diagnostics: thread 0 waited
+    const bool skip = comm::block_failed(waited, waiter);
     mark(marks, 1);
     for (int item_next; item < num_items && !skip; item = item_next) {
         const int my_pos = next_pos;
