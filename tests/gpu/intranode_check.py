@@ -4,6 +4,7 @@ Every rank makes ALL ranks' inputs from one seed, so expected values need no com
 CuPy's pool, which is poisoned before each case so that unwritten rows show. Dispatch is compared bit-exact,
 combine within bf16 rounding of the fp32 reference (same summation order; <= 1 ulp), FP8 scales bit-exact.
 --quick: a few cases; --oversubscribed: small shapes for several ranks per GPU (correctness only)."""
+import contextlib
 import hashlib
 import os
 import sys
@@ -326,27 +327,15 @@ def timeout_case():
     expect_timeout(call, group, "notify", "dispatch")
 
 
-def cached_timeout_case():
-    """One rank skips a CACHED dispatch, whose barrier is dispatch_send itself (no notify kernel runs): every other
-    rank raises CommTimeoutError naming phase notify and the skipping rank, within the bound. On a Buffer of its own
-    (destroyed after), so that the main Buffer stays usable for the cases after this one."""
+@contextlib.contextmanager
+def timeout_buffer():
+    """A small Buffer of its own with a 2 s wait bound, destroyed after (a timeout poisons it; teardown must still
+    work), so that the main Buffer stays usable for the cases after."""
     old_timeout = os.environ.get("EPCOMM_TIMEOUT_S")
     os.environ["EPCOMM_TIMEOUT_S"] = "2"
     b = epcomm.Buffer(group, num_nvl_bytes=nvl_buffer_size_hint(64, 1024, R, 4, zero_copy=True), backend="gpu")
     try:
-        h, k, e = 512, 4, 16
-        xs, idxs, ws = make_rank_inputs(10, [32] * R, h, k, e)
-        x, idx = cp.asarray(xs[rank]), cp.asarray(idxs[rank])
-        per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx, e)
-        _, _, _, _, handle, _ = b.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                                           num_tokens_per_expert=per_expert, topk_idx=idx,
-                                           topk_weights=cp.asarray(ws[rank]))
-
-        def call():
-            b.dispatch(x, handle=handle, zero_copy=True)
-            b._backend.sync()
-
-        expect_timeout(call, group, "notify", "a cached dispatch")
+        yield b
     finally:
         try:
             b.destroy()
@@ -356,6 +345,46 @@ def cached_timeout_case():
             os.environ.pop("EPCOMM_TIMEOUT_S", None)
         else:
             os.environ["EPCOMM_TIMEOUT_S"] = old_timeout
+
+
+def dispatch_small(b, seed, zero_copy=False):
+    """A dispatch of 32 tokens per rank (H 512, top-4 of 16) on b: (x, its rows, handle)."""
+    xs, idxs, ws = make_rank_inputs(seed, [32] * R, 512, 4, 16)
+    x, idx = cp.asarray(xs[rank]), cp.asarray(idxs[rank])
+    per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx, 16)
+    recv_x, _, _, _, handle, _ = b.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                            num_tokens_per_expert=per_expert, topk_idx=idx,
+                                            topk_weights=cp.asarray(ws[rank]), zero_copy=zero_copy)
+    return x, recv_x, handle
+
+
+def cached_timeout_case():
+    """One rank skips a CACHED dispatch, whose barrier is dispatch_send itself (no notify kernel runs): every other
+    rank raises CommTimeoutError naming phase notify and the skipping rank, within the bound."""
+    with timeout_buffer() as b:
+        x, _, handle = dispatch_small(b, 10)
+
+        def call():
+            b.dispatch(x, handle=handle, zero_copy=True)
+            b._backend.sync()
+
+        expect_timeout(call, group, "notify", "a cached dispatch")
+
+
+def combine_timeout_case():
+    """One rank skips a zero-copy combine without weights (combine_reduce alone: it releases and waits for every
+    rank's combine-done flag itself): every other rank raises CommTimeoutError naming phase combine and the skipping
+    rank, within the bound."""
+    with timeout_buffer() as b:
+        _, recv_x, handle = dispatch_small(b, 12, zero_copy=True)
+        cb = b.get_combine_buffer(handle)
+        cb.view(cp.uint16)[...] = recv_x.view(cp.uint16)
+
+        def call():
+            b.combine(None, handle, zero_copy=True)
+            b._backend.sync()
+
+        expect_timeout(call, group, "combine", "a zero-copy combine")
 
 
 H = [2048, 4096, 7168, 7680]
@@ -427,6 +456,7 @@ cases.run("cuda_graph_cached", cuda_graph_cached)
 cases.run("cuda_graph_cached_zero_copy", cuda_graph_cached, True)
 cases.run("zero_copy_worst_tokens_over_capacity", zero_copy_capacity_case)
 cases.run("cached_timeout_names_rank_peer_phase", cached_timeout_case)
+cases.run("combine_timeout_names_rank_peer_phase", combine_timeout_case)
 cases.run("timeout_names_rank_peer_phase", timeout_case)
 code = cases.finish()
 try:
