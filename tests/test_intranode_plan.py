@@ -100,7 +100,8 @@ def test_kernel_counters_mirror_the_header_and_do_not_overlap():
 def test_meta_bytes_match_intranode_cuh():
     """intranode.meta_bytes mirrors Meta<R>::kBytes (the data region starts there: a smaller mirror would let data
     overlap the flags): compiled and read back from the PTX."""
-    import re
+    import numpy as np
+    from test_runtime import _ptx_global_bytes  # tests/ is on sys.path (pytest's prepend import mode)
 
     from epcomm.runtime import compiler
 
@@ -111,8 +112,5 @@ def test_meta_bytes_match_intranode_cuh():
                for o in compiler.compile_options(intra.notify_spec(2), "sm_90a")]
     ptx, log = compiler._nvrtc_compile(source, "meta_check.cu", options, ptx=True)
     assert ptx is not None, log
-    m = re.search(r"epcomm_meta\[(\d+)\]\s*=\s*\{([^}]*)\}", ptx.decode())
-    assert m, "epcomm_meta not found in the PTX"
-    raw = bytes(int(v) for v in m.group(2).split(",")) + bytes(24)
-    device = [int.from_bytes(raw[8 * i:8 * i + 8], "little") for i in range(3)]
+    device = np.frombuffer(_ptx_global_bytes(ptx.decode(), "epcomm_meta", 24), dtype="<u8").tolist()
     assert device == [intra.meta_bytes(r) for r in (2, 4, 8)]
