@@ -665,8 +665,8 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
 // others were done), while most items stay whole (every item costs its own routing, ticket and ramp).
 // fused_stage (a zero-copy combine without weights: the caller wrote the rows into the staging region itself, so
 // combine_stage would have nothing to copy): this kernel owns the combine epoch and every block releases the
-// combine-done flag to every peer at its start, after a system fence (the caller's earlier writes of the rows
-// first); the last block out stores the epoch.
+// combine-done flag to every peer at its start (a system-scope release store: the caller's earlier writes of the
+// rows first); the last block out stores the epoch.
 template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long data_offset, long long off_cx,
                                          long long off_cw, int row_int4, int num_topk,

@@ -315,16 +315,7 @@ def timeout_case():
     """One rank skips a dispatch: the others raise CommTimeoutError naming phase notify and the skipping rank, within
     the bound."""
     os.environ["EPCOMM_TIMEOUT_S"] = "2"
-    h, k, e = 512, 4, 16
-    xs, idxs, ws = make_rank_inputs(9, [32] * R, h, k, e)
-    idx = cp.asarray(idxs[rank])
-    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
-
-    def call():
-        buf.dispatch(cp.asarray(xs[rank]), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                     num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=cp.asarray(ws[rank]))
-
-    expect_timeout(call, group, "notify", "dispatch")
+    expect_timeout(lambda: dispatch_small(buf, 9), group, "notify", "dispatch")
 
 
 @contextlib.contextmanager
