@@ -1,7 +1,8 @@
 """epcomm.Buffer: the public API (DeepEP's deep_ep.Buffer, framework-neutral).
 
-Arguments are converted at the boundary (interop), validated (validate), handed to a backend (CPU: numpy over
-mpi4py; GPU: NVRTC-compiled kernels over NVLink/NVSHMEM) and the results come back in the caller's array type.
+Arguments are converted at the boundary (interop), validated (validate), handed to a backend (epcomm/backend.py:
+CPU, numpy over mpi4py; GPU, kernel families over NVLink/NVSHMEM) and the results come back in the caller's array
+type.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from . import validate as v
 from .config import Config, env
 from .errors import ConfigError, EpcommError
 from .handles import DispatchHandle, Event, LowLatencyHandle
-from .interop import BF16, FP8, as_cupy, as_numpy, caller_stream, framework_of, to_framework
+from .interop import BF16, FP8, framework_of, to_framework
 
 
 @dataclass
@@ -34,10 +35,14 @@ class Buffer:
 
     group: an epcomm.Group, an mpi4py communicator, or None for MPI.COMM_WORLD.
     num_nvl_bytes: bytes of the NVLink buffer of the normal kernels (see Config.get_nvl_buffer_size_hint);
-        0 lets the buffer size itself on first use for the shapes it sees.
-    num_rdma_bytes: bytes of the NVSHMEM buffer (low-latency mode: get_low_latency_rdma_size_hint).
+        0: sized for 4096 tokens of hidden 7168 per rank, or, with low_latency_mode=True, no normal-mode buffer at
+        all (normal-mode calls then raise ConfigError; get_dispatch_layout still works).
+    num_rdma_bytes: bytes of the NVSHMEM buffer (low-latency mode: get_low_latency_rdma_size_hint); 0 sizes it on
+        the first low-latency call.
     low_latency_mode: allocate the low-latency buffers.
     backend: 'cpu' or 'gpu'; default EPCOMM_BACKEND ('auto': GPU when one is visible).
+    The attributes num_nvl_bytes / num_rdma_bytes report the bytes allocated on the GPU (the CPU backend allocates
+    none and reports what was asked for).
     """
 
     num_sms: ClassVar[int] = 24
@@ -45,8 +50,8 @@ class Buffer:
     def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
                  num_qps_per_rank: int = 1, *, backend: str | None = None):
         from .group import Group, gpu_count
-        self.num_nvl_bytes = v.check_int(num_nvl_bytes, "num_nvl_bytes", 0)
-        self.num_rdma_bytes = v.check_int(num_rdma_bytes, "num_rdma_bytes", 0)
+        nvl_bytes = v.check_int(num_nvl_bytes, "num_nvl_bytes", 0)
+        rdma_bytes = v.check_int(num_rdma_bytes, "num_rdma_bytes", 0)
         self.low_latency_mode = bool(low_latency_mode)
         choice = backend or env("EPCOMM_BACKEND")
         if choice not in ("auto", "cpu", "gpu"):
@@ -57,14 +62,38 @@ class Buffer:
         self.group = group if isinstance(group, Group) else Group(group, use_gpu=(choice == "gpu"))
         self.rank, self.num_ranks = self.group.rank, self.group.size
         if choice == "gpu":
-            from .gpu_backend import GpuBackend
-            self._backend = GpuBackend(self.group, self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode)
+            from .gpu.backend import GpuBackend
+            self._backend = GpuBackend(self.group, nvl_bytes, rdma_bytes, self.low_latency_mode)
         else:
             from .cpu_backend import CpuBackend
-            self._backend = CpuBackend(self.group)
+            self._backend = CpuBackend(self.group, nvl_bytes, rdma_bytes)
         self.backend = choice
         self._closed = False
         self._combined_since_dispatch = False  # get_combine_buffer's guard (see there)
+
+    @property
+    def num_nvl_bytes(self) -> int:
+        """Bytes of the normal-mode NVLink buffer this rank allocated (0: none)."""
+        return self._backend.num_nvl_bytes
+
+    @property
+    def num_rdma_bytes(self) -> int:
+        """Bytes of the low-latency NVSHMEM buffer this rank allocated (0: none yet)."""
+        return self._backend.num_rdma_bytes
+
+    # -- tuning --------------------------------------------------------------------------------------------
+    def tuning(self, family: str):
+        """The frozen tuning object of a kernel family: "intranode" (epcomm.intranode.IntranodeTuning) or
+        "low_latency" (epcomm.low_latency.LowLatencyTuning)."""
+        self._check_open()
+        return self._backend.tuning(family)
+
+    def set_tuning(self, family: str, **changes):
+        """Change fields of a family's tuning (see tuning()); returns the previous object, so that
+        `old = buf.set_tuning("intranode", reduce_parts=2) ... buf.set_tuning("intranode", **vars(old))` restores it.
+        Every rank must make the same change (some fields decide which kernels run). Results never depend on it."""
+        self._check_open()
+        return self._backend.set_tuning(family, **changes)
 
     # -- static settings -----------------------------------------------------------------------------------
     @staticmethod
@@ -93,26 +122,21 @@ class Buffer:
 
     def _on_device(self):
         """The rank's GPU made current (other libraries, e.g. JAX at start-up, may switch the thread's device)."""
-        if self.backend != "gpu":
-            return contextlib.nullcontext()
-        import cupy
-        return cupy.cuda.Device(self.group.device)
+        return self._backend.device_scope()
 
     def _in(self, a, name):
-        if self.backend != "gpu":
-            return as_numpy(a, name)
         with self._on_device():
-            return as_cupy(a, name)
+            return self._backend.import_array(a, name)
 
     def _topk_idx(self, topk_idx, num_tokens=None):
-        """topk_idx checked and widened to int64 on the rank's GPU: the widening is a kernel, and run on whatever
+        """topk_idx checked and widened to int64 on the rank's device: the widening is a kernel, and run on whatever
         device is current (JAX makes device 0 current in every process) it would write a copy on the wrong GPU,
-        unordered with the call's stream (found by the low-latency JAX interop check: garbage expert indices)."""
-        if self.backend != "gpu":
-            return v.check_topk_idx(self._in(topk_idx, "topk_idx"), num_tokens)
+        unordered with the call's stream. It runs on the caller's stream, which the call's comm stream then waits
+        for."""
         with self._on_device():
             idx = self._in(topk_idx, "topk_idx")
-            with caller_stream(topk_idx):  # and on the caller's stream, which the call's comm stream then waits for
+            stream = self._backend.caller_stream(topk_idx)
+            with stream if stream is not None else contextlib.nullcontext():
                 return v.check_topk_idx(idx, num_tokens)
 
     def _in_x(self, x, name="x"):
@@ -124,8 +148,8 @@ class Buffer:
         if previous_event is not None and not isinstance(previous_event, Event):
             raise ConfigError(f"previous_event: expected an epcomm Event or None, got {type(previous_event).__name__}")
         with self._on_device():
-            stream = caller_stream(like) if self.backend == "gpu" else None
-        sync = self.backend == "gpu" and framework_of(like) == "jax"
+            stream = self._backend.caller_stream(like)
+        sync = self._backend.on_device and framework_of(like) == "jax"
         return CallContext(stream, previous_event, bool(async_finish), bool(allocate_on_comm_stream), sync,
                            framework_of(like))
 
@@ -146,15 +170,11 @@ class Buffer:
         fw = framework_of(topk_idx, "topk_idx")
         idx = self._topk_idx(topk_idx)
         e = v.check_num_experts(num_experts, self.num_ranks)
-        if self.backend == "cpu":
-            v.check_topk_range_host(idx, e)
+        self._backend.check_topk_range(idx, e)
         ctx = self._ctx(topk_idx, previous_event, async_finish, allocate_on_comm_stream)
-        per_rank, per_rdma, per_expert, in_rank, ev = self._call("get_dispatch_layout", idx, e, ctx=ctx)
+        per_rank, per_rdma, per_expert, in_rank, ev = self._run(
+            lambda: self._backend.get_dispatch_layout(idx, e, ctx), ctx)
         return self._out(per_rank, fw), self._out(per_rdma, fw), self._out(per_expert, fw), self._out(in_rank, fw), ev
-
-    def _call(self, name, *args, ctx, **kwargs):
-        """A backend method: its outputs followed by an Event (None when the work is already complete)."""
-        return self._run(lambda: getattr(self._backend, name)(*args, ctx=ctx, **kwargs), ctx)
 
     def _run(self, fn, ctx):
         """The one place where backend work meets the caller: fn() runs on the rank's GPU and returns an Event (None
@@ -214,7 +234,7 @@ class Buffer:
                 v.fail("x", f"[{handle.num_tokens}, hidden] rows (the handle's token count)", data)
             if topk_idx is not None or topk_weights is not None:
                 raise ConfigError("topk_idx/topk_weights: a cached dispatch (handle=...) takes neither")
-            recv_x, ev = self._call("cached_dispatch", xin, handle, config, ctx=ctx, zero_copy=bool(zero_copy))
+            recv_x, ev = self._run(lambda: self._backend.cached_dispatch(xin, handle, config, ctx, bool(zero_copy)), ctx)
             self._combined_since_dispatch = False
             return self._out(recv_x, fw), None, None, None, handle, ev
         if is_token_in_rank is None:
@@ -233,16 +253,16 @@ class Buffer:
         per_expert = self._in(num_tokens_per_expert, "num_tokens_per_expert")
         v.check_array(per_expert, "num_tokens_per_expert", (None,), np.int32, "[num_experts] int32")
         e = v.check_num_experts(per_expert.shape[0], self.num_ranks)
-        if idx is not None and self.backend == "cpu":
-            v.check_topk_range_host(idx, e)
+        if idx is not None:
+            self._backend.check_topk_range(idx, e)
         align = v.check_int(expert_alignment, "expert_alignment", 1)
         worst = v.check_int(num_worst_tokens, "num_worst_tokens", 0)
         if num_tokens_per_rank is not None:
             v.check_array(self._in(num_tokens_per_rank, "num_tokens_per_rank"), "num_tokens_per_rank",
                           (self.num_ranks,), np.int32, f"[{self.num_ranks}] int32")
-        extra = {"num_tokens_per_expert": per_expert} if self.backend == "gpu" else {}
-        recv_x, recv_idx, recv_w, per_expert_list, new_handle, ev = self._call(
-            "dispatch", xin, idx, w, in_rank, e, align, worst, config, ctx=ctx, zero_copy=bool(zero_copy), **extra)
+        recv_x, recv_idx, recv_w, per_expert_list, new_handle, ev = self._run(
+            lambda: self._backend.dispatch(xin, idx, w, in_rank, e, align, worst, config, ctx,
+                                           num_tokens_per_expert=per_expert, zero_copy=bool(zero_copy)), ctx)
         self._combined_since_dispatch = False
         return self._out(recv_x, fw), self._out(recv_idx, fw), self._out(recv_w, fw), per_expert_list, new_handle, ev
 
@@ -266,7 +286,7 @@ class Buffer:
                               "may still be reading the staging rows, so they cannot be handed out for writing "
                               "before the next dispatch (a dispatch is a barrier of every rank)")
         with self._on_device():
-            return self._backend.get_combine_buffer(handle, 0)
+            return self._backend.get_combine_buffer(handle)
 
     def combine(self, x, handle: DispatchHandle, topk_weights=None, bias=None, config: Config | None = None,
                 previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False,
@@ -302,8 +322,8 @@ class Buffer:
             biases = v.check_bias(tuple(self._in(b, "bias") for b in items), handle.num_tokens, handle.hidden)
         config = config or Config(num_sms=Buffer.num_sms)
         ctx = self._ctx(like, previous_event, async_finish, allocate_on_comm_stream)
-        combined, combined_w, ev = self._call("combine", xin, handle, w, biases, config, ctx=ctx,
-                                              zero_copy=bool(zero_copy))
+        combined, combined_w, ev = self._run(
+            lambda: self._backend.combine(xin, handle, w, biases, config, ctx, bool(zero_copy)), ctx)
         self._combined_since_dispatch = True
         return self._out(combined, fw), self._out(combined_w, fw), ev
 
@@ -339,8 +359,7 @@ class Buffer:
             raise ConfigError("use_ue8m0: needs use_fp8=True")
         idx = self._topk_idx(topk_idx, t)
         e = v.check_num_experts(num_experts, self.num_ranks)
-        if self.backend == "cpu":
-            v.check_topk_range_host(idx, e)
+        self._backend.check_topk_range(idx, e)
         e_local = e // self.num_ranks
         stats = wait = None
         if cumulative_local_expert_recv_stats is not None:
@@ -351,9 +370,10 @@ class Buffer:
             v.check_array(wait, "dispatch_wait_recv_cost_stats", (self.num_ranks,), np.int64,
                           f"[{self.num_ranks}] int64")
         ctx = self._ctx(x, None, async_finish, False)
-        recv_x, recv_count, handle, hook, ev = self._call(
-            "low_latency_dispatch", xin, idx, tmax, e, bool(use_fp8), bool(round_scale), bool(use_ue8m0),
-            bool(return_recv_hook), stats, wait, ctx=ctx)
+        recv_x, recv_count, handle, hook, ev = self._run(
+            lambda: self._backend.low_latency_dispatch(xin, idx, tmax, e, bool(use_fp8), bool(round_scale),
+                                                       bool(use_ue8m0), bool(return_recv_hook), stats, wait, ctx),
+            ctx)
         return self._out(recv_x, fw), self._out(recv_count, fw), handle, ev, self._hook(hook, ctx)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):
@@ -361,7 +381,8 @@ class Buffer:
         self._check_open()
         if not isinstance(handle, LowLatencyHandle):
             raise ConfigError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
-        return self._backend.get_next_low_latency_combine_buffer(handle)
+        with self._on_device():
+            return self._backend.get_next_low_latency_combine_buffer(handle)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, zero_copy: bool = False,
                             async_finish: bool = False, return_recv_hook: bool = False, out=None):
@@ -389,16 +410,16 @@ class Buffer:
             v.check_array(o, "out", (handle.num_tokens, handle.hidden), BF16, f"[{handle.num_tokens}, {handle.hidden}] bf16")
         self._check_hook_framework(return_recv_hook, fw)
         ctx = self._ctx(topk_idx, None, async_finish, False)
-        combined, hook, ev = self._call("low_latency_combine", xin, idx, w, handle, bool(zero_copy),
-                                        bool(return_recv_hook), o, ctx=ctx)
+        combined, hook, ev = self._run(
+            lambda: self._backend.low_latency_combine(xin, idx, w, handle, bool(zero_copy), bool(return_recv_hook), o,
+                                                      ctx), ctx)
         return (out if out is not None else self._out(combined, fw)), ev, self._hook(hook, ctx)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset both low-latency buffers (needed only after an error or a change of shapes)."""
         self._check_open()
-        clean = getattr(self._backend, "clean_low_latency_buffer", None)
-        if clean is not None:
-            clean(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        with self._on_device():
+            self._backend.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     # -- lifetime ------------------------------------------------------------------------------------------
     def destroy(self) -> None:

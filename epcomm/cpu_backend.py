@@ -6,30 +6,76 @@ over the communicator (Group.exchange: CommTimeoutError instead of a hang), and 
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
+from . import intranode as intranode_plan
+from . import low_latency as low_latency_plan
 from . import reference as ref
 from .errors import ConfigError
 from .handles import DispatchHandle, Event, LowLatencyHandle
+from .interop import as_numpy
+from .validate import check_topk_range_host
+
+
+@dataclass
+class CpuDispatchState:
+    """What a CPU dispatch keeps in its DispatchHandle: the array a zero-copy combine of it reads (made on demand)."""
+    combine_buffer: np.ndarray | None = None
 
 
 class CpuBackend:
+    """The Backend protocol (epcomm/backend.py) on the host. It allocates no buffers and reports the sizes it was
+    asked for. Tuning objects are kept (so code that tunes runs on both backends) but change nothing here: there are
+    no kernels to tune."""
     name = "cpu"
+    on_device = False
 
-    def __init__(self, group):
+    def __init__(self, group, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0):
         self.group = group
+        self.num_nvl_bytes, self.num_rdma_bytes = int(num_nvl_bytes), int(num_rdma_bytes)
         self.rank, self.num_ranks = group.rank, group.size
         self._ll_combine_buffers: dict[int, np.ndarray] = {}
         self._ll_next = 0
+        self._tuning = {"intranode": intranode_plan.default_tuning(self.num_ranks),
+                        "low_latency": low_latency_plan.LowLatencyTuning()}
+
+    # -- the boundary ---------------------------------------------------------------------------------------
+    def device_scope(self):
+        return contextlib.nullcontext()
+
+    def import_array(self, a, name: str):
+        return as_numpy(a, name)
+
+    def caller_stream(self, like):
+        return None
+
+    def check_topk_range(self, topk_idx, num_experts: int) -> None:
+        check_topk_range_host(topk_idx, num_experts)
+
+    def tuning(self, family: str):
+        if family not in self._tuning:
+            raise ConfigError(f"family: expected 'intranode' or 'low_latency', got {family!r}")
+        return self._tuning[family]
+
+    def set_tuning(self, family: str, **changes):
+        old = self.tuning(family)
+        self._tuning[family] = dataclasses.replace(old, **changes)
+        return old
+
+    def sync(self) -> None:
+        pass
 
     # -- normal mode --------------------------------------------------------------------------------------
-    def get_dispatch_layout(self, topk_idx, num_experts, ctx=None):
+    def get_dispatch_layout(self, topk_idx, num_experts, call=None):
         return (*ref.get_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.group.num_nodes), None)
 
     def dispatch(self, x, topk_idx, topk_weights, is_token_in_rank, num_experts, expert_alignment,
-                 num_worst_tokens, config, ctx=None, zero_copy=False):
+                 num_worst_tokens, config, call=None, num_tokens_per_expert=None, zero_copy=False):
         # zero_copy: the outputs are fresh arrays here, which keeps the promise (valid until the next dispatch).
         x = _fp8_view(x)
         msgs = ref.dispatch_send(x, topk_idx, topk_weights, is_token_in_rank)
@@ -45,28 +91,30 @@ class CpuBackend:
         handle = DispatchHandle(
             num_ranks=self.num_ranks, num_experts=num_experts, num_tokens=data.shape[0], hidden=data.shape[1],
             is_token_in_rank=is_token_in_rank, num_recv_tokens_per_source=counts, rank_prefix_matrix=matrix,
-            recv_src_idx=res.recv_src_idx, num_recv_tokens=res.num_recv_tokens, num_worst_tokens=num_worst_tokens)
+            recv_src_idx=res.recv_src_idx, num_recv_tokens=res.num_recv_tokens, num_worst_tokens=num_worst_tokens,
+            state=CpuDispatchState())
         return (res.recv_x, res.recv_topk_idx, res.recv_topk_weights, list(res.num_recv_tokens_per_expert_list),
                 handle, None)
 
-    def cached_dispatch(self, x, handle: DispatchHandle, config, ctx=None, zero_copy=False):
+    def cached_dispatch(self, x, handle: DispatchHandle, config, call=None, zero_copy=False):
         msgs = ref.dispatch_send(_fp8_view(x), None, None, handle.is_token_in_rank)
         res = ref.dispatch_recv(self.group.exchange(msgs, "cached_dispatch"), self.rank, self.num_ranks,
                                 handle.num_experts, 1, handle.num_worst_tokens)
         return res.recv_x, None
 
-    def get_combine_buffer(self, handle: DispatchHandle, num_topk: int):
+    def get_combine_buffer(self, handle: DispatchHandle):
         """An array kept with the handle; a zero-copy combine of the handle reads it (as the GPU's staging rows)."""
-        rows = handle.num_rows
-        buf = handle.backend_state.get("combine_buffer")
-        if buf is None:
+        state = handle.state
+        if not isinstance(state, CpuDispatchState):
+            raise ConfigError("handle: expected the handle of a dispatch made by this Buffer (CPU backend)")
+        if state.combine_buffer is None:
             from .interop import BF16
-            buf = handle.backend_state["combine_buffer"] = np.zeros((rows, handle.hidden), BF16)
-        return buf
+            state.combine_buffer = np.zeros((handle.num_rows, handle.hidden), BF16)
+        return state.combine_buffer
 
-    def combine(self, x, handle: DispatchHandle, topk_weights, bias, config, ctx=None, zero_copy=False):
+    def combine(self, x, handle: DispatchHandle, topk_weights, bias, config, call=None, zero_copy=False):
         if zero_copy:
-            view = self.get_combine_buffer(handle, 0)
+            view = self.get_combine_buffer(handle)
             if x is not None and x is not view and not np.shares_memory(x, view):
                 raise ConfigError("x: a zero-copy combine reads the array get_combine_buffer(handle) returned, and "
                                   "this is another array; pass x=None or that array")
@@ -79,10 +127,10 @@ class CpuBackend:
         return combined, combined_w, None
 
     # -- low-latency mode ---------------------------------------------------------------------------------
-    # Returns as LowLatencyGpu's: (outputs..., hook or None, event); a hook returns the Event of its receive. Here
+    # Returns as the GPU launcher's (epcomm/gpu/low_latency.py): (outputs..., hook or None, event); a hook returns the Event of its receive. Here
     # every half is complete when it returns, so the events are None and Event() (already complete).
     def low_latency_dispatch(self, x, topk_idx, tmax, num_experts, use_fp8, round_scale, use_ue8m0,
-                             return_recv_hook, cumulative_stats, wait_stats, ctx=None):
+                             return_recv_hook, cumulative_stats, wait_stats, call=None):
         msgs = ref.low_latency_dispatch_send(x, topk_idx, self.rank, self.num_ranks, num_experts, tmax,
                                              use_fp8, round_scale, use_ue8m0)
         slot: dict = {}
@@ -130,7 +178,7 @@ class CpuBackend:
         return buf
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, zero_copy,
-                            return_recv_hook, out, ctx=None):
+                            return_recv_hook, out, call=None):
         if zero_copy:
             x = self.get_next_low_latency_combine_buffer(handle)
         msgs = ref.low_latency_combine_send(x, handle.src_info, handle.layout_range)
@@ -149,8 +197,8 @@ class CpuBackend:
         hook()
         return out, None, None
 
-    def make_event(self) -> Event:
-        return Event()
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts) -> None:
+        """Nothing to reset: every CPU call is complete when it returns."""
 
     def close(self) -> None:
         self._ll_combine_buffers.clear()

@@ -1,7 +1,7 @@
 """Handles and events: what a dispatch returns for its combine (or a cached dispatch), and completion events."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -21,6 +21,8 @@ class DispatchHandle:
     num_recv_tokens: N, the true received row count (None until the host has read it in num_worst_tokens mode).
     num_worst_tokens: the padded row count of the outputs (0 when not padded).
     device_num_recv_tokens: [1] int32 device array with N (GPU; None on CPU).
+    state: what the family that made the dispatch keeps for its combine and cached dispatches (a typed object:
+        intranode.IntranodeHandleState on the GPU, cpu_backend.CpuDispatchState on the CPU backend).
     """
     num_ranks: int
     num_experts: int
@@ -34,7 +36,7 @@ class DispatchHandle:
     num_worst_tokens: int = 0
     send_pos: Any = None
     device_num_recv_tokens: Any = None
-    backend_state: dict = field(default_factory=dict)
+    state: Any = None
 
     @property
     def num_rows(self) -> int | None:
@@ -51,6 +53,7 @@ class LowLatencyHandle:
     layout_range: [E_local, R] int64, (begin << 32) | count of the rows from each source rank.
     num_max_dispatch_tokens_per_rank: Tmax.  hidden: H.  num_experts: E.
     num_tokens: T of the dispatching rank.  buffer_idx: which of the two alternating buffers it used.
+    state: the family's typed state (low_latency.LowLatencyHandleState on the GPU; None on the CPU backend).
     """
     src_info: Any
     layout_range: Any
@@ -59,7 +62,7 @@ class LowLatencyHandle:
     num_experts: int
     num_tokens: int
     buffer_idx: int = 0
-    backend_state: dict = field(default_factory=dict)
+    state: Any = None
 
 
 class Event:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError
 from .runtime import KernelSpec, register_family
@@ -114,6 +115,59 @@ def default_peer_sms(num_sms: int, num_ranks: int, fp8: bool = False) -> int:
     peers = round(num_sms * weight / (weight + 1))
     return max(1, min(num_sms - 1, peers))
 
+
+
+@dataclass(frozen=True)
+class IntranodeTuning:
+    """How the intranode kernels deal their work (results are identical for every setting; the GPU suite checks it).
+
+    dynamic_tokens: dispatch_send's and combine_reduce's warps take tokens from a ticket counter (else a static deal).
+    fuse_kernels: a cached dispatch runs without notify (dispatch_send is the barrier), a zero-copy cached dispatch
+        without dispatch_recv (the send's last block waits for the rows), and a zero-copy combine without weights
+        without combine_stage (combine_reduce signals its rows).
+    reduce_parts: combine_reduce splits its last tokens into this many channel ranges each (1..8).
+    reduce_tail_warps: how many tokens are split, in units of the kernel's warp count (None: every token).
+    Change it with Buffer.set_tuning("intranode", **changes).
+    """
+    dynamic_tokens: bool = True
+    fuse_kernels: bool = True
+    reduce_parts: int = 4
+    reduce_tail_warps: float | None = 1.0
+
+    def __post_init__(self):
+        for name in ("dynamic_tokens", "fuse_kernels"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"IntranodeTuning.{name}: expected a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.reduce_parts, int) or not 1 <= self.reduce_parts <= 8:
+            raise ConfigError(f"IntranodeTuning.reduce_parts: expected an int in 1..8, got {self.reduce_parts!r}")
+        tail = self.reduce_tail_warps
+        if tail is not None and (isinstance(tail, bool) or not isinstance(tail, (int, float)) or tail < 0):
+            raise ConfigError(f"IntranodeTuning.reduce_tail_warps: expected None or a number >= 0, got {tail!r}")
+
+    def tail_tokens(self, num_tokens: int, num_warps: int) -> int:
+        """How many of combine_reduce's last tokens are split into reduce_parts pieces."""
+        if self.reduce_tail_warps is None:
+            return num_tokens
+        return min(num_tokens, int(round(self.reduce_tail_warps * num_warps)))
+
+
+def default_tuning(num_ranks: int) -> IntranodeTuning:
+    """The intranode family's heuristics: whole tokens from tickets, quarter tokens for the last (warp count) tokens
+    of the combine, fused kernels (bench/NOTES.md has the sweeps behind each default)."""
+    return IntranodeTuning()
+
+
+@dataclass(frozen=True)
+class IntranodeHandleState:
+    """What an intranode dispatch leaves in its DispatchHandle for the combine and cached dispatches.
+
+    count_matrix: [R, R] int32 device counts of the dispatch's epoch ([s, d] = rows source s sent to d).
+    info: [1 + E_local] int32 device array: N, then the aligned per-expert receive counts.
+    layout: the RecvLayout of the dispatch.
+    """
+    count_matrix: Any
+    info: Any
+    layout: RecvLayout
 
 
 # -- kernel specs (the ABI: params are the stub's parameter list and the launch conversion) -----------------
