@@ -71,8 +71,13 @@ if [ $BENCH = 1 ] && [ $NGPU -ge 2 ]; then
   run bench_low_latency 120 $MPIRUN -n $NGPU $PY bench/bench_low_latency.py $BENCH_ARGS --out "$OUTDIR"
   cat "$OUTDIR/bench_low_latency.log" | grep -E "^\|" || true
 fi
-# 5. Several ranks per GPU (EP4 / EP8 correctness on fewer GPUs; time-sliced, so correctness only), last.
-if [ $NGPU -ge 2 ] && [ $QUICK = 0 ]; then
+# 5. Several ranks per GPU (EP2 on one GPU, EP4 / EP8 correctness on fewer GPUs; time-sliced, so correctness only),
+#    last. On one GPU the steps above ran EP1 (what a user with one GPU tries first).
+if [ $NGPU -eq 1 ]; then
+  run intranode_ep2_oversub 150 $MPIRUN -n 2 $PY tests/gpu/intranode_check.py --oversubscribed
+  run low_latency_ep2_oversub 150 $MPIRUN -n 2 $PY tests/gpu/low_latency_check.py --oversubscribed
+fi
+if [ $QUICK = 0 ]; then
   run intranode_ep4_oversub 120 $MPIRUN -n 4 $PY tests/gpu/intranode_check.py --oversubscribed
   run low_latency_ep4_oversub 120 $MPIRUN -n 4 $PY tests/gpu/low_latency_check.py --oversubscribed
   run intranode_ep8_oversub 120 $MPIRUN -n 8 $PY tests/gpu/intranode_check.py --oversubscribed

@@ -1,5 +1,6 @@
 """Tiny pass/fail harness for the mpirun-launched GPU checks: each rank runs named cases, rank 0 prints
-'N passed, M failed' over all ranks (a case fails if it fails on any rank)."""
+'N passed, M failed, K skipped' over all ranks (a case fails if it fails on any rank; a skipped case, one that cannot
+run at this rank count, is named with its reason and never counted as passed)."""
 from __future__ import annotations
 
 import sys
@@ -25,17 +26,26 @@ class Cases:
               flush=True)
         return ok
 
+    def skip(self, name, why):
+        """A case that cannot run here (e.g. it needs a second rank): reported as skipped, with the reason."""
+        self.results.append((name, None, why, 0.0))
+        print(f"rank {self.comm.rank}: skip {name}: {why}", flush=True)
+
     def finish(self) -> int:
         allres = self.comm.gather(self.results, root=0)
-        bad = 0
+        bad = skipped = 0
         if self.comm.rank == 0:
             names = [r[0] for r in allres[0]]
             for i, name in enumerate(names):
+                if allres[0][i][1] is None:
+                    skipped += 1
+                    print(f"SKIPPED {name}: {allres[0][i][2]}")
+                    continue
                 fails = [(rk, rr[i][2]) for rk, rr in enumerate(allres) if i < len(rr) and not rr[i][1]]
                 if fails:
                     bad += 1
                     print(f"FAILED {name}: " + "; ".join(f"rank {rk}: {m[:200]}" for rk, m in fails))
-            print(f"{len(names) - bad} passed, {bad} failed")
+            print(f"{len(names) - bad - skipped} passed, {bad} failed, {skipped} skipped")
         bad = self.comm.bcast(bad, root=0)
         return 1 if bad else 0
 
