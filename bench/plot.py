@@ -1,11 +1,15 @@
 """Plots of benchmark records (bench/results/*.jsonl): GB/s against SMs for the intranode sweep (used by
-bench_intranode.py after a run, and offline: `python bench/plot.py --commit 43a3d02 --ranks 2 --out plot.png`), and
-the zero-copy times of every commit measured, against the goals (`python bench/plot.py --versions --out v.png`)."""
+bench_intranode.py after a run, and offline: `python bench/plot.py --commit dee4104 --ranks 2`), and the zero-copy
+times of every commit measured, against the goals (`python bench/plot.py --versions`). Plots are not tracked: they are
+drawn on demand from the JSON lines, by default into gpu_out/plots/ (ignored), or wherever --out says."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PLOT_DIR = os.path.join(os.path.dirname(HERE), "gpu_out", "plots")  # ignored, like everything a run produces
 
 OPS = (("dispatch", "fp8", "cached-graph"), ("dispatch", "bf16", "cached-graph"), ("combine", "bf16", "graph"))
 
@@ -85,15 +89,26 @@ def plot_versions(rows: list[dict], title: str, path: str, ranks: int = 2) -> No
     plt.close(fig)
 
 
+def default_out(commit: str | None, ranks: int, versions: bool) -> str:
+    """Where a plot goes without --out: gpu_out/plots/, one file name per (kind, ranks, commit), so a redraw
+    overwrites its own file."""
+    name = f"intranode_versions_ep{ranks}.png" if versions else f"intranode_sms_ep{ranks}_{commit}.png"
+    return os.path.join(PLOT_DIR, name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--commit", help="plot this commit's SM sweep")
     ap.add_argument("--versions", action="store_true", help="plot the zero-copy times of every commit instead")
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                      "intranode.jsonl"))
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--results", default=os.path.join(HERE, "results", "intranode.jsonl"))
+    ap.add_argument("--out", help="the PNG to write (default: gpu_out/plots/, named by kind, ranks and commit)")
     args = ap.parse_args()
+    if not args.versions and not args.commit:
+        ap.error("--commit or --versions is required")
+    if args.out is None:
+        args.out = default_out(args.commit, args.ranks, args.versions)
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.results) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if args.versions:
@@ -104,8 +119,6 @@ def main() -> None:
             raise SystemExit(str(exc))
         print(f"wrote {args.out}")
         return
-    if not args.commit:
-        ap.error("--commit or --versions is required")
     rows = [r for r in rows if r["commit"] == args.commit and r["ranks"] == args.ranks]
     if not rows:
         raise SystemExit(f"no records of commit {args.commit} with {args.ranks} ranks in {args.results}")

@@ -88,7 +88,7 @@ def check_topk_weights(topk_weights, topk_idx, name: str = "topk_weights"):
                        f"[{topk_idx.shape[0]}, {topk_idx.shape[1]}] float32 (the shape of topk_idx)")
 
 
-def check_dispatch_x(x, hidden_rule: str = "normal"):
+def check_dispatch_x(x):
     """x: bf16 [T,H] or (e4m3 [T,H], scales [T,H/128] float32, any strides). Returns (data, scales or None)."""
     if isinstance(x, tuple):
         if len(x) != 2:

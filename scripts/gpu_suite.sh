@@ -2,8 +2,10 @@
 # The GPU suite: on a machine with GPUs, install what is missing, then run the GPU checks under mpirun on all
 # visible GPUs (and several ranks per GPU for EP4/EP8 correctness), then the quick benchmark; prints a short table.
 # Usage: bash scripts/gpu_suite.sh [--quick] [--no-bench] [--bench-full]
-# Results: ./gpu_out gets every log, bench JSON line file and plot; when $OUT is set (the device tool, which returns
-# at most 8 files) they also go there as ONE archive, gpu_suite.tgz, beside a copy of the summary table.
+# Results: ./gpu_out (ignored by git, emptied at the start of every run) gets every log, bench JSON line file and plot;
+# when $OUT is set (the device tool, which returns at most 8 files) they also go there as ONE archive, gpu_suite.tgz,
+# beside a copy of the summary table. Only the JSON lines are kept in the tree (bench/results/*.jsonl, which the
+# benchmarks also append to); logs stay out of it, plots are redrawn by bench/plot.py (see bench/NOTES.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

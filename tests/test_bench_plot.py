@@ -1,6 +1,7 @@
 """bench/plot.py: the SM-sweep plot drawn from benchmark records (CPU only; matplotlib comes with the test extra)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -75,3 +76,23 @@ def test_versions_plot_from_records(tmp_path):
     done = subprocess.run([sys.executable, PLOT, "--versions", "--ranks", "8", "--results", str(results), "--out",
                            str(tmp_path / "none.png")], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "no zero-copy records at 8 ranks" in done.stderr
+
+
+def test_default_out_is_ignored_and_stable():
+    """Without --out a plot goes to gpu_out/plots/ (ignored by git, so runs add no files to the tree), under a name
+    fixed by what it shows, so drawing it again overwrites it."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import plot
+    finally:
+        sys.path.pop(0)
+    sweep = plot.default_out("dee4104", 4, versions=False)
+    versions = plot.default_out(None, 2, versions=True)
+    assert sweep == os.path.join(ROOT, "gpu_out", "plots", "intranode_sms_ep4_dee4104.png")
+    assert versions == os.path.join(ROOT, "gpu_out", "plots", "intranode_versions_ep2.png")
+    if shutil.which("git") is None:
+        pytest.skip("git not found")
+    ignored = subprocess.run(["git", "check-ignore", "-q", sweep], cwd=ROOT)
+    if ignored.returncode == 128:  # not a git checkout (e.g. an unpacked sdist)
+        pytest.skip("git check-ignore needs a git checkout")
+    assert ignored.returncode == 0, f"{sweep} is not ignored by .gitignore"

@@ -1,9 +1,10 @@
 """The docs stay true: README's environment table is config.env_table_markdown(), its CPU example runs under mpiexec,
-every Python block parses, docs/api.md and docs/design.md name every public method, handle field and flag kind, and
-.ci/run runs the README's test command."""
+every Python block parses, docs/api.md and docs/design.md name every public method, handle field and flag kind,
+.ci/run runs the README's test command, and no document links to a file (or heading) that is not there."""
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 import shutil
@@ -147,3 +148,37 @@ def test_design_doc_names_every_flag_kind():
     text = _text(DESIGN)
     for kind in kinds:
         assert f"`{kind}`" in text, f"docs/design.md's flag table lacks {kind}"
+
+
+# Documents whose links are checked, and the folders whose files they may name in backticks (`bench/results/x.jsonl`):
+# benchmark logs and plots left the tree, so a name there must be checked, not trusted.
+LINKED_DOCS = [README, API, DESIGN, ROOT / "bench" / "NOTES.md"]
+_CHECKED_PREFIXES = ("bench/", "docs/")
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+_CODE_PATH = re.compile(r"`((?:%s)[\w./*-]*)`" % "|".join(re.escape(p) for p in _CHECKED_PREFIXES))
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown file: lower case, punctuation dropped, spaces as hyphens."""
+    heads = re.findall(r"^#+\s+(.*?)\s*$", _text(path), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+@pytest.mark.parametrize("doc", LINKED_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_point_at_files_that_exist(doc):
+    text = _text(doc)
+    missing = []
+    for target in _LINK.findall(text):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        file_part, _, anchor = target.partition("#")
+        path = (doc.parent / file_part).resolve() if file_part else doc
+        if not path.exists():
+            missing.append(f"link {target}: no such file")
+        elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+            missing.append(f"link {target}: no heading with that anchor")
+    for name in _CODE_PATH.findall(text):
+        found = glob.glob(str(ROOT / name)) if "*" in name else (ROOT / name).exists()
+        if not found:
+            missing.append(f"`{name}`: no such file")
+    assert not missing, f"{doc.relative_to(ROOT)} points at what is not in the tree:\n" + "\n".join(missing)
