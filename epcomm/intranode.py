@@ -1,16 +1,14 @@
-"""Intranode normal mode: kernel specs, the buffer layout mirror, and launch plans for layout / notify /
-dispatch / combine over NVLink peer pointers (cuda_src/epcomm/intranode.cuh)."""
+"""Intranode normal mode: kernel specs, the buffer layout mirror, and launch plans for notify / dispatch / combine over
+NVLink peer pointers (cuda_src/epcomm/intranode.cuh). The routing layout kernel is its own family: epcomm/layout.py."""
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
 
-from .errors import ConfigError
 from .runtime import KernelSpec, register_family
 
 NUM_THREADS = 512          # send / receive / combine blocks (16 warps, one token or row per warp at a time)
 NOTIFY_THREADS = 512
-LAYOUT_THREADS = 256
 MAX_LOCAL_EXPERTS = 1024   # kMaxLocalExperts in intranode.cuh
 NUM_FLAG_KINDS = 4         # kNumFlagKinds
 HOST_INFO_INTS = 1 + MAX_LOCAL_EXPERTS + 1   # kHostInfoInts: N, per-expert counts, epoch
@@ -118,16 +116,6 @@ def default_peer_sms(num_sms: int, num_ranks: int, fp8: bool = False) -> int:
 
 # -- kernel specs (the ABI: params are the stub's parameter list and the launch conversion) -----------------
 @functools.lru_cache(maxsize=None)
-def layout_spec(max_experts: int) -> KernelSpec:
-    return KernelSpec(
-        family="intranode", op="layout", template_args=(("kNumThreads", LAYOUT_THREADS),),
-        params=(("const int64_t*", "topk_idx"), ("int", "num_tokens"), ("int", "num_topk"), ("int", "num_experts"),
-                ("int", "num_ranks"), ("int*", "num_tokens_per_rank"), ("int*", "num_tokens_per_expert"),
-                ("bool*", "is_token_in_rank"), ("int*", "num_bad_indices")),
-        num_threads=LAYOUT_THREADS, smem_bytes=(max_experts + 64) * 4)
-
-
-@functools.lru_cache(maxsize=None)
 def notify_spec(num_ranks: int) -> KernelSpec:
     return KernelSpec(
         family="intranode", op="notify", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NOTIFY_THREADS)),
@@ -196,18 +184,8 @@ def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kerne
         num_threads=num_threads)
 
 
-def max_experts_bucket(num_experts: int) -> int:
-    """Shared-memory size class of the layout kernel (a power of two >= 256)."""
-    if num_experts > 8192:
-        raise ConfigError(f"num_experts: expected at most 8192 for the GPU layout kernel, got {num_experts}")
-    b = 256
-    while b < num_experts:
-        b *= 2
-    return b
-
-
 def example_specs() -> list[KernelSpec]:
-    specs = [layout_spec(256), layout_spec(8192)]
+    specs = []
     for r in (2, 4, 8):
         specs += [notify_spec(r), dispatch_send_spec(r), dispatch_recv_spec(r), combine_stage_spec(r),
                   combine_reduce_spec(r)]

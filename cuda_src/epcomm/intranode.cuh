@@ -1,13 +1,17 @@
-// Intranode normal mode (ranks that share NVLink): routing layout, notify (count exchange + barrier),
+// Intranode normal mode (ranks that share NVLink): notify (count exchange + barrier),
 // dispatch send, dispatch receive (copy-out), combine send (push), combine reduce.
 // Design: fixed worst-case buffers with direct addressing; no queues. docs/design.md has the picture.
 #pragma once
 #include "epcomm/common.cuh"
 #include "epcomm/copy.cuh"
+#include "epcomm/dealing.cuh"
 #include "epcomm/fp8.cuh"
 #include "epcomm/ptx.cuh"
 #include "epcomm/comm.cuh"
 #include "epcomm/phases.cuh"
+#include "epcomm/rows.cuh"
+#include "epcomm/scan.cuh"
+#include "epcomm/trace.cuh"
 
 namespace epcomm {
 namespace intranode {
@@ -43,25 +47,6 @@ struct Meta {
     }
 };
 
-// Inclusive prefix sum over the lanes of a warp (all lanes must call it).
-EPCOMM_DEVICE_INLINE int warp_inclusive_sum(int v) {
-    const int lane = threadIdx.x % kWarpSize;
-    #pragma unroll
-    for (int offset = 1; offset < kWarpSize; offset *= 2) {
-        int other = __shfl_up_sync(kFullWarpMask, v, offset);
-        if (lane >= offset) v += other;
-    }
-    return v;
-}
-
-// acc[0..7] += the 8 bf16 values packed in v (exact widening to float32).
-EPCOMM_DEVICE_INLINE void accumulate_bf16x8(float (&acc)[8], int4 v) {
-    float f[8];
-    fp8::unpack_bf16x8(v, f);
-    #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j] += f[j];
-}
-
 // Loads in flight per lane in the row copies: a lane issues kUnroll 16-byte loads before its first store, so a warp
 // keeps 32 * kUnroll * 16 bytes moving per memory latency; 14 covers an FP8 row of H 7168 in one step. Raising it from
 // 8 to 14 was predicted to help a latency-bound copy and measured within noise (24 SMs, bench/NOTES.md v3.2: the
@@ -73,79 +58,8 @@ constexpr int kCopyUnrollFor = kNumRanks <= 4 ? 14 : 8;
 template <int kNumRanks>
 constexpr int kSendUnrollFor = kNumRanks <= 2 ? 14 : (kNumRanks <= 4 ? 12 : 8);
 
-// A row's small per-row fields, loaded by the lanes of a warp BEFORE its row copy and stored after it, so that
-// their latency hides behind the copy's: scales s = lane and lane + 32 (the rest, H > 8192, is copied directly),
-// top-k entry k = lane (the rest, K > 32, likewise).
-struct RowMeta {
-    float scale[2];
-    int64_t idx;
-    float w;
-};
-
-// A row's scales: lanes load s = lane and lane + 32 into the RowMeta before the row copy ...
-EPCOMM_DEVICE_INLINE void load_row_scales(RowMeta& meta, const float* row, long long stride, int num_scales, int lane) {
-    #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        const int s = lane + j * kWarpSize;
-        meta.scale[j] = s < num_scales ? row[s * stride] : 0.0f;
-    }
-}
-
-// ... and store them after it; the tail past 64 scales (H > 8192) is copied straight from the source row.
-EPCOMM_DEVICE_INLINE void store_row_scales(const RowMeta& meta, float* out, const float* row, long long stride,
-                                           int num_scales, int lane) {
-    #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        const int s = lane + j * kWarpSize;
-        if (s < num_scales) out[s] = meta.scale[j];
-    }
-    for (int s = lane + 2 * kWarpSize; s < num_scales; s += kWarpSize) out[s] = row[s * stride];
-}
-
-// Diagnostics (bench: kernel_trace): thread 0 of block 0 writes the global timer (ns) to marks[slot] at a phase
-// boundary of its kernel; marks == nullptr, as in normal use, writes nothing.
-EPCOMM_DEVICE_INLINE void mark(unsigned long long* marks, int slot) {
-    if (marks != nullptr && blockIdx.x == 0 && threadIdx.x == 0) marks[slot] = globaltimer_ns();
-}
-
 EPCOMM_DEVICE_INLINE uint8_t* peer_base(const uint64_t* peer_bases, int r) {
     return reinterpret_cast<uint8_t*>(peer_bases[r]);
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Layout: one thread per token. is_token_in_rank[t, r], per-rank and per-expert counts (outputs pre-zeroed).
-// Out-of-range expert indices are counted into *num_bad_indices and otherwise ignored (never addressed).
-template <int kNumThreads>
-EPCOMM_DEVICE_INLINE void layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
-                                 int num_ranks, int* num_tokens_per_rank, int* num_tokens_per_expert,
-                                 bool* is_token_in_rank, int* num_bad_indices) {
-    extern __shared__ int smem_counts[];  // [num_experts + num_ranks]
-    int* expert_counts = smem_counts;
-    int* rank_counts = smem_counts + num_experts;
-    for (int i = threadIdx.x; i < num_experts + num_ranks; i += kNumThreads) smem_counts[i] = 0;
-    __syncthreads();
-    const int experts_per_rank = num_experts / num_ranks;
-    int t = blockIdx.x * kNumThreads + threadIdx.x;
-    if (t < num_tokens) {
-        uint64_t mask = 0;
-        for (int k = 0; k < num_topk; ++k) {
-            int64_t e = topk_idx[static_cast<int64_t>(t) * num_topk + k];
-            if (e < -1 || e >= num_experts) { atomicAdd(num_bad_indices, 1); continue; }
-            if (e < 0) continue;
-            atomicAdd(&expert_counts[e], 1);
-            mask |= 1ull << (e / experts_per_rank);
-        }
-        for (int r = 0; r < num_ranks; ++r) {
-            bool in = (mask >> r) & 1;
-            is_token_in_rank[static_cast<int64_t>(t) * num_ranks + r] = in;
-            if (in) atomicAdd(&rank_counts[r], 1);
-        }
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < num_experts; i += kNumThreads)
-        if (expert_counts[i]) atomicAdd(&num_tokens_per_expert[i], expert_counts[i]);
-    for (int i = threadIdx.x; i < num_ranks; i += kNumThreads)
-        if (rank_counts[i]) atomicAdd(&num_tokens_per_rank[i], rank_counts[i]);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -274,93 +188,6 @@ EPCOMM_DEVICE_INLINE void notify(const bool* is_token_in_rank, int num_tokens, c
         st_release_sys_s32(host_info + kHostInfoEpoch, host_seq);
     }
 }
-
-// Start row of source `src`'s block in destination `dst`'s receive order: sum over sources s < src of the count
-// matrix's [s][dst] (matrix: R x R row-major, in global or shared memory).
-template <int kNumRanks>
-EPCOMM_DEVICE_INLINE int block_start(const int* matrix, int src, int dst) {
-    int start = 0;
-    for (int s = 0; s < src; ++s) start += matrix[s * kNumRanks + dst];
-    return start;
-}
-
-// Per-kernel counters (int32, zero between calls): [0] blocks that finished, [1, 1 + kNumTickets) the ticket counters
-// of TokenDealer. The last block out resets them all, after every block has counted in (so after its last ticket).
-constexpr int kNumTickets = 2;
-
-// comm::last_block_out over this kernel's counters; the last block also resets them all for the next launch (every
-// block has counted in, so drawn its last ticket). kPublish: a SYSTEM fence orders every block's stores before its
-// count, so that the last block can release them to peers (grid_done_signal); otherwise a GPU fence orders the block's
-// ticket draws (its warps waited for the last one: TokenDealer::finish) before its count.
-// marks (diagnostics): [6] block 0 arrived (all its threads), [3] block 0 counted out.
-template <bool kPublish>
-EPCOMM_DEVICE_INLINE bool last_block_out(int* counters, unsigned long long* marks) {
-    if (marks != nullptr) {  // uniform over the grid
-        __syncthreads();
-        mark(marks, 6);
-    }
-    const bool is_last = comm::last_block_out<kPublish>(counters);
-    mark(marks, 3);
-    if (is_last && threadIdx.x == 0)
-        for (int i = 0; i <= kNumTickets; ++i) counters[i] = 0;
-    return is_last;
-}
-
-// Signal `kind` to every peer once all blocks of this grid are done (the last block out releases the flags, and
-// stores the epoch into epoch_counter unless it is nullptr). Returns true in the last block.
-// marks (diagnostics): as last_block_out, and [4] the last block signalled.
-template <int kNumRanks>
-EPCOMM_DEVICE_INLINE bool grid_done_signal(int* counters, const uint64_t* peer_bases, int kind, int rank,
-                                           uint64_t epoch, uint64_t* epoch_counter, unsigned long long* marks) {
-    const bool is_last = last_block_out<true>(counters, marks);
-    if (is_last && threadIdx.x < kNumRanks) {
-        fence_acq_rel_sys();  // pairs with the acquire waits on kind's flag at every peer
-        st_release_sys_u64(Meta<kNumRanks>::flag(peer_base(peer_bases, threadIdx.x), kind, rank), epoch);
-        if (threadIdx.x == 0) {
-            if (epoch_counter) *epoch_counter = epoch;  // every block has read the old value (all counted in)
-            if (marks != nullptr) marks[4] = globaltimer_ns();
-        }
-    }
-    return is_last;
-}
-
-// A token's routing, for the warp that handles it: its send_pos row (the row of token t in rank d's receive order,
-// -1 where not sent there), lane d holding rank d's entry; -1 in every lane for t >= num_tokens (no token).
-template <int kNumRanks>
-EPCOMM_DEVICE_INLINE int load_route(const int* send_pos, int t, int num_tokens, int lane) {
-    return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
-}
-
-// Which token a warp takes next. Every warp's first token is its index w among the `stride` warps (no wait at the
-// start). Then, static (tickets == nullptr): every stride-th token. Dynamic: token stride + the next ticket of a
-// counter the warps share (Per-kernel counters above), so that warps on faster SMs take more tokens and all finish
-// together instead of waiting for the slowest SM's last round. A ticket is drawn one token ahead: the atomic's latency
-// hides behind the current token's copy. All lanes of the warp call every member.
-struct TokenDealer {
-    int* tickets;
-    int stride;
-    int lane;
-    int ahead;  // lane 0: the ticket drawn for the token after the current one
-
-    EPCOMM_DEVICE_INLINE TokenDealer(int* tickets_, int stride_, int lane_)
-        : tickets(tickets_), stride(stride_), lane(lane_), ahead(0) {}
-    EPCOMM_DEVICE_INLINE int first(int warp_index) {
-        if (tickets != nullptr && lane == 0) ahead = atomicAdd(tickets, 1);
-        return warp_index;
-    }
-    EPCOMM_DEVICE_INLINE int next(int t) {
-        if (tickets == nullptr) return t + stride;
-        const int n = stride + __shfl_sync(kFullWarpMask, ahead, 0);
-        if (lane == 0) ahead = atomicAdd(tickets, 1);
-        return n;
-    }
-    // After the warp's last token: wait for the ticket drawn ahead (its atomic has then been performed), so that the
-    // block's count in last_block_out comes after every ticket draw of the block.
-    // (A ticket is never negative: the test only makes lane 0 wait for the value, an empty asm would not.)
-    EPCOMM_DEVICE_INLINE void finish() const {
-        if (tickets != nullptr && ahead < 0) __trap();
-    }
-};
 
 // Byte offsets, inside the data region of every rank's buffer, of one call's arrays (same on all ranks).
 struct RecvOffsets {
@@ -503,7 +330,8 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
     }
     dealer.finish();
     mark(marks, 2);
-    const bool is_last = grid_done_signal<kNumRanks>(counters, peer_bases, kFlagDispatchDone, rank, epoch,
+    const auto done_flag = [&](int d) { return M::flag(peer_base(peer_bases, d), kFlagDispatchDone, rank); };
+    const bool is_last = grid_done_signal<kNumRanks>(counters, done_flag, epoch,
                                                      fused_barrier ? epoch_counter : nullptr, marks);
     if (fused_recv && is_last) {
         if (threadIdx.x < kNumRanks)  // pairs with each source's done release (grid_done_signal)
@@ -653,7 +481,8 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
         }
     }
     mark(marks, 2);
-    grid_done_signal<kNumRanks>(counters, peer_bases, kFlagCombineDone, rank, epoch, epoch_counter, marks);
+    const auto done_flag = [&](int d) { return M::flag(peer_base(peer_bases, d), kFlagCombineDone, rank); };
+    grid_done_signal<kNumRanks>(counters, done_flag, epoch, epoch_counter, marks);
 }
 
 // Combine reduce: wait until every rank has staged its rows, then out[t] = bias0 + bias1 + sum over ranks d (in
@@ -773,7 +602,7 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
     }
     dealer.finish();
     mark(marks, 2);
-    if (last_block_out<false>(counters, marks) && fused_stage && threadIdx.x == 0)
+    if (last_block_out_reset<false>(counters, marks) && fused_stage && threadIdx.x == 0)
         *epoch_counter = epoch;  // every block has read the old value (all counted in)
 }
 

@@ -42,6 +42,7 @@
 #include "epcomm/fp8.cuh"
 #include "epcomm/phases.cuh"
 #include "epcomm/ptx.cuh"
+#include "epcomm/scan.cuh"
 #if defined(EPCOMM_NVSHMEM)
 #include "epcomm/nvshmem.cuh"
 #endif
@@ -60,18 +61,6 @@ constexpr int kPayloadInTokens = 1;   // header word 1: the payload is in dispat
 // The dispatch signal value: which call (epoch) and how many messages (count + 1, so that 0 means "nothing yet").
 EPCOMM_DEVICE_INLINE uint64_t dispatch_signal_value(uint64_t epoch, int count) {
     return (epoch << 32) | static_cast<uint64_t>(static_cast<uint32_t>(count + 1));
-}
-
-// Index r of the block holding item m among blocks [begins[r], begins[r + 1]), r in [0, n): the last r with
-// begins[r] <= m (empty blocks are skipped because their begin equals the next one's). begins is ascending.
-EPCOMM_DEVICE_INLINE int find_block(const int* begins, int n, int m) {
-    int lo = 0, hi = n;  // answer in [lo, hi)
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (begins[mid] <= m) lo = mid;
-        else hi = mid;
-    }
-    return lo;
 }
 
 #if defined(EPCOMM_NVSHMEM)
