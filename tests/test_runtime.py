@@ -103,25 +103,32 @@ def test_convert_args_types():
         ("long long", "ll"), ("int64_t", "i64"), ("uint64_t", "u64"), ("float", "f"), ("int32_t", "i32"),
         ("uint32_t", "u32")))
     fake_cupy_array = SimpleNamespace(data=SimpleNamespace(ptr=0x7F0000001000))
-    out = spec.convert_args((fake_cupy_array, 0x1234, None, -5, 7, 2**40, -(2**40), 2**63, 1.5, 3, 9))
+    # Named, in any order: the result follows the parameter order.
+    out = spec.convert_args(dict(u32=9, i32=3, f=1.5, u64=2**63, i64=-(2**40), ll=2**40, u=7, i=-5, c=None,
+                                 b=0x1234, a=fake_cupy_array))
     expected = [(np.uint64, 0x7F0000001000), (np.uint64, 0x1234), (np.uint64, 0), (np.int32, -5), (np.uint32, 7),
                 (np.int64, 2**40), (np.int64, -(2**40)), (np.uint64, 2**63), (np.float32, 1.5), (np.int32, 3),
                 (np.uint32, 9)]
     assert [type(v) for v in out] == [t for t, _ in expected]
     assert [v.item() for v in out] == [v for _, v in expected]
+    assert spec.param_names == ("a", "b", "c", "i", "u", "ll", "i64", "u64", "f", "i32", "u32")
 
 
 def test_convert_args_errors():
-    with pytest.raises(TypeError, match="epcomm_probe_write_peer: expected 3 arguments"):
-        WRITE_PEER.convert_args((0, 1))
-    with pytest.raises(TypeError, match="epcomm_probe_write_peer"):
-        WRITE_PEER.convert_args((0, 1, 2, 3))
+    with pytest.raises(TypeError, match=r"epcomm_probe_write_peer: .*missing n\b"):
+        WRITE_PEER.convert_args(dict(dst=0, value=1))
+    with pytest.raises(TypeError, match=r"unknown count"):
+        WRITE_PEER.convert_args(dict(dst=0, value=1, n=2, count=3))
+    with pytest.raises(TypeError, match=r"missing n; unknown num"):
+        WRITE_PEER.convert_args(dict(dst=0, value=1, num=2))  # a misspelt name: both sides named
+    with pytest.raises(TypeError, match="expected a mapping"):
+        WRITE_PEER.convert_args((0, 1, 2))  # positional tuples are no longer accepted
     with pytest.raises(TypeError, match="'value'"):
-        WRITE_PEER.convert_args((0, 1.5, 2))  # a float for an int
+        WRITE_PEER.convert_args(dict(dst=0, value=1.5, n=2))  # a float for an int
     with pytest.raises(TypeError, match="'dst'"):
-        WRITE_PEER.convert_args((np.zeros(4, np.int32), 1, 2))  # host memory is not a device pointer
+        WRITE_PEER.convert_args(dict(dst=np.zeros(4, np.int32), value=1, n=2))  # host memory is not a device pointer
     with pytest.raises(ConfigError, match="'value'"):
-        WRITE_PEER.convert_args((0, 2**31, 2))  # does not fit int32
+        WRITE_PEER.convert_args(dict(dst=0, value=2**31, n=2))  # does not fit int32
 
 
 def test_normalize_grid():

@@ -10,7 +10,7 @@ import functools
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -145,19 +145,41 @@ class KernelSpec:
                 f"    epcomm::{self.family}::{self.op}{targs}({call_args});\n"
                 f"}}\n")
 
-    def convert_args(self, args: Sequence[Any]) -> tuple:
-        """Kernel arguments as the numpy scalars CuPy passes by value, one per ``params`` entry."""
-        args = tuple(args)
+    def convert_args(self, args: Mapping[str, Any]) -> tuple:
+        """Kernel arguments as the numpy scalars CuPy passes by value, in ``params`` order.
+
+        args: a mapping of exactly the parameter names (``dict(x=..., num_tokens=...)``); a missing or unknown name
+        raises TypeError naming it, a value of the wrong kind TypeError / ConfigError naming its parameter."""
         converters = self._converters
-        if len(args) != len(converters):
-            names = ", ".join(name for _, name in self.params)
-            raise TypeError(f"{self.entry_name}: expected {len(self.params)} arguments ({names}), got {len(args)}")
-        return tuple(conv(arg) for conv, arg in zip(converters, args))
+        if type(args) is not dict and not isinstance(args, Mapping):
+            raise TypeError(f"{self.entry_name}: expected a mapping of parameter names to values, got "
+                            f"{type(args).__name__} (parameters: {', '.join(self.param_names)})")
+        if len(args) == len(converters):  # then no name is unknown unless one is missing
+            try:
+                return tuple([convert(args[name]) for name, convert in converters])
+            except KeyError as exc:
+                if exc.args and exc.args[0] in args:  # raised inside a converter, not a missing name
+                    raise
+        unknown = [name for name in args if name not in self._param_index]
+        missing = [name for name in self.param_names if name not in args]
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                ([f"unknown {', '.join(map(str, unknown))}"] if unknown else [])
+        raise TypeError(f"{self.entry_name}: arguments must name exactly its {len(converters)} parameters: "
+                        f"{'; '.join(parts)}")
 
     @functools.cached_property
     def _converters(self) -> tuple:
-        """One converter per parameter, built once per spec (launches are on the hot path of every call)."""
-        return tuple(_make_converter(self.entry_name, ctype, name) for ctype, name in self.params)
+        """(name, converter) per parameter in order, built once per spec (launches are on the hot path of every
+        call)."""
+        return tuple((name, _make_converter(self.entry_name, ctype, name)) for ctype, name in self.params)
+
+    @functools.cached_property
+    def _param_index(self) -> dict[str, int]:
+        return {name: i for i, (_, name) in enumerate(self.params)}
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(name for _, name in self.params)
 
 
 def _template_value_text(value: int | bool) -> str:

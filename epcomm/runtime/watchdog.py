@@ -1,7 +1,7 @@
 """Bounded waits, host side: the error record device waits write on expiry (mirror of cuda_src/epcomm/comm.cuh), the
 phase names (mirror of cuda_src/epcomm/phases.cuh), the timeout setting and a bounded host poll.
 
-Kernels that communicate take ``*error_record.wait_params()`` = (err_record address, timeout_ns, rank) as their last
+Kernels that communicate take ``**error_record.wait_args()`` = (err_record address, timeout_ns, rank) as their last
 three arguments; after synchronising, the caller runs ``error_record.check("dispatch")``, which raises CommTimeoutError
 when a wait expired.
 """
@@ -120,8 +120,13 @@ class ErrorRecord:
         self.device_ptr = int(self._slot.data.ptr)
         self.reset()
 
+    def wait_args(self) -> dict[str, int]:
+        """{err_record, timeout_ns, rank}: the three trailing arguments of every communicating kernel, by name
+        (``kernel.launch(grid, dict(x=..., **err.wait_args()))``)."""
+        return {"err_record": self.device_ptr, "timeout_ns": timeout_ns(), "rank": self.rank}
+
     def wait_params(self) -> tuple[int, int, int]:
-        """(err_record, timeout_ns, rank): the three trailing arguments of every communicating kernel."""
+        """(err_record, timeout_ns, rank) as a tuple (positional launches, before Kernel.launch took names)."""
         return self.device_ptr, timeout_ns(), self.rank
 
     def read(self) -> np.void:
