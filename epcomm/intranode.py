@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass
 
 from .runtime import KernelSpec, register_family
+from .runtime.diagnostics import for_kernel
 
 NUM_THREADS = 512          # send / receive / combine blocks (16 warps, one token or row per warp at a time)
 NOTIFY_THREADS = 512
@@ -128,7 +129,7 @@ def notify_spec(num_ranks: int) -> KernelSpec:
 
 
 @functools.lru_cache(maxsize=None)
-def dispatch_send_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
+def dispatch_send_spec(num_ranks: int, num_threads: int = NUM_THREADS, defines: tuple = ()) -> KernelSpec:
     return KernelSpec(
         family="intranode", op="dispatch_send", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "scales"), ("long long", "scale_stride_t"),
@@ -139,14 +140,13 @@ def dispatch_send_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
                 ("long long", "off_x"), ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"),
                 ("long long", "off_src"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
                 ("float*", "out_w"), ("int*", "out_src"), ("int", "num_out_rows"), ("int", "peer_blocks"),
-                ("int", "role_mask"), ("int", "dynamic"), ("int", "fused_barrier"), ("int", "fused_recv"),
-                ("int*", "counters"), ("uint64_t*", "epoch_counter"),
-                ("unsigned long long*", "marks")) + COMM_PARAMS,
-        num_threads=num_threads)
+                ("int", "dynamic"), ("int", "fused_barrier"), ("int", "fused_recv"),
+                ("int*", "counters"), ("uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=num_threads, defines=for_kernel(defines, "intranode", "dispatch_send"))
 
 
 @functools.lru_cache(maxsize=None)
-def dispatch_recv_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
+def dispatch_recv_spec(num_ranks: int, num_threads: int = NUM_THREADS, defines: tuple = ()) -> KernelSpec:
     return KernelSpec(
         family="intranode", op="dispatch_recv", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const uint8_t*", "local_base"), ("long long", "data_offset"), ("long long", "off_x"),
@@ -154,24 +154,23 @@ def dispatch_recv_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
                 ("int", "row_int4"), ("int", "num_scales"), ("int", "num_topk"), ("const int*", "info"),
                 ("const int*", "count_matrix"), ("int", "num_out_rows"), ("int4*", "out_x"), ("float*", "out_scales"),
                 ("int64_t*", "out_idx"), ("float*", "out_w"), ("int*", "out_src"), ("int", "zero_copy"),
-                ("const uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,
-        num_threads=num_threads)
+                ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=num_threads, defines=for_kernel(defines, "intranode", "dispatch_recv"))
 
 
 @functools.lru_cache(maxsize=None)
-def combine_stage_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
+def combine_stage_spec(num_ranks: int, num_threads: int = NUM_THREADS, defines: tuple = ()) -> KernelSpec:
     return KernelSpec(
         family="intranode", op="combine_stage", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "topk_weights"), ("int", "num_topk"),
                 ("const int*", "count_matrix"), ("int", "num_rows"), ("const uint64_t*", "peer_bases"),
                 ("long long", "data_offset"), ("long long", "off_cx"), ("long long", "off_cw"), ("int", "zero_copy"),
-                ("int*", "counters"), ("uint64_t*", "epoch_counter"),
-                ("unsigned long long*", "marks")) + COMM_PARAMS,
-        num_threads=num_threads)
+                ("int*", "counters"), ("uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=num_threads, defines=for_kernel(defines, "intranode", "combine_stage"))
 
 
 @functools.lru_cache(maxsize=None)
-def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
+def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS, defines: tuple = ()) -> KernelSpec:
     return KernelSpec(
         family="intranode", op="combine_reduce", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const uint64_t*", "peer_bases"), ("long long", "data_offset"), ("long long", "off_cx"),
@@ -180,8 +179,8 @@ def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kerne
                 ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
                 ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"), ("int", "num_parts"),
                 ("int", "tail_tokens"), ("int", "dynamic"), ("int", "fused_stage"), ("int*", "counters"),
-                ("uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,
-        num_threads=num_threads)
+                ("uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=num_threads, defines=for_kernel(defines, "intranode", "combine_reduce"))
 
 
 def example_specs() -> list[KernelSpec]:
@@ -189,6 +188,10 @@ def example_specs() -> list[KernelSpec]:
     for r in (2, 4, 8):
         specs += [notify_spec(r), dispatch_send_spec(r), dispatch_recv_spec(r), combine_stage_spec(r),
                   combine_reduce_spec(r)]
+    # Every diagnostics switch on (the device code they compile in must keep compiling).
+    debug = (("EPCOMM_DEBUG_SEND_ROLES", 3), ("EPCOMM_DEBUG_TRACE", 1))
+    specs += [dispatch_send_spec(2, defines=debug), dispatch_recv_spec(2, defines=debug),
+              combine_stage_spec(2, defines=debug), combine_reduce_spec(2, defines=debug)]
     return specs
 
 

@@ -224,16 +224,23 @@ def main(argv=None) -> int:
     p.add_argument("--record", action="store_true", help="write the list instead of checking against it")
     p.add_argument("--file", default=DEFAULT_RECORD, help="the recorded list (default: %(default)s)")
     p.add_argument("--against", default=None, help="with --record: also print the table against this older list")
-    p.add_argument("--note", action="append", default=[], metavar="KERNEL_PREFIX=TEXT",
+    p.add_argument("--note", action="append", default=[], metavar="KERNEL_PREFIX::TEXT",
                    help="with --record: keep TEXT on the entries whose name starts with KERNEL_PREFIX "
-                        "(why their cubin changed); repeatable")
+                        "(why their cubin changed; a later --note wins; notes of unchanged cubins are kept); "
+                        "repeatable")
     p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1))
     args = p.parse_args(argv)
     current = current_hashes(jobs=args.jobs)
     if args.record:
         notes = {}
+        if os.path.isfile(args.file):  # a note stays while its kernel's cubin does
+            sha = {(e["kernel"], e["arch"]): e["sha256"] for e in current}
+            notes.update({e["kernel"]: e["note"] for e in load_record(args.file)
+                          if e.get("note") and sha.get((e["kernel"], e["arch"])) == e["sha256"]})
         for item in args.note:
-            prefix, _, text = item.partition("=")
+            prefix, sep, text = item.partition("::")
+            if not sep:
+                p.error(f"--note: expected KERNEL_PREFIX::TEXT, got {item!r}")
             notes.update({e["kernel"]: text for e in current if e["kernel"].startswith(prefix)})
         write_record(current, args.file, notes)
         print(f"recorded {len(current)} cubin hashes in {args.file}")

@@ -2,6 +2,7 @@
 the phase / error-record mirrors of cuda_src, and bounded host waits."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import multiprocessing
 import os
@@ -14,11 +15,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from epcomm.config import ENV_VARS
 from epcomm.errors import CommTimeoutError, CompileError, ConfigError
 from epcomm.runtime import (ELF_MAGIC, ERROR_RECORD_DTYPE, PHASE_NAMES, KernelSpec, all_example_specs,
                             arch_from_compute_capability, cache_key, compile_options, compile_to_cubin,
                             cuda_src_dir, decode_error, host_wait, normalize_grid, nvshmem_version, timeout_ns)
-from epcomm.runtime import compiler, registry, watchdog
+from epcomm.runtime import compiler, diagnostics, registry, watchdog
 
 WRITE_PEER = KernelSpec(family="probe", op="write_peer", template_args=(("kNumThreads", 256),),
                         params=(("int*", "dst"), ("int", "value"), ("long long", "n")), num_threads=256)
@@ -92,6 +94,77 @@ def test_spec_is_hashable_and_normalised():
     a = KernelSpec(family="probe", op="x", template_args=[["kN", 2]], params=[["int", "n"]])
     b = KernelSpec(family="probe", op="x", template_args=(("kN", 2),), params=(("int", "n"),))
     assert a == b and hash(a) == hash(b)
+
+
+# ---------------------------------------------------------------- defines (diagnostics switches)
+
+
+def test_defines_are_validated_sorted_and_described():
+    spec = KernelSpec(family="probe", op="write_peer", template_args=(("kNumThreads", 256),),
+                      defines=(("EPCOMM_DEBUG_TRACE", 1), ("EPCOMM_DEBUG_SEND_ROLES", 3)))
+    assert spec.defines == (("EPCOMM_DEBUG_SEND_ROLES", 3), ("EPCOMM_DEBUG_TRACE", 1))
+    assert spec.describe() == ("epcomm_probe_write_peer<kNumThreads=256>"
+                               "[EPCOMM_DEBUG_SEND_ROLES=3, EPCOMM_DEBUG_TRACE=1]")
+    assert spec.stub_source() == dataclasses.replace(spec, defines=()).stub_source()  # the stub never changes
+    for bad in ((("lower", 1),), (("EPCOMM_X", True),), (("EPCOMM_X", "1"),), (("EPCOMM_X", 1), ("EPCOMM_X", 2))):
+        with pytest.raises(ConfigError, match="defines"):
+            KernelSpec(family="probe", op="x", defines=bad)
+
+
+def test_defines_become_options_and_change_the_cache_key():
+    plain = compile_options(WRITE_PEER, "sm_90a")
+    traced = dataclasses.replace(WRITE_PEER, defines=(("EPCOMM_DEBUG_TRACE", 1),))
+    assert compile_options(traced, "sm_90a") == plain + ["-DEPCOMM_DEBUG_TRACE=1"]
+    assert not any(o.startswith("-DEPCOMM_DEBUG") for o in plain)
+    assert cache_key(traced, "sm_90a") != cache_key(WRITE_PEER, "sm_90a")
+
+
+def test_diagnostics_defines_follow_the_environment(monkeypatch):
+    for name in ("EPCOMM_DEBUG_TRACE", "EPCOMM_DEBUG_SEND_ROLES", "EPCOMM_DEBUG_LL_COMBINE_SKIP"):
+        monkeypatch.delenv(name, raising=False)
+        assert name in ENV_VARS
+    assert diagnostics.defines("intranode") == () and diagnostics.defines("low_latency") == ()
+    monkeypatch.setenv("EPCOMM_DEBUG_TRACE", "1")
+    monkeypatch.setenv("EPCOMM_DEBUG_SEND_ROLES", "7")  # its normal value: no define
+    monkeypatch.setenv("EPCOMM_DEBUG_LL_COMBINE_SKIP", "0x6")
+    assert diagnostics.defines("intranode") == (("EPCOMM_DEBUG_TRACE", 1),)
+    assert diagnostics.defines("low_latency") == (("EPCOMM_DEBUG_LL_COMBINE_SKIP", 6),)
+    assert diagnostics.defines("layout") == ()
+    monkeypatch.setenv("EPCOMM_DEBUG_SEND_ROLES", "8")
+    with pytest.raises(ConfigError, match="EPCOMM_DEBUG_SEND_ROLES"):
+        diagnostics.defines("intranode")
+
+
+def test_spec_functions_keep_only_the_switches_their_kernel_reads():
+    from epcomm import intranode, low_latency
+    family = (("EPCOMM_DEBUG_SEND_ROLES", 3), ("EPCOMM_DEBUG_TRACE", 1))
+    assert intranode.dispatch_send_spec(2, defines=family).defines == family
+    assert intranode.dispatch_recv_spec(2, defines=family).defines == (("EPCOMM_DEBUG_TRACE", 1),)
+    assert intranode.dispatch_recv_spec(2, defines=()) == intranode.dispatch_recv_spec(2)
+    assert low_latency.combine_send_spec(defines=(("EPCOMM_DEBUG_LL_COMBINE_SKIP", 1),)).defines == \
+        (("EPCOMM_DEBUG_LL_COMBINE_SKIP", 1),)
+    with pytest.raises(ConfigError, match="unknown diagnostics switch"):
+        intranode.combine_stage_spec(2, defines=(("EPCOMM_DEBUG_NOPE", 1),))
+    # Every switch names kernels that exist and an environment variable that is declared.
+    ops = {(s.family, s.op) for s in all_example_specs()}
+    for switch in diagnostics.SWITCHES:
+        assert switch.name in ENV_VARS and set(switch.kernels) <= ops
+        assert ENV_VARS[switch.name].default == switch.off
+
+
+def test_trace_marks_exist_only_with_the_switch(cuda_src_copy):
+    (cuda_src_copy / "epcomm" / "tracecheck.cuh").write_text(
+        '#pragma once\n#include "epcomm/trace.cuh"\nnamespace epcomm::tracecheck {\n'
+        "template <int kN> __device__ void run() { trace::mark(trace::kStart); trace::stamp(trace::kRowsDone); }\n}\n")
+    spec = KernelSpec(family="tracecheck", op="run", template_args=(("kN", 1),))
+    assert diagnostics.TRACE_SYMBOL.encode() not in compile_to_cubin(spec, "sm_90a")
+    traced = dataclasses.replace(spec, defines=(("EPCOMM_DEBUG_TRACE", 1),))
+    assert diagnostics.TRACE_SYMBOL.encode() in compile_to_cubin(traced, "sm_90a")
+
+
+def test_read_marks_refuses_a_kernel_without_the_switch():
+    with pytest.raises(ConfigError, match="EPCOMM_DEBUG_TRACE"):
+        diagnostics.read_marks(SimpleNamespace(spec=WRITE_PEER, module=None))
 
 
 # ---------------------------------------------------------------- argument conversion
@@ -383,6 +456,19 @@ def test_every_device_helper_assembles(cuda_src_copy):
         assert compile_to_cubin(spec, arch).startswith(ELF_MAGIC)
 
 
+def test_every_header_compiles_on_its_own(cuda_src_copy):
+    """Each header includes what it uses: compiled first and alone (PTX only, to keep it quick)."""
+    options = [("-arch=compute_90" if o.startswith("-arch=") else o) for o in compile_options(WRITE_PEER, "sm_90a")]
+    headers = sorted(name for name in os.listdir(cuda_src_copy / "epcomm") if name.endswith(".cuh"))
+    assert {"rows.cuh", "scan.cuh", "dealing.cuh", "trace.cuh", "layout.cuh"} <= set(headers)
+    for name in headers:
+        if name == "nvshmem.cuh":  # refuses plain compiles on purpose (test_nvshmem_header_refuses_plain_specs)
+            continue
+        source = f'#include "epcomm/{name}"\n__global__ void epcomm_alone() {{}}\n'
+        ptx, log = compiler._nvrtc_compile(source, f"alone_{name}.cu", options, ptx=True)
+        assert ptx is not None, f"{name} does not compile on its own:\n{log}"
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -419,6 +505,15 @@ def test_phase_ids_match_phases_cuh():
     parsed = {int(v): _snake(k) for k, v in re.findall(r"constexpr\s+int\s+k(\w+)\s*=\s*(\d+)\s*;", text)}
     assert len(parsed) == len(re.findall(r"^constexpr", text, re.M))  # every constant parsed, ids unique
     assert parsed == PHASE_NAMES
+
+
+def test_mark_names_match_trace_cuh():
+    text = open(os.path.join(cuda_src_dir(), "epcomm", "trace.cuh")).read()
+    body = re.search(r"enum\s+Mark\s*:\s*int\s*\{(.*?)\};", text, re.S).group(1)
+    parsed = [(int(v), _snake(k)) for k, v in re.findall(r"^\s*k(\w+)\s*=\s*(\d+)\s*,", body, re.M)]
+    assert parsed[-1] == (len(diagnostics.MARK_NAMES), "num_marks")
+    assert [i for i, _ in parsed] == list(range(len(parsed)))  # ids in order, each once
+    assert tuple(name for _, name in parsed[:-1]) == diagnostics.MARK_NAMES
 
 
 def _ptx_global_bytes(ptx: str, name: str, size: int) -> bytes:

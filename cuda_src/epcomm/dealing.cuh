@@ -17,15 +17,15 @@ constexpr int kNumTickets = 2;
 // block has counted in, so drawn its last ticket). kPublish: a SYSTEM fence orders every block's stores before its
 // count, so that the last block can release them to peers (grid_done_signal); otherwise a GPU fence orders the block's
 // ticket draws (its warps waited for the last one: TokenDealer::finish) before its count.
-// marks (diagnostics): [6] block 0 arrived (all its threads), [3] block 0 counted out.
+// Trace marks: kArrived, kCountedOut.
 template <bool kPublish>
-EPCOMM_DEVICE_INLINE bool last_block_out_reset(int* counters, unsigned long long* marks) {
-    if (marks != nullptr) {  // uniform over the grid
-        __syncthreads();
-        mark(marks, 6);
-    }
+EPCOMM_DEVICE_INLINE bool last_block_out_reset(int* counters) {
+#if EPCOMM_DEBUG_TRACE
+    __syncthreads();
+    trace::mark(trace::kArrived);
+#endif
     const bool is_last = comm::last_block_out<kPublish>(counters);
-    mark(marks, 3);
+    trace::mark(trace::kCountedOut);
     if (is_last && threadIdx.x == 0)
         for (int i = 0; i <= kNumTickets; ++i) counters[i] = 0;
     return is_last;
@@ -34,17 +34,16 @@ EPCOMM_DEVICE_INLINE bool last_block_out_reset(int* counters, unsigned long long
 // Signal every peer once all blocks of this grid are done: the last block out releases epoch into flag_at(d) for each
 // rank d < kNumRanks (flag_at(d): the flag this rank owns in d's memory), and stores the epoch into epoch_counter
 // unless it is nullptr. Returns true in the last block.
-// marks (diagnostics): as last_block_out_reset, and [4] the last block signalled.
+// Trace marks: as last_block_out_reset, and kSignalled.
 template <int kNumRanks, typename FlagAt>
-EPCOMM_DEVICE_INLINE bool grid_done_signal(int* counters, FlagAt flag_at, uint64_t epoch, uint64_t* epoch_counter,
-                                           unsigned long long* marks) {
-    const bool is_last = last_block_out_reset<true>(counters, marks);
+EPCOMM_DEVICE_INLINE bool grid_done_signal(int* counters, FlagAt flag_at, uint64_t epoch, uint64_t* epoch_counter) {
+    const bool is_last = last_block_out_reset<true>(counters);
     if (is_last && threadIdx.x < kNumRanks) {
         fence_acq_rel_sys();  // pairs with the acquire waits on this flag at every peer
         st_release_sys_u64(flag_at(threadIdx.x), epoch);
         if (threadIdx.x == 0) {
             if (epoch_counter) *epoch_counter = epoch;  // every block has read the old value (all counted in)
-            if (marks != nullptr) marks[4] = globaltimer_ns();
+            trace::stamp(trace::kSignalled);
         }
     }
     return is_last;

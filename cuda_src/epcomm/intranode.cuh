@@ -205,15 +205,19 @@ struct RowSink {
     int* src;
 };
 
+#ifndef EPCOMM_DEBUG_SEND_ROLES
+#define EPCOMM_DEBUG_SEND_ROLES 7
+#endif
+
 // Dispatch send: one warp per token; the row is read once and stored to each destination's final row.
 // Rows for this rank itself go directly to the outputs (out_*; rows >= num_out_rows are dropped: dispatch_recv
 // reports that case as a capacity error), so the receive kernel copies only other ranks' rows.
 // Roles: with 0 < peer_blocks < gridDim.x, blocks [0, peer_blocks) store the rows bound for peers (link-bound) and
 // the other blocks copy this rank's own rows (bound by what an SM moves), so the two run side by side on different
-// SMs instead of taking turns in every warp; otherwise every block does both. role_mask (diagnostics only, 7 in
-// normal use) leaves out the peer rows (bit 0 clear), the own rows (bit 1 clear) or every row's scales, top-k and
-// source index (bit 2 clear), to time each part alone. off_src < 0: no source index is sent (a cached dispatch: the
-// handle has it). dynamic: warps take tokens from their role's ticket counter (TokenDealer), else statically.
+// SMs instead of taking turns in every warp; otherwise every block does both. EPCOMM_DEBUG_SEND_ROLES (diagnostics, a
+// compile-time switch; 7 in normal use) leaves out the peer rows (bit 0 clear), the own rows (bit 1 clear) or every
+// row's scales, top-k and source index (bit 2 clear), to time each part alone. off_src < 0: no source index is sent
+// (a cached dispatch: the handle has it). dynamic: warps take tokens from their role's ticket counter (TokenDealer), else statically.
 // fused_barrier (a cached dispatch, which runs no notify): this kernel is the barrier and owns the dispatch epoch,
 // as notify does otherwise: every block releases kFlagNotify to every peer at its start and waits for all R
 // flags before its first row (any rank's earlier combine may still read a peer's region, see docs/design.md), and the
@@ -228,11 +232,10 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
                                         int num_tokens, const uint64_t* peer_bases, long long data_offset,
                                         long long off_x, long long off_scales, long long off_idx, long long off_w,
                                         long long off_src, int4* out_x, float* out_scales, int64_t* out_idx,
-                                        float* out_w, int* out_src, int num_out_rows, int peer_blocks, int role_mask,
-                                        int dynamic, int fused_barrier, int fused_recv, int* counters,
-                                        uint64_t* epoch_counter, unsigned long long* marks,
+                                        float* out_w, int* out_src, int num_out_rows, int peer_blocks, int dynamic,
+                                        int fused_barrier, int fused_recv, int* counters, uint64_t* epoch_counter,
                                         uint64_t err_record, long long timeout_ns, int rank) {
-    mark(marks, 0);
+    trace::mark(trace::kStart);
     using M = Meta<kNumRanks>;
     // The epoch: advanced by this call's notify, or (fused_barrier) by this kernel.
     const uint64_t epoch = *epoch_counter + (fused_barrier ? 1 : 0);
@@ -241,7 +244,8 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
     const bool split = peer_blocks > 0 && peer_blocks < static_cast<int>(gridDim.x);
     const bool peer_role = !split || static_cast<int>(blockIdx.x) < peer_blocks;
     const bool own_role = !split || static_cast<int>(blockIdx.x) >= peer_blocks;
-    const bool do_peers = peer_role && (role_mask & 1), do_own = own_role && (role_mask & 2), do_meta = role_mask & 4;
+    constexpr int kRoles = EPCOMM_DEBUG_SEND_ROLES;
+    const bool do_peers = peer_role && (kRoles & 1), do_own = own_role && (kRoles & 2), do_meta = kRoles & 4;
     const int role_block = (split && !peer_role) ? blockIdx.x - peer_blocks : blockIdx.x;
     const int role_blocks = !split ? gridDim.x : (peer_role ? peer_blocks : gridDim.x - peer_blocks);
     const int lane = threadIdx.x % kWarpSize;
@@ -263,7 +267,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
         comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagNotify, threadIdx.x), epoch, waiter, threadIdx.x,
                        phase::kNotify);
     __syncthreads();
-    mark(marks, 5);  // diagnostics: before the error check
+    trace::mark(trace::kWaited);
     const bool skip = comm::block_has_error(waiter);  // e.g. a capacity error from notify: address nothing
     // In shared memory: kNumRanks x 5 pointers in registers would spill at 8 ranks.
     __shared__ RowSink sink[kNumRanks];
@@ -279,7 +283,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
         }
     }
     __syncthreads();
-    mark(marks, 1);
+    trace::mark(trace::kRowsStart);
     for (int t_next; t < num_tokens && !skip; t = t_next) {
         const long long tt = t;
         const int my_pos = next_pos;
@@ -329,10 +333,10 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
         }
     }
     dealer.finish();
-    mark(marks, 2);
+    trace::mark(trace::kRowsDone);
     const auto done_flag = [&](int d) { return M::flag(peer_base(peer_bases, d), kFlagDispatchDone, rank); };
     const bool is_last = grid_done_signal<kNumRanks>(counters, done_flag, epoch,
-                                                     fused_barrier ? epoch_counter : nullptr, marks);
+                                                     fused_barrier ? epoch_counter : nullptr);
     if (fused_recv && is_last) {
         if (threadIdx.x < kNumRanks)  // pairs with each source's done release (grid_done_signal)
             comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagDispatchDone, threadIdx.x), epoch, waiter,
@@ -344,7 +348,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
                 comm::record_error(waiter, comm::kErrCapacity, rank, phase::kDispatch, n, num_out_rows);
         }
         __syncthreads();
-        if (marks != nullptr && threadIdx.x == 0) marks[7] = globaltimer_ns();  // diagnostics: every row arrived
+        if (threadIdx.x == 0) trace::stamp(trace::kAllReceived);
     }
 }
 
@@ -360,9 +364,9 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
                                         int row_int4, int num_scales, int num_topk, const int* info,
                                         const int* count_matrix, int num_out_rows, int4* out_x, float* out_scales,
                                         int64_t* out_idx, float* out_w, int* out_src, int zero_copy,
-                                        const uint64_t* epoch_counter, unsigned long long* marks,
-                                        uint64_t err_record, long long timeout_ns, int rank) {
-    mark(marks, 0);
+                                        const uint64_t* epoch_counter, uint64_t err_record, long long timeout_ns,
+                                        int rank) {
+    trace::mark(trace::kStart);
     using M = Meta<kNumRanks>;
     const uint64_t epoch = *epoch_counter;  // advanced by this call's notify
     comm::Waiter waiter(err_record, timeout_ns, rank);
@@ -370,9 +374,9 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
         comm::wait_geq(M::flag(const_cast<uint8_t*>(local_base), kFlagDispatchDone, threadIdx.x), epoch, waiter,
                        threadIdx.x, phase::kDispatch);
     __syncthreads();
-    mark(marks, 5);  // diagnostics: before the error check
+    trace::mark(trace::kWaited);
     if (comm::block_has_error(waiter)) return;
-    mark(marks, 1);
+    trace::mark(trace::kRowsStart);
     const int n = info[0];
     const int copy_rows = n < num_out_rows ? n : num_out_rows;
     const int self_begin = block_start<kNumRanks>(count_matrix, rank, rank);
@@ -424,7 +428,7 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
             if (lane == 0 && out_src) out_src[r] = -1;
         }
     }
-    mark(marks, 2);
+    trace::mark(trace::kRowsDone);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -441,9 +445,9 @@ template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float* topk_weights, int num_topk,
                                         const int* count_matrix, int num_rows, const uint64_t* peer_bases,
                                         long long data_offset, long long off_cx, long long off_cw, int zero_copy,
-                                        int* counters, uint64_t* epoch_counter, unsigned long long* marks,
-                                        uint64_t err_record, long long timeout_ns, int rank) {
-    mark(marks, 0);
+                                        int* counters, uint64_t* epoch_counter, uint64_t err_record,
+                                        long long timeout_ns, int rank) {
+    trace::mark(trace::kStart);
     using M = Meta<kNumRanks>;
     // NOTES: this kernel owns the combine epoch: every block reads counter + 1 at its start; the last block out
     // stores it back (after every block has read it), where combine_reduce reads it.
@@ -460,9 +464,9 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
         comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineReady, threadIdx.x), epoch, waiter,
                        threadIdx.x, phase::kCombine);
     __syncthreads();
-    mark(marks, 5);  // diagnostics: before the error check
+    trace::mark(trace::kWaited);
     const bool skip = comm::block_has_error(waiter);
-    mark(marks, 1);
+    trace::mark(trace::kRowsStart);
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
     const int all_rows = num_rows < recv_start[kNumRanks] ? num_rows : recv_start[kNumRanks];
@@ -480,9 +484,9 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
             for (int k = lane + kWarpSize; k < num_topk; k += kWarpSize) cw[k] = topk_weights[nn * num_topk + k];
         }
     }
-    mark(marks, 2);
+    trace::mark(trace::kRowsDone);
     const auto done_flag = [&](int d) { return M::flag(peer_base(peer_bases, d), kFlagCombineDone, rank); };
-    grid_done_signal<kNumRanks>(counters, done_flag, epoch, epoch_counter, marks);
+    grid_done_signal<kNumRanks>(counters, done_flag, epoch, epoch_counter);
 }
 
 // Combine reduce: wait until every rank has staged its rows, then out[t] = bias0 + bias1 + sum over ranks d (in
@@ -503,9 +507,9 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
                                          const int4* bias0, const int4* bias1, const int4* x_local,
                                          const float* w_local, int4* out, float* out_w, int num_parts,
                                          int tail_tokens, int dynamic, int fused_stage,
-                                         int* counters, uint64_t* epoch_counter, unsigned long long* marks,
-                                         uint64_t err_record, long long timeout_ns, int rank) {
-    mark(marks, 0);
+                                         int* counters, uint64_t* epoch_counter, uint64_t err_record,
+                                         long long timeout_ns, int rank) {
+    trace::mark(trace::kStart);
     using M = Meta<kNumRanks>;
     // Advanced by this call's combine_stage, or (fused_stage) by this kernel.
     const uint64_t epoch = *epoch_counter + (fused_stage ? 1 : 0);
@@ -541,9 +545,9 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
         waited = comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineDone, d), epoch, waiter, d,
                                 phase::kCombine);
     }
-    mark(marks, 5);  // diagnostics: thread 0 waited
+    trace::mark(trace::kWaited);
     const bool skip = comm::block_failed(waited, waiter);
-    mark(marks, 1);
+    trace::mark(trace::kRowsStart);
     for (int item_next; item < num_items && !skip; item = item_next) {
         const int my_pos = next_pos;
         item_next = dealer.next(item);
@@ -601,8 +605,8 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
         }
     }
     dealer.finish();
-    mark(marks, 2);
-    if (last_block_out_reset<false>(counters, marks) && fused_stage && threadIdx.x == 0)
+    trace::mark(trace::kRowsDone);
+    if (last_block_out_reset<false>(counters) && fused_stage && threadIdx.x == 0)
         *epoch_counter = epoch;  // every block has read the old value (all counted in)
 }
 
