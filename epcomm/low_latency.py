@@ -49,7 +49,7 @@ FP8_BLOCK = 128
 DISPATCH_SEND_THREADS = 512
 DISPATCH_RECV_THREADS = 512
 COMBINE_SEND_THREADS = 512
-COMBINE_RECV_THREADS = 512   # a bf16 row of H 7168 in two steps of the block (was 256: four)
+COMBINE_RECV_THREADS = 512   # a bf16 row of H 7168 in two steps of the block
 MAX_BLOCKS_PER_EXPERT = 32
 
 COMM_PARAMS = (("uint64_t", "err_record"), ("long long", "timeout_ns"), ("int", "rank"))

@@ -1,5 +1,5 @@
-// Intranode normal mode (ranks that share NVLink): notify (count exchange + barrier),
-// dispatch send, dispatch receive (copy-out), combine send (push), combine reduce.
+// Intranode normal mode (ranks that share NVLink): notify (count exchange + barrier), dispatch send, dispatch receive
+// (copy-out), combine stage (rows into the rank's own region) and combine reduce (pulls the peers' staged rows).
 // Design: fixed worst-case buffers with direct addressing; no queues. docs/design.md has the picture.
 #pragma once
 #include "epcomm/common.cuh"
@@ -16,7 +16,7 @@
 namespace epcomm {
 namespace intranode {
 
-// NOTES: the meta area at the start of every rank's NVLink buffer. epcomm/intranode.py (MetaLayout) mirrors
+// NOTES: the meta area at the start of every rank's NVLink buffer. epcomm/intranode.py (meta_bytes) mirrors
 // these offsets; tests/test_intranode_plan.py (test_meta_bytes_match_intranode_cuh) checks the two agree.
 //   counts[2][R][R] int32      counts[parity][s][d] = tokens source s sends to d (written by s into every peer)
 //   expert_counts[2][R][kMaxLocalExperts] int32   tokens source s sends to each of my local experts
@@ -48,10 +48,8 @@ struct Meta {
 };
 
 // Loads in flight per lane in the row copies: a lane issues kUnroll 16-byte loads before its first store, so a warp
-// keeps 32 * kUnroll * 16 bytes moving per memory latency; 14 covers an FP8 row of H 7168 in one step. Raising it from
-// 8 to 14 was predicted to help a latency-bound copy and measured within noise (24 SMs, bench/NOTES.md v3.2: the
-// copies are bound by what 24 SMs move, not by latency); it stays because it costs nothing. More ranks hold more
-// per-destination registers, so the unroll shrinks with kNumRanks to stay within 128 registers (no spills).
+// keeps 32 * kUnroll * 16 bytes moving per memory latency; 14 covers an FP8 row of H 7168 in one step. More ranks hold
+// more per-destination registers, so the unroll shrinks with kNumRanks to stay within 128 registers (no spills).
 template <int kNumRanks>
 constexpr int kCopyUnrollFor = kNumRanks <= 4 ? 14 : 8;
 // dispatch_send keeps a row pointer per destination live as well.
@@ -188,11 +186,6 @@ EPCOMM_DEVICE_INLINE void notify(const bool* is_token_in_rank, int num_tokens, c
         st_release_sys_s32(host_info + kHostInfoEpoch, host_seq);
     }
 }
-
-// Byte offsets, inside the data region of every rank's buffer, of one call's arrays (same on all ranks).
-struct RecvOffsets {
-    long long x, scales, topk_idx, topk_weights, src_idx;
-};
 
 // ---------------------------------------------------------------------------------------------------------
 // Where one destination's copy of the dispatched rows goes: a peer's receive area, or, for this rank's own
@@ -436,7 +429,6 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
 // receive-order row n (a local copy), and signals every peer; each token's owner then reads the rows of its tokens
 // straight from the peers' regions over NVLink while it reduces. Link time (the pulls) overlaps the reduce's local
 // reads and writes in one kernel, and the staged rows cross HBM once instead of twice (push + reduce re-read).
-// Measured before (push + reduce, EP2, 24 SMs): 188 + 182 us; bench/NOTES.md has the prediction and outcome.
 
 // Combine stage: barrier (every peer finished reading my region: its earlier kernels are done), then one warp per
 // received row n whose source is another rank copies x[n] (and its top-k weights) to row n of my own region.
@@ -493,9 +485,9 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
 // order) of d's row for t, read from d's region over NVLink (my own rows: from x), accumulated in float32 and rounded
 // to bf16 once. One warp per item, 8 channels per lane step; dynamic: warps take items from a ticket counter
 // (TokenDealer). Items: the first num_tokens - tail_tokens tokens are whole, each of the last tail_tokens tokens is
-// num_parts items (channel ranges): the items dealt last are small, so the warps finish together (384 warps share the
-// link, so a whole token takes a warp ~16 us: with whole tokens only, the last warps worked that long after the
-// others were done), while most items stay whole (every item costs its own routing, ticket and ramp).
+// num_parts items (channel ranges): the items dealt last are small, so the warps finish together (with hundreds of
+// warps sharing the link a whole token is a long item: the last warps would still work on one after the others are
+// done), while most items stay whole (every item costs its own routing, ticket and ramp).
 // fused_stage (a zero-copy combine without weights: the caller wrote the rows into the staging region itself, so
 // combine_stage would have nothing to copy): this kernel owns the combine epoch and every block releases the
 // combine-done flag to every peer at its start (a system-scope release store: the caller's earlier writes of the

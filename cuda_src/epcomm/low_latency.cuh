@@ -54,7 +54,7 @@ constexpr int kMaxRanks = 256;        // shared-memory tables are sized for this
 constexpr int kMaxTopk = 256;         // and this many top-k entries per token
 constexpr int kMsgHeaderBytes = 16;   // header in front of every dispatch message
 // 16-byte loads in flight per lane in the row copies: 8 moves an FP8 row of H 7168 in two steps (a bf16 row in
-// four); each step is a memory round trip of the copying warp. Was 4 (2a75e51; bench/NOTES.md, low latency v2).
+// four); each step is a memory round trip of the copying warp.
 constexpr int kCopyUnroll = 8;
 constexpr int kPayloadInTokens = 1;   // header word 1: the payload is in dispatch_tokens[source][token]
 
@@ -626,7 +626,7 @@ EPCOMM_DEVICE_INLINE void combine_recv(const uint8_t* local_base, long long off_
                                        int num_topk, const uint64_t* epoch_counter, int4* out, uint64_t err_record,
                                        long long timeout_ns, int rank) {
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
-    // Top-k rows loaded before they are added (in k order): 8 covers top-8 in one memory round trip per step (was 4).
+    // Top-k rows loaded before they are added (in k order): 8 covers top-8 in one memory round trip per step.
     constexpr int kLoadsInFlight = 8;
     const uint64_t epoch = *epoch_counter;  // advanced by this call's combine_send
     __shared__ long long rows[kMaxTopk];    // term of (t, k): 16-byte index of its row, -1 if none

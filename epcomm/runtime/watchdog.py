@@ -16,7 +16,8 @@ import numpy as np
 from ..config import env
 from ..errors import CommTimeoutError, ConfigError, EpcommError
 
-# Mirror of epcomm::phase::k* (parity test: tests/test_runtime.py parses phases.cuh).
+# Mirror of epcomm::phase::k* (parity test: tests/test_runtime.py parses phases.cuh). 3, 5 and 6 are retired (no kernel
+# waits in those phases any more); they keep their names so that an id is never reused.
 PHASE_NAMES: dict[int, str] = {
     0: "unknown",
     1: "notify",
@@ -98,7 +99,7 @@ class ErrorRecord:
     """One comm::ErrorRecord in host-mapped pinned memory: the device writes it when a bounded wait expires and the
     host reads it without synchronising (it is readable even while a kernel hangs). Beside it, in device memory, the
     comm::ErrorSlot kernels take: the record's device address and `seen`, the flag kernels poll instead of the record
-    (a read of host memory from every block of a grid cost 12-25 us per kernel).
+    (reading host memory from every block of a grid costs microseconds per kernel).
 
     rank: this rank, passed to kernels for the report. device_ptr: the address kernels take as err_record (the slot).
     Needs a CUDA device (CuPy), current when it is made; allocate one per process (or per buffer) and reuse it.
