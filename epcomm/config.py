@@ -36,6 +36,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _bits(width: int) -> Callable[[str], int]:
+    """A parser of a bit mask of `width` bits (decimal, or 0x / 0b)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip(), 0)
+        except ValueError:
+            raise ValueError(f"expected an int in 0..{2**width - 1}, got {text!r}") from None
+        if not 0 <= value < 2**width:
+            raise ValueError(f"expected an int in 0..{2**width - 1}, got {text!r}")
+        return value
+    return parse
+
+
 def _backend(text: str) -> str:
     low = text.strip().lower()
     if low not in ("auto", "cpu", "gpu"):
@@ -58,6 +71,16 @@ ENV_VARS: dict[str, EnvVar] = {v.name: v for v in (
            "Low-latency kernels use NVSHMEM puts for every peer, even those reachable through NVLink pointers."),
     EnvVar("EPCOMM_VIRTUAL_NODE_SIZE", int, 0,
            "Group consecutive ranks into virtual nodes of this size (0: one node per host)."),
+    # Diagnostics: compile-time switches of the kernels (epcomm/runtime/diagnostics.py), read when a Buffer is made.
+    EnvVar("EPCOMM_DEBUG_TRACE", _bool, False,
+           "Diagnostics: compile the intranode dispatch and combine kernels with named in-kernel timestamps "
+           "(epcomm.runtime.diagnostics.read_marks)."),
+    EnvVar("EPCOMM_DEBUG_SEND_ROLES", _bits(3), 7,
+           "Diagnostics, wrong results unless 7: the parts intranode dispatch_send moves (bit 0 rows to peers, bit 1 "
+           "the rank's own rows, bit 2 each row's scales, top-k and source index), compiled in."),
+    EnvVar("EPCOMM_DEBUG_LL_COMBINE_SKIP", _bits(4), 0,
+           "Diagnostics, wrong results unless 0: the parts the once-per-rank low-latency combine leaves out (1 the "
+           "weights exchange, 2 the row loads, 4 the partial-row stores, 8 every item), compiled in."),
 )}
 
 

@@ -1,17 +1,16 @@
-"""Intranode normal mode: kernel specs, the buffer layout mirror, and launch plans for layout / notify /
-dispatch / combine over NVLink peer pointers (cuda_src/epcomm/intranode.cuh)."""
+"""Intranode normal mode: kernel specs, the buffer layout mirror, and launch plans for notify / dispatch / combine over
+NVLink peer pointers (cuda_src/epcomm/intranode.cuh). The routing layout kernel is its own family: epcomm/layout.py."""
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
 from .runtime import KernelSpec, register_family
+from .runtime.diagnostics import for_kernel
 
 NUM_THREADS = 512          # send / receive / combine blocks (16 warps, one token or row per warp at a time)
 NOTIFY_THREADS = 512
-LAYOUT_THREADS = 256
 MAX_LOCAL_EXPERTS = 1024   # kMaxLocalExperts in intranode.cuh
 NUM_FLAG_KINDS = 4         # kNumFlagKinds
 HOST_INFO_INTS = 1 + MAX_LOCAL_EXPERTS + 1   # kHostInfoInts: N, per-expert counts, epoch
@@ -172,16 +171,6 @@ class IntranodeHandleState:
 
 # -- kernel specs (the ABI: params are the stub's parameter list and the launch conversion) -----------------
 @functools.lru_cache(maxsize=None)
-def layout_spec(max_experts: int) -> KernelSpec:
-    return KernelSpec(
-        family="intranode", op="layout", template_args=(("kNumThreads", LAYOUT_THREADS),),
-        params=(("const int64_t*", "topk_idx"), ("int", "num_tokens"), ("int", "num_topk"), ("int", "num_experts"),
-                ("int", "num_ranks"), ("int*", "num_tokens_per_rank"), ("int*", "num_tokens_per_expert"),
-                ("bool*", "is_token_in_rank"), ("int*", "num_bad_indices")),
-        num_threads=LAYOUT_THREADS, smem_bytes=(max_experts + 64) * 4)
-
-
-@functools.lru_cache(maxsize=None)
 def notify_spec(num_ranks: int) -> KernelSpec:
     return KernelSpec(
         family="intranode", op="notify", template_args=(("kNumRanks", num_ranks), ("kNumThreads", NOTIFY_THREADS)),
@@ -194,7 +183,7 @@ def notify_spec(num_ranks: int) -> KernelSpec:
 
 
 @functools.lru_cache(maxsize=None)
-def dispatch_send_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
+def dispatch_send_spec(num_ranks: int, num_threads: int = NUM_THREADS, defines: tuple = ()) -> KernelSpec:
     return KernelSpec(
         family="intranode", op="dispatch_send", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "scales"), ("long long", "scale_stride_t"),
@@ -205,14 +194,13 @@ def dispatch_send_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
                 ("long long", "off_x"), ("long long", "off_scales"), ("long long", "off_idx"), ("long long", "off_w"),
                 ("long long", "off_src"), ("int4*", "out_x"), ("float*", "out_scales"), ("int64_t*", "out_idx"),
                 ("float*", "out_w"), ("int*", "out_src"), ("int", "num_out_rows"), ("int", "peer_blocks"),
-                ("int", "role_mask"), ("int", "dynamic"), ("int", "fused_barrier"), ("int", "fused_recv"),
-                ("int*", "counters"), ("uint64_t*", "epoch_counter"),
-                ("unsigned long long*", "marks")) + COMM_PARAMS,
-        num_threads=num_threads)
+                ("int", "dynamic"), ("int", "fused_barrier"), ("int", "fused_recv"),
+                ("int*", "counters"), ("uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=num_threads, defines=for_kernel(defines, "intranode", "dispatch_send"))
 
 
 @functools.lru_cache(maxsize=None)
-def dispatch_recv_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
+def dispatch_recv_spec(num_ranks: int, num_threads: int = NUM_THREADS, defines: tuple = ()) -> KernelSpec:
     return KernelSpec(
         family="intranode", op="dispatch_recv", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const uint8_t*", "local_base"), ("long long", "data_offset"), ("long long", "off_x"),
@@ -220,24 +208,23 @@ def dispatch_recv_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kernel
                 ("int", "row_int4"), ("int", "num_scales"), ("int", "num_topk"), ("const int*", "info"),
                 ("const int*", "count_matrix"), ("int", "num_out_rows"), ("int4*", "out_x"), ("float*", "out_scales"),
                 ("int64_t*", "out_idx"), ("float*", "out_w"), ("int*", "out_src"), ("int", "zero_copy"),
-                ("const uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,
-        num_threads=num_threads)
+                ("const uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=num_threads, defines=for_kernel(defines, "intranode", "dispatch_recv"))
 
 
 @functools.lru_cache(maxsize=None)
-def combine_stage_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
+def combine_stage_spec(num_ranks: int, num_threads: int = NUM_THREADS, defines: tuple = ()) -> KernelSpec:
     return KernelSpec(
         family="intranode", op="combine_stage", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const int4*", "x"), ("int", "row_int4"), ("const float*", "topk_weights"), ("int", "num_topk"),
                 ("const int*", "count_matrix"), ("int", "num_rows"), ("const uint64_t*", "peer_bases"),
                 ("long long", "data_offset"), ("long long", "off_cx"), ("long long", "off_cw"), ("int", "zero_copy"),
-                ("int*", "counters"), ("uint64_t*", "epoch_counter"),
-                ("unsigned long long*", "marks")) + COMM_PARAMS,
-        num_threads=num_threads)
+                ("int*", "counters"), ("uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=num_threads, defines=for_kernel(defines, "intranode", "combine_stage"))
 
 
 @functools.lru_cache(maxsize=None)
-def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> KernelSpec:
+def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS, defines: tuple = ()) -> KernelSpec:
     return KernelSpec(
         family="intranode", op="combine_reduce", template_args=(("kNumRanks", num_ranks), ("kNumThreads", num_threads)),
         params=(("const uint64_t*", "peer_bases"), ("long long", "data_offset"), ("long long", "off_cx"),
@@ -246,25 +233,19 @@ def combine_reduce_spec(num_ranks: int, num_threads: int = NUM_THREADS) -> Kerne
                 ("const int4*", "bias0"), ("const int4*", "bias1"), ("const int4*", "x_local"),
                 ("const float*", "w_local"), ("int4*", "out"), ("float*", "out_w"), ("int", "num_parts"),
                 ("int", "tail_tokens"), ("int", "dynamic"), ("int", "fused_stage"), ("int*", "counters"),
-                ("uint64_t*", "epoch_counter"), ("unsigned long long*", "marks")) + COMM_PARAMS,
-        num_threads=num_threads)
-
-
-def max_experts_bucket(num_experts: int) -> int:
-    """Shared-memory size class of the layout kernel (a power of two >= 256)."""
-    if num_experts > 8192:
-        raise ConfigError(f"num_experts: expected at most 8192 for the GPU layout kernel, got {num_experts}")
-    b = 256
-    while b < num_experts:
-        b *= 2
-    return b
+                ("uint64_t*", "epoch_counter")) + COMM_PARAMS,
+        num_threads=num_threads, defines=for_kernel(defines, "intranode", "combine_reduce"))
 
 
 def example_specs() -> list[KernelSpec]:
-    specs = [layout_spec(256), layout_spec(8192)]
+    specs = []
     for r in (2, 4, 8):
         specs += [notify_spec(r), dispatch_send_spec(r), dispatch_recv_spec(r), combine_stage_spec(r),
                   combine_reduce_spec(r)]
+    # Every diagnostics switch on (the device code they compile in must keep compiling).
+    debug = (("EPCOMM_DEBUG_SEND_ROLES", 3), ("EPCOMM_DEBUG_TRACE", 1))
+    specs += [dispatch_send_spec(2, defines=debug), dispatch_recv_spec(2, defines=debug),
+              combine_stage_spec(2, defines=debug), combine_reduce_spec(2, defines=debug)]
     return specs
 
 

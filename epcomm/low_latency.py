@@ -34,6 +34,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .runtime import KernelSpec, register_family
+from .runtime.diagnostics import for_kernel
 from .validate import check_int
 
 #: Bytes of the per-message header in front of each low-latency row (source token index, padding).
@@ -48,7 +49,7 @@ FP8_BLOCK = 128
 DISPATCH_SEND_THREADS = 512
 DISPATCH_RECV_THREADS = 512
 COMBINE_SEND_THREADS = 512
-COMBINE_RECV_THREADS = 512   # a bf16 row of H 7168 in two steps of the block (was 256: four)
+COMBINE_RECV_THREADS = 512   # a bf16 row of H 7168 in two steps of the block
 MAX_BLOCKS_PER_EXPERT = 32
 
 COMM_PARAMS = (("uint64_t", "err_record"), ("long long", "timeout_ns"), ("int", "rank"))
@@ -212,7 +213,7 @@ def dispatch_recv_spec(use_fp8: bool, use_ue8m0: bool) -> KernelSpec:
 
 
 @functools.lru_cache(maxsize=None)
-def combine_send_spec() -> KernelSpec:
+def combine_send_spec(defines: tuple = ()) -> KernelSpec:
     return KernelSpec(
         family="low_latency", op="combine_send", template_args=(("kNumThreads", COMBINE_SEND_THREADS),),
         params=(("const int4*", "x"), ("int", "hidden"), ("const int*", "src_info"),
@@ -223,8 +224,9 @@ def combine_send_spec() -> KernelSpec:
                 ("int", "force_nvshmem"), ("int", "once_per_rank"), ("const int64_t*", "topk_idx"),
                 ("const float*", "topk_weights"), ("int", "num_tokens"), ("int", "num_topk"),
                 ("const int*", "expert_rows"), ("long long", "off_weight_signals"), ("long long", "off_weights"),
-                ("long long", "off_partial"), ("int", "debug_skip")) + COMM_PARAMS,
-        num_threads=COMBINE_SEND_THREADS, uses_nvshmem=True)
+                ("long long", "off_partial")) + COMM_PARAMS,
+        num_threads=COMBINE_SEND_THREADS, uses_nvshmem=True,
+        defines=for_kernel(defines, "low_latency", "combine_send"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,7 +244,8 @@ def combine_recv_spec() -> KernelSpec:
 def example_specs() -> list[KernelSpec]:
     return [dispatch_send_spec(False, False), dispatch_send_spec(True, False), dispatch_send_spec(True, True),
             dispatch_recv_spec(False, False), dispatch_recv_spec(True, False), dispatch_recv_spec(True, True),
-            combine_send_spec(), combine_recv_spec()]
+            combine_send_spec(), combine_recv_spec(),
+            combine_send_spec(defines=(("EPCOMM_DEBUG_LL_COMBINE_SKIP", 15),))]  # the diagnostics switch on
 
 
 register_family("low_latency", example_specs)

@@ -34,7 +34,7 @@ def timestamp_spec() -> KernelSpec:
 
 def timestamp(out, slot: int, stream=None) -> None:
     """Write the GPU's nanosecond timer into out[slot] (out: uint64 device array) when the stream reaches this point."""
-    get_kernel(timestamp_spec()).launch(1, (out, slot), stream=stream)
+    get_kernel(timestamp_spec()).launch(1, dict(out=out, slot=slot), stream=stream)
 
 
 BULK_STAGES, BULK_CHUNK = 8, 16384
@@ -53,7 +53,7 @@ def bulk_copy(src, dst, n_bytes: int, blocks: int, stream=None) -> None:
     with Hopper bulk copies from `blocks` blocks, one thread each, 128 KiB in flight per block. Diagnostics."""
     if n_bytes % BULK_CHUNK:
         raise ConfigError(f"n_bytes: expected a multiple of {BULK_CHUNK}, got {n_bytes}")
-    get_kernel(bulk_copy_spec()).launch(blocks, (src, dst, n_bytes), stream=stream)
+    get_kernel(bulk_copy_spec()).launch(blocks, dict(src=src, dst=dst, n_bytes=n_bytes), stream=stream)
 
 
 def example_specs() -> list[KernelSpec]:
@@ -78,7 +78,7 @@ def write_peer(ptr, value: int, n: int, stream=None) -> None:
     if n == 0:
         return
     grid = min(-(-n // WRITE_PEER_THREADS), WRITE_PEER_MAX_BLOCKS)
-    get_kernel(write_peer_spec()).launch(grid, (ptr, value, n), stream=stream)
+    get_kernel(write_peer_spec()).launch(grid, dict(dst=ptr, value=value, n=n), stream=stream)
 
 
 def nvshmem_put_ring(dst, src, n: int, sig, err: ErrorRecord, round: int = 1, stream=None) -> None:
@@ -95,4 +95,5 @@ def nvshmem_put_ring(dst, src, n: int, sig, err: ErrorRecord, round: int = 1, st
         raise ConfigError("round: expected a positive int, got 0")
     if not isinstance(err, ErrorRecord):
         raise ConfigError(f"err: expected an epcomm.runtime.ErrorRecord, got {type(err).__name__}")
-    get_kernel(nvshmem_put_ring_spec()).launch(1, (dst, src, n, sig, round, *err.wait_params()), stream=stream)
+    get_kernel(nvshmem_put_ring_spec()).launch(
+        1, dict(dst=dst, src=src, n=n, sig=sig, round=round, **err.wait_args()), stream=stream)

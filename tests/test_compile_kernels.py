@@ -21,12 +21,21 @@ def _ids(specs):
     return ids
 
 
+def session_kernel_cache(tmp_path_factory):
+    """An empty kernel cache per pytest session, shared with tests/test_kernel_hashes.py (same folder name there), so
+    that the hash check reads the cubins compiled here instead of compiling them again."""
+    path = tmp_path_factory.getbasetemp() / "epcomm-kernel-cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def fresh_cache(tmp_path_factory):
-    """Compile for real: an empty kernel cache for this module, and no progress lines."""
+    """Compile for real: a kernel cache that starts empty in this session, and no progress lines."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EPCOMM_CACHE_DIR", str(tmp_path_factory.mktemp("epcomm-cache")))
+        mp.setenv("EPCOMM_CACHE_DIR", session_kernel_cache(tmp_path_factory))
         mp.setenv("EPCOMM_JIT_QUIET", "1")
+        mp.delenv("EPCOMM_JIT_DEBUG", raising=False)
         yield
 
 

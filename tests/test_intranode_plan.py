@@ -89,7 +89,7 @@ def test_kernel_counters_mirror_the_header_and_do_not_overlap():
     block out resets only its own, so two kernels' ranges must not overlap, and NUM_TICKETS mirrors kNumTickets."""
     import re
     from pathlib import Path
-    header = (Path(__file__).resolve().parents[1] / "cuda_src" / "epcomm" / "intranode.cuh").read_text()
+    header = (Path(__file__).resolve().parents[1] / "cuda_src" / "epcomm" / "dealing.cuh").read_text()
     assert int(re.search(r"constexpr int kNumTickets = (\d+);", header).group(1)) == intra.NUM_TICKETS
     ranges = sorted((start, start + 1 + intra.NUM_TICKETS) for start in intra.COUNTER_SLOTS.values())
     for (_, end), (start, _) in zip(ranges, ranges[1:]):

@@ -2,6 +2,7 @@
 the phase / error-record mirrors of cuda_src, and bounded host waits."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import multiprocessing
 import os
@@ -14,11 +15,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from epcomm.config import ENV_VARS
 from epcomm.errors import CommTimeoutError, CompileError, ConfigError
 from epcomm.runtime import (ELF_MAGIC, ERROR_RECORD_DTYPE, PHASE_NAMES, KernelSpec, all_example_specs,
                             arch_from_compute_capability, cache_key, compile_options, compile_to_cubin,
                             cuda_src_dir, decode_error, host_wait, normalize_grid, nvshmem_version, timeout_ns)
-from epcomm.runtime import compiler, registry, watchdog
+from epcomm.runtime import compiler, diagnostics, registry, watchdog
 
 WRITE_PEER = KernelSpec(family="probe", op="write_peer", template_args=(("kNumThreads", 256),),
                         params=(("int*", "dst"), ("int", "value"), ("long long", "n")), num_threads=256)
@@ -94,6 +96,77 @@ def test_spec_is_hashable_and_normalised():
     assert a == b and hash(a) == hash(b)
 
 
+# ---------------------------------------------------------------- defines (diagnostics switches)
+
+
+def test_defines_are_validated_sorted_and_described():
+    spec = KernelSpec(family="probe", op="write_peer", template_args=(("kNumThreads", 256),),
+                      defines=(("EPCOMM_DEBUG_TRACE", 1), ("EPCOMM_DEBUG_SEND_ROLES", 3)))
+    assert spec.defines == (("EPCOMM_DEBUG_SEND_ROLES", 3), ("EPCOMM_DEBUG_TRACE", 1))
+    assert spec.describe() == ("epcomm_probe_write_peer<kNumThreads=256>"
+                               "[EPCOMM_DEBUG_SEND_ROLES=3, EPCOMM_DEBUG_TRACE=1]")
+    assert spec.stub_source() == dataclasses.replace(spec, defines=()).stub_source()  # the stub never changes
+    for bad in ((("lower", 1),), (("EPCOMM_X", True),), (("EPCOMM_X", "1"),), (("EPCOMM_X", 1), ("EPCOMM_X", 2))):
+        with pytest.raises(ConfigError, match="defines"):
+            KernelSpec(family="probe", op="x", defines=bad)
+
+
+def test_defines_become_options_and_change_the_cache_key():
+    plain = compile_options(WRITE_PEER, "sm_90a")
+    traced = dataclasses.replace(WRITE_PEER, defines=(("EPCOMM_DEBUG_TRACE", 1),))
+    assert compile_options(traced, "sm_90a") == plain + ["-DEPCOMM_DEBUG_TRACE=1"]
+    assert not any(o.startswith("-DEPCOMM_DEBUG") for o in plain)
+    assert cache_key(traced, "sm_90a") != cache_key(WRITE_PEER, "sm_90a")
+
+
+def test_diagnostics_defines_follow_the_environment(monkeypatch):
+    for name in ("EPCOMM_DEBUG_TRACE", "EPCOMM_DEBUG_SEND_ROLES", "EPCOMM_DEBUG_LL_COMBINE_SKIP"):
+        monkeypatch.delenv(name, raising=False)
+        assert name in ENV_VARS
+    assert diagnostics.defines("intranode") == () and diagnostics.defines("low_latency") == ()
+    monkeypatch.setenv("EPCOMM_DEBUG_TRACE", "1")
+    monkeypatch.setenv("EPCOMM_DEBUG_SEND_ROLES", "7")  # its normal value: no define
+    monkeypatch.setenv("EPCOMM_DEBUG_LL_COMBINE_SKIP", "0x6")
+    assert diagnostics.defines("intranode") == (("EPCOMM_DEBUG_TRACE", 1),)
+    assert diagnostics.defines("low_latency") == (("EPCOMM_DEBUG_LL_COMBINE_SKIP", 6),)
+    assert diagnostics.defines("layout") == ()
+    monkeypatch.setenv("EPCOMM_DEBUG_SEND_ROLES", "8")
+    with pytest.raises(ConfigError, match="EPCOMM_DEBUG_SEND_ROLES"):
+        diagnostics.defines("intranode")
+
+
+def test_spec_functions_keep_only_the_switches_their_kernel_reads():
+    from epcomm import intranode, low_latency
+    family = (("EPCOMM_DEBUG_SEND_ROLES", 3), ("EPCOMM_DEBUG_TRACE", 1))
+    assert intranode.dispatch_send_spec(2, defines=family).defines == family
+    assert intranode.dispatch_recv_spec(2, defines=family).defines == (("EPCOMM_DEBUG_TRACE", 1),)
+    assert intranode.dispatch_recv_spec(2, defines=()) == intranode.dispatch_recv_spec(2)
+    assert low_latency.combine_send_spec(defines=(("EPCOMM_DEBUG_LL_COMBINE_SKIP", 1),)).defines == \
+        (("EPCOMM_DEBUG_LL_COMBINE_SKIP", 1),)
+    with pytest.raises(ConfigError, match="unknown diagnostics switch"):
+        intranode.combine_stage_spec(2, defines=(("EPCOMM_DEBUG_NOPE", 1),))
+    # Every switch names kernels that exist and an environment variable that is declared.
+    ops = {(s.family, s.op) for s in all_example_specs()}
+    for switch in diagnostics.SWITCHES:
+        assert switch.name in ENV_VARS and set(switch.kernels) <= ops
+        assert ENV_VARS[switch.name].default == switch.off
+
+
+def test_trace_marks_exist_only_with_the_switch(cuda_src_copy):
+    (cuda_src_copy / "epcomm" / "tracecheck.cuh").write_text(
+        '#pragma once\n#include "epcomm/trace.cuh"\nnamespace epcomm::tracecheck {\n'
+        "template <int kN> __device__ void run() { trace::mark(trace::kStart); trace::stamp(trace::kRowsDone); }\n}\n")
+    spec = KernelSpec(family="tracecheck", op="run", template_args=(("kN", 1),))
+    assert diagnostics.TRACE_SYMBOL.encode() not in compile_to_cubin(spec, "sm_90a")
+    traced = dataclasses.replace(spec, defines=(("EPCOMM_DEBUG_TRACE", 1),))
+    assert diagnostics.TRACE_SYMBOL.encode() in compile_to_cubin(traced, "sm_90a")
+
+
+def test_read_marks_refuses_a_kernel_without_the_switch():
+    with pytest.raises(ConfigError, match="EPCOMM_DEBUG_TRACE"):
+        diagnostics.read_marks(SimpleNamespace(spec=WRITE_PEER, module=None))
+
+
 # ---------------------------------------------------------------- argument conversion
 
 
@@ -103,25 +176,32 @@ def test_convert_args_types():
         ("long long", "ll"), ("int64_t", "i64"), ("uint64_t", "u64"), ("float", "f"), ("int32_t", "i32"),
         ("uint32_t", "u32")))
     fake_cupy_array = SimpleNamespace(data=SimpleNamespace(ptr=0x7F0000001000))
-    out = spec.convert_args((fake_cupy_array, 0x1234, None, -5, 7, 2**40, -(2**40), 2**63, 1.5, 3, 9))
+    # Named, in any order: the result follows the parameter order.
+    out = spec.convert_args(dict(u32=9, i32=3, f=1.5, u64=2**63, i64=-(2**40), ll=2**40, u=7, i=-5, c=None,
+                                 b=0x1234, a=fake_cupy_array))
     expected = [(np.uint64, 0x7F0000001000), (np.uint64, 0x1234), (np.uint64, 0), (np.int32, -5), (np.uint32, 7),
                 (np.int64, 2**40), (np.int64, -(2**40)), (np.uint64, 2**63), (np.float32, 1.5), (np.int32, 3),
                 (np.uint32, 9)]
     assert [type(v) for v in out] == [t for t, _ in expected]
     assert [v.item() for v in out] == [v for _, v in expected]
+    assert spec.param_names == ("a", "b", "c", "i", "u", "ll", "i64", "u64", "f", "i32", "u32")
 
 
 def test_convert_args_errors():
-    with pytest.raises(TypeError, match="epcomm_probe_write_peer: expected 3 arguments"):
-        WRITE_PEER.convert_args((0, 1))
-    with pytest.raises(TypeError, match="epcomm_probe_write_peer"):
-        WRITE_PEER.convert_args((0, 1, 2, 3))
+    with pytest.raises(TypeError, match=r"epcomm_probe_write_peer: .*missing n\b"):
+        WRITE_PEER.convert_args(dict(dst=0, value=1))
+    with pytest.raises(TypeError, match=r"unknown count"):
+        WRITE_PEER.convert_args(dict(dst=0, value=1, n=2, count=3))
+    with pytest.raises(TypeError, match=r"missing n; unknown num"):
+        WRITE_PEER.convert_args(dict(dst=0, value=1, num=2))  # a misspelt name: both sides named
+    with pytest.raises(TypeError, match="expected a mapping"):
+        WRITE_PEER.convert_args((0, 1, 2))  # positional tuples are no longer accepted
     with pytest.raises(TypeError, match="'value'"):
-        WRITE_PEER.convert_args((0, 1.5, 2))  # a float for an int
+        WRITE_PEER.convert_args(dict(dst=0, value=1.5, n=2))  # a float for an int
     with pytest.raises(TypeError, match="'dst'"):
-        WRITE_PEER.convert_args((np.zeros(4, np.int32), 1, 2))  # host memory is not a device pointer
+        WRITE_PEER.convert_args(dict(dst=np.zeros(4, np.int32), value=1, n=2))  # host memory is not a device pointer
     with pytest.raises(ConfigError, match="'value'"):
-        WRITE_PEER.convert_args((0, 2**31, 2))  # does not fit int32
+        WRITE_PEER.convert_args(dict(dst=0, value=2**31, n=2))  # does not fit int32
 
 
 def test_normalize_grid():
@@ -376,6 +456,19 @@ def test_every_device_helper_assembles(cuda_src_copy):
         assert compile_to_cubin(spec, arch).startswith(ELF_MAGIC)
 
 
+def test_every_header_compiles_on_its_own(cuda_src_copy):
+    """Each header includes what it uses: compiled first and alone (PTX only, to keep it quick)."""
+    options = [("-arch=compute_90" if o.startswith("-arch=") else o) for o in compile_options(WRITE_PEER, "sm_90a")]
+    headers = sorted(name for name in os.listdir(cuda_src_copy / "epcomm") if name.endswith(".cuh"))
+    assert {"rows.cuh", "scan.cuh", "dealing.cuh", "trace.cuh", "layout.cuh"} <= set(headers)
+    for name in headers:
+        if name == "nvshmem.cuh":  # refuses plain compiles on purpose (test_nvshmem_header_refuses_plain_specs)
+            continue
+        source = f'#include "epcomm/{name}"\n__global__ void epcomm_alone() {{}}\n'
+        ptx, log = compiler._nvrtc_compile(source, f"alone_{name}.cu", options, ptx=True)
+        assert ptx is not None, f"{name} does not compile on its own:\n{log}"
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -412,6 +505,15 @@ def test_phase_ids_match_phases_cuh():
     parsed = {int(v): _snake(k) for k, v in re.findall(r"constexpr\s+int\s+k(\w+)\s*=\s*(\d+)\s*;", text)}
     assert len(parsed) == len(re.findall(r"^constexpr", text, re.M))  # every constant parsed, ids unique
     assert parsed == PHASE_NAMES
+
+
+def test_mark_names_match_trace_cuh():
+    text = open(os.path.join(cuda_src_dir(), "epcomm", "trace.cuh")).read()
+    body = re.search(r"enum\s+Mark\s*:\s*int\s*\{(.*?)\};", text, re.S).group(1)
+    parsed = [(int(v), _snake(k)) for k, v in re.findall(r"^\s*k(\w+)\s*=\s*(\d+)\s*,", body, re.M)]
+    assert parsed[-1] == (len(diagnostics.MARK_NAMES), "num_marks")
+    assert [i for i, _ in parsed] == list(range(len(parsed)))  # ids in order, each once
+    assert tuple(name for _, name in parsed[:-1]) == diagnostics.MARK_NAMES
 
 
 def _ptx_global_bytes(ptx: str, name: str, size: int) -> bytes:

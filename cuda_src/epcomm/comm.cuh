@@ -52,8 +52,8 @@ static_assert(sizeof(ErrorRecord) == 56, "ErrorRecord layout is mirrored by watc
 
 // Where a process's errors go, in device memory (one per process; watchdog.ErrorRecord allocates it): the address
 // of the host-mapped ErrorRecord the host reads, and `seen`, a device copy of "some thread of this process recorded
-// an error" that has_error reads instead of the record. Reading host memory across PCIe from every block of a grid at
-// once cost 12-25 us per kernel (measured with in-kernel marks, bench/NOTES.md v7); a device read costs well under one.
+// an error" that has_error reads instead of the record: reading host memory across PCIe from every block of a grid at
+// once costs microseconds per kernel, a device read well under one.
 struct ErrorSlot {
     ErrorRecord* record;    // host-mapped (device address); may be nullptr
     int32_t seen;           // 0 until record_error runs on this GPU
@@ -74,9 +74,8 @@ struct Waiter {
 // Polls of the flag between two reads of the timer and of the error slot.
 constexpr uint32_t kPollsPerCheck = 64;
 // Back-off between polls: from kMinSleepNs doubling to kMaxSleepNs. Unpaced spinning of thousands of threads with
-// system-scope acquire loads competes with the peers' incoming NVLink writes into the same memory (measured: EP4
-// low-latency combine 694 us back-to-back against 59 us for its two halves run apart; bench/NOTES.md). The cap bounds
-// the extra latency a wait can add once its flag arrives.
+// system-scope acquire loads competes with the peers' incoming NVLink writes into the same memory (bench/NOTES.md).
+// The cap bounds the extra latency a wait can add once its flag arrives.
 constexpr uint32_t kMinSleepNs = 32;
 constexpr uint32_t kMaxSleepNs = 256;
 

@@ -1,18 +1,22 @@
-// Intranode normal mode (ranks that share NVLink): routing layout, notify (count exchange + barrier),
-// dispatch send, dispatch receive (copy-out), combine send (push), combine reduce.
+// Intranode normal mode (ranks that share NVLink): notify (count exchange + barrier), dispatch send, dispatch receive
+// (copy-out), combine stage (rows into the rank's own region) and combine reduce (pulls the peers' staged rows).
 // Design: fixed worst-case buffers with direct addressing; no queues. docs/design.md has the picture.
 #pragma once
 #include "epcomm/common.cuh"
 #include "epcomm/copy.cuh"
+#include "epcomm/dealing.cuh"
 #include "epcomm/fp8.cuh"
 #include "epcomm/ptx.cuh"
 #include "epcomm/comm.cuh"
 #include "epcomm/phases.cuh"
+#include "epcomm/rows.cuh"
+#include "epcomm/scan.cuh"
+#include "epcomm/trace.cuh"
 
 namespace epcomm {
 namespace intranode {
 
-// NOTES: the meta area at the start of every rank's NVLink buffer. epcomm/intranode.py (MetaLayout) mirrors
+// NOTES: the meta area at the start of every rank's NVLink buffer. epcomm/intranode.py (meta_bytes) mirrors
 // these offsets; tests/test_intranode_plan.py (test_meta_bytes_match_intranode_cuh) checks the two agree.
 //   counts[2][R][R] int32      counts[parity][s][d] = tokens source s sends to d (written by s into every peer)
 //   expert_counts[2][R][kMaxLocalExperts] int32   tokens source s sends to each of my local experts
@@ -43,109 +47,17 @@ struct Meta {
     }
 };
 
-// Inclusive prefix sum over the lanes of a warp (all lanes must call it).
-EPCOMM_DEVICE_INLINE int warp_inclusive_sum(int v) {
-    const int lane = threadIdx.x % kWarpSize;
-    #pragma unroll
-    for (int offset = 1; offset < kWarpSize; offset *= 2) {
-        int other = __shfl_up_sync(kFullWarpMask, v, offset);
-        if (lane >= offset) v += other;
-    }
-    return v;
-}
-
-// acc[0..7] += the 8 bf16 values packed in v (exact widening to float32).
-EPCOMM_DEVICE_INLINE void accumulate_bf16x8(float (&acc)[8], int4 v) {
-    float f[8];
-    fp8::unpack_bf16x8(v, f);
-    #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j] += f[j];
-}
-
 // Loads in flight per lane in the row copies: a lane issues kUnroll 16-byte loads before its first store, so a warp
-// keeps 32 * kUnroll * 16 bytes moving per memory latency; 14 covers an FP8 row of H 7168 in one step. Raising it from
-// 8 to 14 was predicted to help a latency-bound copy and measured within noise (24 SMs, bench/NOTES.md v3.2: the
-// copies are bound by what 24 SMs move, not by latency); it stays because it costs nothing. More ranks hold more
-// per-destination registers, so the unroll shrinks with kNumRanks to stay within 128 registers (no spills).
+// keeps 32 * kUnroll * 16 bytes moving per memory latency; 14 covers an FP8 row of H 7168 in one step. More ranks hold
+// more per-destination registers, so the unroll shrinks with kNumRanks to stay within 128 registers (no spills).
 template <int kNumRanks>
 constexpr int kCopyUnrollFor = kNumRanks <= 4 ? 14 : 8;
 // dispatch_send keeps a row pointer per destination live as well.
 template <int kNumRanks>
 constexpr int kSendUnrollFor = kNumRanks <= 2 ? 14 : (kNumRanks <= 4 ? 12 : 8);
 
-// A row's small per-row fields, loaded by the lanes of a warp BEFORE its row copy and stored after it, so that
-// their latency hides behind the copy's: scales s = lane and lane + 32 (the rest, H > 8192, is copied directly),
-// top-k entry k = lane (the rest, K > 32, likewise).
-struct RowMeta {
-    float scale[2];
-    int64_t idx;
-    float w;
-};
-
-// A row's scales: lanes load s = lane and lane + 32 into the RowMeta before the row copy ...
-EPCOMM_DEVICE_INLINE void load_row_scales(RowMeta& meta, const float* row, long long stride, int num_scales, int lane) {
-    #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        const int s = lane + j * kWarpSize;
-        meta.scale[j] = s < num_scales ? row[s * stride] : 0.0f;
-    }
-}
-
-// ... and store them after it; the tail past 64 scales (H > 8192) is copied straight from the source row.
-EPCOMM_DEVICE_INLINE void store_row_scales(const RowMeta& meta, float* out, const float* row, long long stride,
-                                           int num_scales, int lane) {
-    #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        const int s = lane + j * kWarpSize;
-        if (s < num_scales) out[s] = meta.scale[j];
-    }
-    for (int s = lane + 2 * kWarpSize; s < num_scales; s += kWarpSize) out[s] = row[s * stride];
-}
-
-// Diagnostics (bench: kernel_trace): thread 0 of block 0 writes the global timer (ns) to marks[slot] at a phase
-// boundary of its kernel; marks == nullptr, as in normal use, writes nothing.
-EPCOMM_DEVICE_INLINE void mark(unsigned long long* marks, int slot) {
-    if (marks != nullptr && blockIdx.x == 0 && threadIdx.x == 0) marks[slot] = globaltimer_ns();
-}
-
 EPCOMM_DEVICE_INLINE uint8_t* peer_base(const uint64_t* peer_bases, int r) {
     return reinterpret_cast<uint8_t*>(peer_bases[r]);
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Layout: one thread per token. is_token_in_rank[t, r], per-rank and per-expert counts (outputs pre-zeroed).
-// Out-of-range expert indices are counted into *num_bad_indices and otherwise ignored (never addressed).
-template <int kNumThreads>
-EPCOMM_DEVICE_INLINE void layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
-                                 int num_ranks, int* num_tokens_per_rank, int* num_tokens_per_expert,
-                                 bool* is_token_in_rank, int* num_bad_indices) {
-    extern __shared__ int smem_counts[];  // [num_experts + num_ranks]
-    int* expert_counts = smem_counts;
-    int* rank_counts = smem_counts + num_experts;
-    for (int i = threadIdx.x; i < num_experts + num_ranks; i += kNumThreads) smem_counts[i] = 0;
-    __syncthreads();
-    const int experts_per_rank = num_experts / num_ranks;
-    int t = blockIdx.x * kNumThreads + threadIdx.x;
-    if (t < num_tokens) {
-        uint64_t mask = 0;
-        for (int k = 0; k < num_topk; ++k) {
-            int64_t e = topk_idx[static_cast<int64_t>(t) * num_topk + k];
-            if (e < -1 || e >= num_experts) { atomicAdd(num_bad_indices, 1); continue; }
-            if (e < 0) continue;
-            atomicAdd(&expert_counts[e], 1);
-            mask |= 1ull << (e / experts_per_rank);
-        }
-        for (int r = 0; r < num_ranks; ++r) {
-            bool in = (mask >> r) & 1;
-            is_token_in_rank[static_cast<int64_t>(t) * num_ranks + r] = in;
-            if (in) atomicAdd(&rank_counts[r], 1);
-        }
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < num_experts; i += kNumThreads)
-        if (expert_counts[i]) atomicAdd(&num_tokens_per_expert[i], expert_counts[i]);
-    for (int i = threadIdx.x; i < num_ranks; i += kNumThreads)
-        if (rank_counts[i]) atomicAdd(&num_tokens_per_rank[i], rank_counts[i]);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -275,98 +187,6 @@ EPCOMM_DEVICE_INLINE void notify(const bool* is_token_in_rank, int num_tokens, c
     }
 }
 
-// Start row of source `src`'s block in destination `dst`'s receive order: sum over sources s < src of the count
-// matrix's [s][dst] (matrix: R x R row-major, in global or shared memory).
-template <int kNumRanks>
-EPCOMM_DEVICE_INLINE int block_start(const int* matrix, int src, int dst) {
-    int start = 0;
-    for (int s = 0; s < src; ++s) start += matrix[s * kNumRanks + dst];
-    return start;
-}
-
-// Per-kernel counters (int32, zero between calls): [0] blocks that finished, [1, 1 + kNumTickets) the ticket counters
-// of TokenDealer. The last block out resets them all, after every block has counted in (so after its last ticket).
-constexpr int kNumTickets = 2;
-
-// comm::last_block_out over this kernel's counters; the last block also resets them all for the next launch (every
-// block has counted in, so drawn its last ticket). kPublish: a SYSTEM fence orders every block's stores before its
-// count, so that the last block can release them to peers (grid_done_signal); otherwise a GPU fence orders the block's
-// ticket draws (its warps waited for the last one: TokenDealer::finish) before its count.
-// marks (diagnostics): [6] block 0 arrived (all its threads), [3] block 0 counted out.
-template <bool kPublish>
-EPCOMM_DEVICE_INLINE bool last_block_out(int* counters, unsigned long long* marks) {
-    if (marks != nullptr) {  // uniform over the grid
-        __syncthreads();
-        mark(marks, 6);
-    }
-    const bool is_last = comm::last_block_out<kPublish>(counters);
-    mark(marks, 3);
-    if (is_last && threadIdx.x == 0)
-        for (int i = 0; i <= kNumTickets; ++i) counters[i] = 0;
-    return is_last;
-}
-
-// Signal `kind` to every peer once all blocks of this grid are done (the last block out releases the flags, and
-// stores the epoch into epoch_counter unless it is nullptr). Returns true in the last block.
-// marks (diagnostics): as last_block_out, and [4] the last block signalled.
-template <int kNumRanks>
-EPCOMM_DEVICE_INLINE bool grid_done_signal(int* counters, const uint64_t* peer_bases, int kind, int rank,
-                                           uint64_t epoch, uint64_t* epoch_counter, unsigned long long* marks) {
-    const bool is_last = last_block_out<true>(counters, marks);
-    if (is_last && threadIdx.x < kNumRanks) {
-        fence_acq_rel_sys();  // pairs with the acquire waits on kind's flag at every peer
-        st_release_sys_u64(Meta<kNumRanks>::flag(peer_base(peer_bases, threadIdx.x), kind, rank), epoch);
-        if (threadIdx.x == 0) {
-            if (epoch_counter) *epoch_counter = epoch;  // every block has read the old value (all counted in)
-            if (marks != nullptr) marks[4] = globaltimer_ns();
-        }
-    }
-    return is_last;
-}
-
-// A token's routing, for the warp that handles it: its send_pos row (the row of token t in rank d's receive order,
-// -1 where not sent there), lane d holding rank d's entry; -1 in every lane for t >= num_tokens (no token).
-template <int kNumRanks>
-EPCOMM_DEVICE_INLINE int load_route(const int* send_pos, int t, int num_tokens, int lane) {
-    return (t < num_tokens && lane < kNumRanks) ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
-}
-
-// Which token a warp takes next. Every warp's first token is its index w among the `stride` warps (no wait at the
-// start). Then, static (tickets == nullptr): every stride-th token. Dynamic: token stride + the next ticket of a
-// counter the warps share (Per-kernel counters above), so that warps on faster SMs take more tokens and all finish
-// together instead of waiting for the slowest SM's last round. A ticket is drawn one token ahead: the atomic's latency
-// hides behind the current token's copy. All lanes of the warp call every member.
-struct TokenDealer {
-    int* tickets;
-    int stride;
-    int lane;
-    int ahead;  // lane 0: the ticket drawn for the token after the current one
-
-    EPCOMM_DEVICE_INLINE TokenDealer(int* tickets_, int stride_, int lane_)
-        : tickets(tickets_), stride(stride_), lane(lane_), ahead(0) {}
-    EPCOMM_DEVICE_INLINE int first(int warp_index) {
-        if (tickets != nullptr && lane == 0) ahead = atomicAdd(tickets, 1);
-        return warp_index;
-    }
-    EPCOMM_DEVICE_INLINE int next(int t) {
-        if (tickets == nullptr) return t + stride;
-        const int n = stride + __shfl_sync(kFullWarpMask, ahead, 0);
-        if (lane == 0) ahead = atomicAdd(tickets, 1);
-        return n;
-    }
-    // After the warp's last token: wait for the ticket drawn ahead (its atomic has then been performed), so that the
-    // block's count in last_block_out comes after every ticket draw of the block.
-    // (A ticket is never negative: the test only makes lane 0 wait for the value, an empty asm would not.)
-    EPCOMM_DEVICE_INLINE void finish() const {
-        if (tickets != nullptr && ahead < 0) __trap();
-    }
-};
-
-// Byte offsets, inside the data region of every rank's buffer, of one call's arrays (same on all ranks).
-struct RecvOffsets {
-    long long x, scales, topk_idx, topk_weights, src_idx;
-};
-
 // ---------------------------------------------------------------------------------------------------------
 // Where one destination's copy of the dispatched rows goes: a peer's receive area, or, for this rank's own
 // rows, straight into the caller's output arrays (the same row numbers: outputs are in receive order).
@@ -378,15 +198,19 @@ struct RowSink {
     int* src;
 };
 
+#ifndef EPCOMM_DEBUG_SEND_ROLES
+#define EPCOMM_DEBUG_SEND_ROLES 7
+#endif
+
 // Dispatch send: one warp per token; the row is read once and stored to each destination's final row.
 // Rows for this rank itself go directly to the outputs (out_*; rows >= num_out_rows are dropped: dispatch_recv
 // reports that case as a capacity error), so the receive kernel copies only other ranks' rows.
 // Roles: with 0 < peer_blocks < gridDim.x, blocks [0, peer_blocks) store the rows bound for peers (link-bound) and
 // the other blocks copy this rank's own rows (bound by what an SM moves), so the two run side by side on different
-// SMs instead of taking turns in every warp; otherwise every block does both. role_mask (diagnostics only, 7 in
-// normal use) leaves out the peer rows (bit 0 clear), the own rows (bit 1 clear) or every row's scales, top-k and
-// source index (bit 2 clear), to time each part alone. off_src < 0: no source index is sent (a cached dispatch: the
-// handle has it). dynamic: warps take tokens from their role's ticket counter (TokenDealer), else statically.
+// SMs instead of taking turns in every warp; otherwise every block does both. EPCOMM_DEBUG_SEND_ROLES (diagnostics, a
+// compile-time switch; 7 in normal use) leaves out the peer rows (bit 0 clear), the own rows (bit 1 clear) or every
+// row's scales, top-k and source index (bit 2 clear), to time each part alone. off_src < 0: no source index is sent
+// (a cached dispatch: the handle has it). dynamic: warps take tokens from their role's ticket counter (TokenDealer), else statically.
 // fused_barrier (a cached dispatch, which runs no notify): this kernel is the barrier and owns the dispatch epoch,
 // as notify does otherwise: every block releases kFlagNotify to every peer at its start and waits for all R
 // flags before its first row (any rank's earlier combine may still read a peer's region, see docs/design.md), and the
@@ -401,11 +225,10 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
                                         int num_tokens, const uint64_t* peer_bases, long long data_offset,
                                         long long off_x, long long off_scales, long long off_idx, long long off_w,
                                         long long off_src, int4* out_x, float* out_scales, int64_t* out_idx,
-                                        float* out_w, int* out_src, int num_out_rows, int peer_blocks, int role_mask,
-                                        int dynamic, int fused_barrier, int fused_recv, int* counters,
-                                        uint64_t* epoch_counter, unsigned long long* marks,
+                                        float* out_w, int* out_src, int num_out_rows, int peer_blocks, int dynamic,
+                                        int fused_barrier, int fused_recv, int* counters, uint64_t* epoch_counter,
                                         uint64_t err_record, long long timeout_ns, int rank) {
-    mark(marks, 0);
+    trace::mark(trace::kStart);
     using M = Meta<kNumRanks>;
     // The epoch: advanced by this call's notify, or (fused_barrier) by this kernel.
     const uint64_t epoch = *epoch_counter + (fused_barrier ? 1 : 0);
@@ -414,7 +237,8 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
     const bool split = peer_blocks > 0 && peer_blocks < static_cast<int>(gridDim.x);
     const bool peer_role = !split || static_cast<int>(blockIdx.x) < peer_blocks;
     const bool own_role = !split || static_cast<int>(blockIdx.x) >= peer_blocks;
-    const bool do_peers = peer_role && (role_mask & 1), do_own = own_role && (role_mask & 2), do_meta = role_mask & 4;
+    constexpr int kRoles = EPCOMM_DEBUG_SEND_ROLES;
+    const bool do_peers = peer_role && (kRoles & 1), do_own = own_role && (kRoles & 2), do_meta = kRoles & 4;
     const int role_block = (split && !peer_role) ? blockIdx.x - peer_blocks : blockIdx.x;
     const int role_blocks = !split ? gridDim.x : (peer_role ? peer_blocks : gridDim.x - peer_blocks);
     const int lane = threadIdx.x % kWarpSize;
@@ -436,7 +260,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
         comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagNotify, threadIdx.x), epoch, waiter, threadIdx.x,
                        phase::kNotify);
     __syncthreads();
-    mark(marks, 5);  // diagnostics: before the error check
+    trace::mark(trace::kWaited);
     const bool skip = comm::block_has_error(waiter);  // e.g. a capacity error from notify: address nothing
     // In shared memory: kNumRanks x 5 pointers in registers would spill at 8 ranks.
     __shared__ RowSink sink[kNumRanks];
@@ -452,7 +276,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
         }
     }
     __syncthreads();
-    mark(marks, 1);
+    trace::mark(trace::kRowsStart);
     for (int t_next; t < num_tokens && !skip; t = t_next) {
         const long long tt = t;
         const int my_pos = next_pos;
@@ -502,9 +326,10 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
         }
     }
     dealer.finish();
-    mark(marks, 2);
-    const bool is_last = grid_done_signal<kNumRanks>(counters, peer_bases, kFlagDispatchDone, rank, epoch,
-                                                     fused_barrier ? epoch_counter : nullptr, marks);
+    trace::mark(trace::kRowsDone);
+    const auto done_flag = [&](int d) { return M::flag(peer_base(peer_bases, d), kFlagDispatchDone, rank); };
+    const bool is_last = grid_done_signal<kNumRanks>(counters, done_flag, epoch,
+                                                     fused_barrier ? epoch_counter : nullptr);
     if (fused_recv && is_last) {
         if (threadIdx.x < kNumRanks)  // pairs with each source's done release (grid_done_signal)
             comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagDispatchDone, threadIdx.x), epoch, waiter,
@@ -516,7 +341,7 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, int row_int4, const float
                 comm::record_error(waiter, comm::kErrCapacity, rank, phase::kDispatch, n, num_out_rows);
         }
         __syncthreads();
-        if (marks != nullptr && threadIdx.x == 0) marks[7] = globaltimer_ns();  // diagnostics: every row arrived
+        if (threadIdx.x == 0) trace::stamp(trace::kAllReceived);
     }
 }
 
@@ -532,9 +357,9 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
                                         int row_int4, int num_scales, int num_topk, const int* info,
                                         const int* count_matrix, int num_out_rows, int4* out_x, float* out_scales,
                                         int64_t* out_idx, float* out_w, int* out_src, int zero_copy,
-                                        const uint64_t* epoch_counter, unsigned long long* marks,
-                                        uint64_t err_record, long long timeout_ns, int rank) {
-    mark(marks, 0);
+                                        const uint64_t* epoch_counter, uint64_t err_record, long long timeout_ns,
+                                        int rank) {
+    trace::mark(trace::kStart);
     using M = Meta<kNumRanks>;
     const uint64_t epoch = *epoch_counter;  // advanced by this call's notify
     comm::Waiter waiter(err_record, timeout_ns, rank);
@@ -542,9 +367,9 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
         comm::wait_geq(M::flag(const_cast<uint8_t*>(local_base), kFlagDispatchDone, threadIdx.x), epoch, waiter,
                        threadIdx.x, phase::kDispatch);
     __syncthreads();
-    mark(marks, 5);  // diagnostics: before the error check
+    trace::mark(trace::kWaited);
     if (comm::block_has_error(waiter)) return;
-    mark(marks, 1);
+    trace::mark(trace::kRowsStart);
     const int n = info[0];
     const int copy_rows = n < num_out_rows ? n : num_out_rows;
     const int self_begin = block_start<kNumRanks>(count_matrix, rank, rank);
@@ -596,7 +421,7 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
             if (lane == 0 && out_src) out_src[r] = -1;
         }
     }
-    mark(marks, 2);
+    trace::mark(trace::kRowsDone);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -604,7 +429,6 @@ EPCOMM_DEVICE_INLINE void dispatch_recv(const uint8_t* local_base, long long dat
 // receive-order row n (a local copy), and signals every peer; each token's owner then reads the rows of its tokens
 // straight from the peers' regions over NVLink while it reduces. Link time (the pulls) overlaps the reduce's local
 // reads and writes in one kernel, and the staged rows cross HBM once instead of twice (push + reduce re-read).
-// Measured before (push + reduce, EP2, 24 SMs): 188 + 182 us; bench/NOTES.md has the prediction and outcome.
 
 // Combine stage: barrier (every peer finished reading my region: its earlier kernels are done), then one warp per
 // received row n whose source is another rank copies x[n] (and its top-k weights) to row n of my own region.
@@ -613,9 +437,9 @@ template <int kNumRanks, int kNumThreads>
 EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float* topk_weights, int num_topk,
                                         const int* count_matrix, int num_rows, const uint64_t* peer_bases,
                                         long long data_offset, long long off_cx, long long off_cw, int zero_copy,
-                                        int* counters, uint64_t* epoch_counter, unsigned long long* marks,
-                                        uint64_t err_record, long long timeout_ns, int rank) {
-    mark(marks, 0);
+                                        int* counters, uint64_t* epoch_counter, uint64_t err_record,
+                                        long long timeout_ns, int rank) {
+    trace::mark(trace::kStart);
     using M = Meta<kNumRanks>;
     // NOTES: this kernel owns the combine epoch: every block reads counter + 1 at its start; the last block out
     // stores it back (after every block has read it), where combine_reduce reads it.
@@ -632,9 +456,9 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
         comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineReady, threadIdx.x), epoch, waiter,
                        threadIdx.x, phase::kCombine);
     __syncthreads();
-    mark(marks, 5);  // diagnostics: before the error check
+    trace::mark(trace::kWaited);
     const bool skip = comm::block_has_error(waiter);
-    mark(marks, 1);
+    trace::mark(trace::kRowsStart);
     const int lane = threadIdx.x % kWarpSize;
     const int warps = kNumThreads / kWarpSize * gridDim.x;
     const int all_rows = num_rows < recv_start[kNumRanks] ? num_rows : recv_start[kNumRanks];
@@ -652,17 +476,18 @@ EPCOMM_DEVICE_INLINE void combine_stage(const int4* x, int row_int4, const float
             for (int k = lane + kWarpSize; k < num_topk; k += kWarpSize) cw[k] = topk_weights[nn * num_topk + k];
         }
     }
-    mark(marks, 2);
-    grid_done_signal<kNumRanks>(counters, peer_bases, kFlagCombineDone, rank, epoch, epoch_counter, marks);
+    trace::mark(trace::kRowsDone);
+    const auto done_flag = [&](int d) { return M::flag(peer_base(peer_bases, d), kFlagCombineDone, rank); };
+    grid_done_signal<kNumRanks>(counters, done_flag, epoch, epoch_counter);
 }
 
 // Combine reduce: wait until every rank has staged its rows, then out[t] = bias0 + bias1 + sum over ranks d (in
 // order) of d's row for t, read from d's region over NVLink (my own rows: from x), accumulated in float32 and rounded
 // to bf16 once. One warp per item, 8 channels per lane step; dynamic: warps take items from a ticket counter
 // (TokenDealer). Items: the first num_tokens - tail_tokens tokens are whole, each of the last tail_tokens tokens is
-// num_parts items (channel ranges): the items dealt last are small, so the warps finish together (384 warps share the
-// link, so a whole token takes a warp ~16 us: with whole tokens only, the last warps worked that long after the
-// others were done), while most items stay whole (every item costs its own routing, ticket and ramp).
+// num_parts items (channel ranges): the items dealt last are small, so the warps finish together (with hundreds of
+// warps sharing the link a whole token is a long item: the last warps would still work on one after the others are
+// done), while most items stay whole (every item costs its own routing, ticket and ramp).
 // fused_stage (a zero-copy combine without weights: the caller wrote the rows into the staging region itself, so
 // combine_stage would have nothing to copy): this kernel owns the combine epoch and every block releases the
 // combine-done flag to every peer at its start (a system-scope release store: the caller's earlier writes of the
@@ -674,9 +499,9 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
                                          const int4* bias0, const int4* bias1, const int4* x_local,
                                          const float* w_local, int4* out, float* out_w, int num_parts,
                                          int tail_tokens, int dynamic, int fused_stage,
-                                         int* counters, uint64_t* epoch_counter, unsigned long long* marks,
-                                         uint64_t err_record, long long timeout_ns, int rank) {
-    mark(marks, 0);
+                                         int* counters, uint64_t* epoch_counter, uint64_t err_record,
+                                         long long timeout_ns, int rank) {
+    trace::mark(trace::kStart);
     using M = Meta<kNumRanks>;
     // Advanced by this call's combine_stage, or (fused_stage) by this kernel.
     const uint64_t epoch = *epoch_counter + (fused_stage ? 1 : 0);
@@ -712,9 +537,9 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
         waited = comm::wait_geq(M::flag(peer_base(peer_bases, rank), kFlagCombineDone, d), epoch, waiter, d,
                                 phase::kCombine);
     }
-    mark(marks, 5);  // diagnostics: thread 0 waited
+    trace::mark(trace::kWaited);
     const bool skip = comm::block_failed(waited, waiter);
-    mark(marks, 1);
+    trace::mark(trace::kRowsStart);
     for (int item_next; item < num_items && !skip; item = item_next) {
         const int my_pos = next_pos;
         item_next = dealer.next(item);
@@ -772,8 +597,8 @@ EPCOMM_DEVICE_INLINE void combine_reduce(const uint64_t* peer_bases, long long d
         }
     }
     dealer.finish();
-    mark(marks, 2);
-    if (last_block_out<false>(counters, marks) && fused_stage && threadIdx.x == 0)
+    trace::mark(trace::kRowsDone);
+    if (last_block_out_reset<false>(counters) && fused_stage && threadIdx.x == 0)
         *epoch_counter = epoch;  // every block has read the old value (all counted in)
 }
 

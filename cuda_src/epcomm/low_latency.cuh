@@ -42,6 +42,7 @@
 #include "epcomm/fp8.cuh"
 #include "epcomm/phases.cuh"
 #include "epcomm/ptx.cuh"
+#include "epcomm/scan.cuh"
 #if defined(EPCOMM_NVSHMEM)
 #include "epcomm/nvshmem.cuh"
 #endif
@@ -53,25 +54,13 @@ constexpr int kMaxRanks = 256;        // shared-memory tables are sized for this
 constexpr int kMaxTopk = 256;         // and this many top-k entries per token
 constexpr int kMsgHeaderBytes = 16;   // header in front of every dispatch message
 // 16-byte loads in flight per lane in the row copies: 8 moves an FP8 row of H 7168 in two steps (a bf16 row in
-// four); each step is a memory round trip of the copying warp. Was 4 (2a75e51; bench/NOTES.md, low latency v2).
+// four); each step is a memory round trip of the copying warp.
 constexpr int kCopyUnroll = 8;
 constexpr int kPayloadInTokens = 1;   // header word 1: the payload is in dispatch_tokens[source][token]
 
 // The dispatch signal value: which call (epoch) and how many messages (count + 1, so that 0 means "nothing yet").
 EPCOMM_DEVICE_INLINE uint64_t dispatch_signal_value(uint64_t epoch, int count) {
     return (epoch << 32) | static_cast<uint64_t>(static_cast<uint32_t>(count + 1));
-}
-
-// Index r of the block holding item m among blocks [begins[r], begins[r + 1]), r in [0, n): the last r with
-// begins[r] <= m (empty blocks are skipped because their begin equals the next one's). begins is ascending.
-EPCOMM_DEVICE_INLINE int find_block(const int* begins, int n, int m) {
-    int lo = 0, hi = n;  // answer in [lo, hi)
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (begins[mid] <= m) lo = mid;
-        else hi = mid;
-    }
-    return lo;
 }
 
 #if defined(EPCOMM_NVSHMEM)
@@ -267,9 +256,13 @@ EPCOMM_DEVICE_INLINE void dispatch_send(const int4* x, const int64_t* topk_idx, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// Diagnostics of the once_per_rank combine (LowLatencyGpu.combine_debug_skip; 0 in normal use; results are wrong
-// with any bit set): leave out the weights exchange, the row loads, the partial-row stores, or the items altogether.
+// Diagnostics of the once_per_rank combine (EPCOMM_DEBUG_LL_COMBINE_SKIP, a compile-time switch; 0 in normal use;
+// results are wrong with any bit set): leave out the weights exchange, the row loads, the partial-row stores, or the
+// items altogether.
 constexpr int kSkipWeights = 1, kSkipLoads = 2, kSkipStores = 4, kSkipItems = 8;
+#ifndef EPCOMM_DEBUG_LL_COMBINE_SKIP
+#define EPCOMM_DEBUG_LL_COMBINE_SKIP 0
+#endif
 
 // once_per_rank combine, block 0 of combine_send: this rank's top-k weights into the combine_weights[rank][t][k] of
 // every NVLink-reachable owner of an expert it names (this rank's own copy included), then that owner's
@@ -310,11 +303,12 @@ EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, u
                                                     const uint8_t* sym_base, const int* expert_rows, int num_topk,
                                                     int num_ranks, int tmax, long long off_weight_signals,
                                                     long long off_weights, long long off_partial, uint64_t epoch,
-                                                    int debug_skip, const comm::Waiter& waiter, int rank) {
+                                                    const comm::Waiter& waiter, int rank) {
     constexpr int kNumWarps = kNumThreads / kWarpSize;
     constexpr int kSumSteps = 4;       // 8-byte loads per row per lane: an item covers 4 x 128 channels
     constexpr int kRowsInFlight = 4;   // rows loaded before they are added
     constexpr int kStepChannels = kWarpSize * 4;
+    constexpr int kDebugSkip = EPCOMM_DEBUG_LL_COMBINE_SKIP;
     const int lane = lane_id();
     const int row_int2 = hidden / 4;   // bf16 input row: 4 channels per 8 bytes
     const int chunks = (hidden + kSumSteps * kStepChannels - 1) / (kSumSteps * kStepChannels);
@@ -353,13 +347,13 @@ EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, u
 #pragma unroll
                     for (int u = 0; u < kSumSteps; ++u) {
                         const int c = (chunk * kSumSteps + u) * kWarpSize + lane;
-                        v[r][u] = (from[r] >= 0 && c < row_int2 && !(debug_skip & kSkipLoads))
+                        v[r][u] = (from[r] >= 0 && c < row_int2 && !(kDebugSkip & kSkipLoads))
                                       ? __ldg(src + c)
                                       : make_int2(0, 0);
                     }
                 }
                 if (!have_w) {
-                    if ((s >= 64 || ((ready >> s) & 1) == 0) && !(debug_skip & kSkipWeights)) {
+                    if ((s >= 64 || ((ready >> s) & 1) == 0) && !(kDebugSkip & kSkipWeights)) {
                         bool ok = true;
                         // Pairs with the release of weight_signals[s] by s's combine_send_weights.
                         if (lane == 0)
@@ -388,7 +382,7 @@ EPCOMM_DEVICE_INLINE void combine_send_partial_sums(const int4* x, int hidden, u
                 }
             }
         }
-        if (!any || (debug_skip & kSkipStores)) continue;  // warp-uniform (ballots)
+        if (!any || (kDebugSkip & kSkipStores)) continue;  // warp-uniform (ballots)
         int4* dst = reinterpret_cast<int4*>(peer_bases[s] + off_partial +
                                             (static_cast<long long>(rank) * tmax + task % tmax) * hidden * 4);
 #pragma unroll
@@ -419,10 +413,11 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
                                        uint64_t* epoch_counter, int force_nvshmem, int once_per_rank,
                                        const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                                        int num_topk, const int* expert_rows, long long off_weight_signals,
-                                       long long off_weights, long long off_partial, int debug_skip,
-                                       uint64_t err_record, long long timeout_ns, int rank) {
+                                       long long off_weights, long long off_partial, uint64_t err_record,
+                                       long long timeout_ns, int rank) {
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
     constexpr int kNumWarps = kNumThreads / kWarpSize;
+    constexpr int kDebugSkip = EPCOMM_DEBUG_LL_COMBINE_SKIP;
     const uint64_t epoch = *epoch_counter + 1;  // stored back by the last block out
     __shared__ uint8_t* peer_bases[kMaxRanks];
     __shared__ int begins[kMaxRanks + 1];
@@ -446,7 +441,7 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
     __syncthreads();
     // A destination r gets partial sums (and sends this rank its weights) iff once_per_rank and r is NVLink-reachable;
     // reachability is symmetric, so r decides the same about this rank.
-    if (once_per_rank && blockIdx.x == 0 && !(debug_skip & kSkipWeights))
+    if (once_per_rank && blockIdx.x == 0 && !(kDebugSkip & kSkipWeights))
         combine_send_weights<kNumThreads>(peer_bases, topk_idx, topk_weights, num_tokens, num_topk, num_ranks,
                                           num_local_experts, tmax, off_weights, off_weight_signals, epoch, rank);
     bool issued = false;
@@ -476,10 +471,10 @@ EPCOMM_DEVICE_INLINE void combine_send(const int4* x, int hidden, const int* src
         }
     }
     if (issued) nvshmem::quiet();  // issued is per lane here, but every lane of a putting warp set it
-    if (once_per_rank && !(debug_skip & kSkipItems))
+    if (once_per_rank && !(kDebugSkip & kSkipItems))
         combine_send_partial_sums<kNumThreads>(x, hidden, peer_bases, sym_base, expert_rows, num_topk, num_ranks,
-                                               tmax, off_weight_signals, off_weights, off_partial, epoch,
-                                               debug_skip, waiter, rank);
+                                               tmax, off_weight_signals, off_weights, off_partial, epoch, waiter,
+                                               rank);
 
     if (!comm::last_block_out<true>(block_counter)) return;
     for (int r = threadIdx.x; r < num_ranks; r += kNumThreads) {
@@ -631,7 +626,7 @@ EPCOMM_DEVICE_INLINE void combine_recv(const uint8_t* local_base, long long off_
                                        int num_topk, const uint64_t* epoch_counter, int4* out, uint64_t err_record,
                                        long long timeout_ns, int rank) {
     static_assert(kNumThreads % kWarpSize == 0, "whole warps only");
-    // Top-k rows loaded before they are added (in k order): 8 covers top-8 in one memory round trip per step (was 4).
+    // Top-k rows loaded before they are added (in k order): 8 covers top-8 in one memory round trip per step.
     constexpr int kLoadsInFlight = 8;
     const uint64_t epoch = *epoch_counter;  // advanced by this call's combine_send
     __shared__ long long rows[kMaxTopk];    // term of (t, k): 16-byte index of its row, -1 if none

@@ -1,9 +1,9 @@
 """NVRTC compilation of kernel stubs to cubins: header discovery, options, the disk cache and its key, and loading.
 
 Compiling needs no GPU (NVRTC from the CUDA wheels); ``get_kernel`` loads onto the current CuPy device. The cache key
-covers everything the compiler sees: the stub, the options (include paths and switches), the arch, the NVRTC version,
-the NVSHMEM version (NVSHMEM specs) and a hash of every file under cuda_src. Cache writes are atomic (temp file in the
-same folder + os.replace), so ranks compiling the same kernel at once are safe.
+covers everything the compiler sees: the stub, the options (include paths, switches and the spec's defines), the arch,
+the NVRTC version, the NVSHMEM version (NVSHMEM specs) and a hash of every file under cuda_src. Cache writes are atomic
+(temp file in the same folder + os.replace), so ranks compiling the same kernel at once are safe.
 """
 from __future__ import annotations
 
@@ -221,6 +221,7 @@ def compile_options(spec: KernelSpec, arch: str) -> list[str]:
     opts.append(f"-I{cuda_src_dir()}")
     opts += [f"-I{d}" for d in cuda_include_dirs()]
     opts += ["-lineinfo"] if env("EPCOMM_JIT_DEBUG") else ["-DNDEBUG"]
+    opts += [f"-D{name}={value}" for name, value in spec.defines]
     return opts
 
 

@@ -1,7 +1,7 @@
 """Kernel: a loaded entry point plus its spec; launches with the spec's block size, shared memory and argument ABI."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError
 from .spec import KernelSpec
@@ -40,11 +40,12 @@ class Kernel:
         self.arch = arch
         self.device_id = device_id
 
-    def launch(self, grid: int | Sequence[int], args: Sequence[Any], stream=None) -> None:
+    def launch(self, grid: int | Sequence[int], args: Mapping[str, Any], stream=None) -> None:
         """Launch on grid blocks of spec.num_threads threads with spec.smem_bytes of dynamic shared memory.
 
-        args: one per spec.params (converted by KernelSpec.convert_args); stream: a CuPy Stream, or None for the
-        current stream.
+        args: a mapping of exactly spec's parameter names to values (``dict(x=x, num_tokens=t, ...)``; converted by
+        KernelSpec.convert_args, which raises TypeError naming a missing or unknown name); stream: a CuPy Stream, or
+        None for the current stream.
         """
         converted = self.spec.convert_args(args)
         # cupy.cuda.function.Function.__call__(grid, block, args, shared_mem, stream)

@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default=None, help="e.g. sm_90a (default: the current GPU's)")
     p.add_argument("--jobs", type=int, default=8)
+    p.add_argument("--debug-variants", action="store_true",
+                   help="also the example specs with diagnostics switches on (EPCOMM_DEBUG_*), which CI compiles")
     args = p.parse_args(argv)
     from .compiler import arch_from_compute_capability
     from .registry import all_example_specs
@@ -28,7 +30,7 @@ def main(argv=None) -> int:
     if arch is None:
         import cupy
         arch = arch_from_compute_capability(cupy.cuda.Device().compute_capability)
-    specs = all_example_specs()
+    specs = [s for s in all_example_specs() if args.debug_variants or not s.defines]
     t0 = time.perf_counter()
     failed = 0
     with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool:

@@ -10,7 +10,7 @@ import functools
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from ..errors import ConfigError
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _LOWER_IDENT = re.compile(r"[a-z][a-z0-9_]*\Z")
+_MACRO = re.compile(r"[A-Z][A-Z0-9_]*\Z")
 _CTYPE_CHARS = re.compile(r"[A-Za-z0-9_ *:]+\Z")
 
 # Scalar C types a kernel parameter may have, and the numpy type CuPy passes by value. Any type containing '*' is a
@@ -62,6 +63,8 @@ class KernelSpec:
     min_blocks_per_sm: second __launch_bounds__ argument.
     smem_bytes: dynamic shared memory per block; above 48 KiB the runtime raises the kernel's limit.
     uses_nvshmem: compile with the NVSHMEM headers and options, and run nvshmemx_cumodule_init after loading.
+    defines: ((NAME, int value), ...) passed as -DNAME=value: the diagnostics switches of this specialisation
+        (epcomm.runtime.diagnostics), sorted by name; empty in normal use, so the stub and options are unchanged.
     """
 
     family: str
@@ -72,6 +75,7 @@ class KernelSpec:
     min_blocks_per_sm: int = 1
     smem_bytes: int = 0
     uses_nvshmem: bool = False
+    defines: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         where = f"KernelSpec({self.family!r}, {self.op!r})"
@@ -112,6 +116,16 @@ class KernelSpec:
             raise ConfigError(f"{where}.smem_bytes: expected 0..{MAX_DYNAMIC_SMEM_BYTES}, got {self.smem_bytes!r}")
         object.__setattr__(self, "uses_nvshmem", bool(self.uses_nvshmem))
 
+        defines = tuple(tuple(item) for item in self.defines)
+        for item in defines:
+            if (len(item) != 2 or not isinstance(item[0], str) or not _MACRO.match(item[0])
+                    or not isinstance(item[1], (int, np.integer)) or isinstance(item[1], (bool, np.bool_))):
+                raise ConfigError(f"{where}.defines: expected (NAME, int) pairs with an upper-case NAME, got {item!r}")
+        names = [name for name, _ in defines]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}.defines: a name is repeated in {defines!r}")
+        object.__setattr__(self, "defines", tuple(sorted((name, int(v)) for name, v in defines)))
+
     @property
     def entry_name(self) -> str:
         """The extern "C" kernel name: ``epcomm_<family>_<op>``."""
@@ -127,9 +141,13 @@ class KernelSpec:
         return ", ".join(_template_value_text(v) for _, v in self.template_args)
 
     def describe(self) -> str:
-        """Short human description: ``epcomm_probe_write_peer<kNumThreads=256>``."""
+        """Short human description: ``epcomm_probe_write_peer<kNumThreads=256>``, then any defines:
+        ``[EPCOMM_DEBUG_TRACE=1]``."""
         args = ", ".join(f"{k}={_template_value_text(v)}" for k, v in self.template_args)
-        return f"{self.entry_name}<{args}>" if args else self.entry_name
+        text = f"{self.entry_name}<{args}>" if args else self.entry_name
+        if self.defines:
+            text += "[" + ", ".join(f"{k}={v}" for k, v in self.defines) + "]"
+        return text
 
     def stub_source(self) -> str:
         """The generated translation unit: include the family header, instantiate one specialisation."""
@@ -145,19 +163,41 @@ class KernelSpec:
                 f"    epcomm::{self.family}::{self.op}{targs}({call_args});\n"
                 f"}}\n")
 
-    def convert_args(self, args: Sequence[Any]) -> tuple:
-        """Kernel arguments as the numpy scalars CuPy passes by value, one per ``params`` entry."""
-        args = tuple(args)
+    def convert_args(self, args: Mapping[str, Any]) -> tuple:
+        """Kernel arguments as the numpy scalars CuPy passes by value, in ``params`` order.
+
+        args: a mapping of exactly the parameter names (``dict(x=..., num_tokens=...)``); a missing or unknown name
+        raises TypeError naming it, a value of the wrong kind TypeError / ConfigError naming its parameter."""
         converters = self._converters
-        if len(args) != len(converters):
-            names = ", ".join(name for _, name in self.params)
-            raise TypeError(f"{self.entry_name}: expected {len(self.params)} arguments ({names}), got {len(args)}")
-        return tuple(conv(arg) for conv, arg in zip(converters, args))
+        if type(args) is not dict and not isinstance(args, Mapping):
+            raise TypeError(f"{self.entry_name}: expected a mapping of parameter names to values, got "
+                            f"{type(args).__name__} (parameters: {', '.join(self.param_names)})")
+        if len(args) == len(converters):  # then no name is unknown unless one is missing
+            try:
+                return tuple([convert(args[name]) for name, convert in converters])
+            except KeyError as exc:
+                if exc.args and exc.args[0] in args:  # raised inside a converter, not a missing name
+                    raise
+        unknown = [name for name in args if name not in self._param_index]
+        missing = [name for name in self.param_names if name not in args]
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                ([f"unknown {', '.join(map(str, unknown))}"] if unknown else [])
+        raise TypeError(f"{self.entry_name}: arguments must name exactly its {len(converters)} parameters: "
+                        f"{'; '.join(parts)}")
 
     @functools.cached_property
     def _converters(self) -> tuple:
-        """One converter per parameter, built once per spec (launches are on the hot path of every call)."""
-        return tuple(_make_converter(self.entry_name, ctype, name) for ctype, name in self.params)
+        """(name, converter) per parameter in order, built once per spec (launches are on the hot path of every
+        call)."""
+        return tuple((name, _make_converter(self.entry_name, ctype, name)) for ctype, name in self.params)
+
+    @functools.cached_property
+    def _param_index(self) -> dict[str, int]:
+        return {name: i for i, (_, name) in enumerate(self.params)}
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(name for _, name in self.params)
 
 
 def _template_value_text(value: int | bool) -> str:

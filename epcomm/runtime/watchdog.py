@@ -1,7 +1,7 @@
 """Bounded waits, host side: the error record device waits write on expiry (mirror of cuda_src/epcomm/comm.cuh), the
 phase names (mirror of cuda_src/epcomm/phases.cuh), the timeout setting and a bounded host poll.
 
-Kernels that communicate take ``*error_record.wait_params()`` = (err_record address, timeout_ns, rank) as their last
+Kernels that communicate take ``**error_record.wait_args()`` = (err_record address, timeout_ns, rank) as their last
 three arguments; after synchronising, the caller runs ``error_record.check("dispatch")``, which raises CommTimeoutError
 when a wait expired.
 """
@@ -16,7 +16,8 @@ import numpy as np
 from ..config import env
 from ..errors import CommTimeoutError, ConfigError, EpcommError
 
-# Mirror of epcomm::phase::k* (parity test: tests/test_runtime.py parses phases.cuh).
+# Mirror of epcomm::phase::k* (parity test: tests/test_runtime.py parses phases.cuh). 3, 5 and 6 are retired (no kernel
+# waits in those phases any more); they keep their names so that an id is never reused.
 PHASE_NAMES: dict[int, str] = {
     0: "unknown",
     1: "notify",
@@ -98,7 +99,7 @@ class ErrorRecord:
     """One comm::ErrorRecord in host-mapped pinned memory: the device writes it when a bounded wait expires and the
     host reads it without synchronising (it is readable even while a kernel hangs). Beside it, in device memory, the
     comm::ErrorSlot kernels take: the record's device address and `seen`, the flag kernels poll instead of the record
-    (a read of host memory from every block of a grid cost 12-25 us per kernel).
+    (reading host memory from every block of a grid costs microseconds per kernel).
 
     rank: this rank, passed to kernels for the report. device_ptr: the address kernels take as err_record (the slot).
     Needs a CUDA device (CuPy), current when it is made; allocate one per process (or per buffer) and reuse it.
@@ -120,8 +121,13 @@ class ErrorRecord:
         self.device_ptr = int(self._slot.data.ptr)
         self.reset()
 
+    def wait_args(self) -> dict[str, int]:
+        """{err_record, timeout_ns, rank}: the three trailing arguments of every communicating kernel, by name
+        (``kernel.launch(grid, dict(x=..., **err.wait_args()))``)."""
+        return {"err_record": self.device_ptr, "timeout_ns": timeout_ns(), "rank": self.rank}
+
     def wait_params(self) -> tuple[int, int, int]:
-        """(err_record, timeout_ns, rank): the three trailing arguments of every communicating kernel."""
+        """(err_record, timeout_ns, rank) as a tuple (positional launches, before Kernel.launch took names)."""
         return self.device_ptr, timeout_ns(), self.rank
 
     def read(self) -> np.void:
