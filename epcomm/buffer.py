@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import validate as v
-from .config import Config, env
+from .config import Config
+from .env import env
 from .errors import ConfigError, EpcommError
 from .handles import DispatchHandle, Event, LowLatencyHandle
 from .interop import BF16, FP8, framework_of, to_framework

@@ -9,7 +9,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from .config import env
+from .env import env
 from .errors import BootstrapError, CommTimeoutError, ConfigError
 
 #: MPI tag of exchange() messages (sent on the Group's own duplicate of the communicator).

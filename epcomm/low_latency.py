@@ -296,7 +296,7 @@ class LowLatencyTuning:
 
 def default_tuning() -> LowLatencyTuning:
     """The low-latency family's defaults (EPCOMM_FORCE_NVSHMEM read here, when a Buffer is made)."""
-    from .config import env
+    from .env import env
     return LowLatencyTuning(force_nvshmem=bool(env("EPCOMM_FORCE_NVSHMEM")))
 
 

@@ -121,3 +121,13 @@ def test_installed_copy_compiles_from_its_own_headers(installed_venv, tmp_path):
     proc = _run([str(installed_venv / "bin" / "python"), "-c", INSTALLED_CHECK], cwd=cwd,
                 env=_clean_env(EPCOMM_CACHE_DIR=str(cache), EPCOMM_JIT_QUIET="1", **_deps_env()))
     assert "compiled epcomm_intranode_dispatch_send" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("module", ["epcomm.env", "epcomm.config", "epcomm.intranode", "epcomm.low_latency",
+                                    "epcomm.layout", "epcomm.runtime", "epcomm.gpu.backend", "epcomm.cpu_backend",
+                                    "epcomm.buffer"])
+def test_module_imports_alone(module):
+    """Each module imports first in a fresh interpreter (an import circle fails here) and loads no CuPy."""
+    code = f"import sys, {module}; assert 'cupy' not in sys.modules, 'imported cupy'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -7,7 +7,7 @@ for it.
 """
 from __future__ import annotations
 
-from ..config import env
+from ..env import env
 from ..errors import CommTimeoutError, ConfigError, EpcommError
 from ..handles import Event
 from ..memory import HostMapped
@@ -39,8 +39,7 @@ class GpuContext:
     # -- kernel arguments ----------------------------------------------------------------------------------
     def comm_args(self) -> dict:
         """The last three arguments of every communicating kernel (cuda_src/epcomm/comm.cuh)."""
-        addr, timeout_ns, rank = self.err.wait_params()
-        return {"err_record": addr, "timeout_ns": timeout_ns, "rank": rank}
+        return self.err.wait_args()
 
     def grid(self, num_sms: int) -> int:
         """Blocks of a kernel that may occupy num_sms SMs (one block per SM, at most the device's)."""

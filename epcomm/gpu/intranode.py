@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..handles import DispatchHandle
 from ..interop import BF16
 from ..memory import HostMapped, PeerBuffer
-from ..runtime import get_kernel
+from ..runtime import diagnostics, get_kernel
 from ..runtime.watchdog import host_wait
 
 
@@ -33,6 +33,7 @@ class IntranodeGpu:
             raise ConfigError(f"num_nvl_bytes: expected more than {self.meta_bytes} bytes (the meta area), "
                               f"got {num_nvl_bytes}")
         self.tuning = plan.default_tuning(r)
+        self.defines = diagnostics.defines("intranode")  # compile-time diagnostics (EPCOMM_DEBUG_*), () normally
         self.nvl = PeerBuffer(ctx.group, num_nvl_bytes)
         self.data_bytes = self.nvl.nbytes - self.meta_bytes
         self.host_info = HostMapped(plan.HOST_INFO_INTS)
@@ -176,7 +177,7 @@ class IntranodeGpu:
         fused_barrier = cached and tuning.fuse_kernels
         fused_recv = fused_barrier and zero_copy  # a cached call has no index, weight or source outputs
         comm = ctx.comm_args()
-        get_kernel(plan.dispatch_send_spec(r, config.num_threads)).launch(
+        get_kernel(plan.dispatch_send_spec(r, config.num_threads, self.defines)).launch(
             grid, dict(x=data, row_int4=row_int4, scales=scales,
                        scale_stride_t=scales.strides[0] // itemsize if scales is not None else 0,
                        scale_stride_s=scales.strides[1] // itemsize if scales is not None else 0,
@@ -193,7 +194,7 @@ class IntranodeGpu:
         ctx.mark("dispatch_send")
         if fused_recv:
             return
-        get_kernel(plan.dispatch_recv_spec(r, config.num_threads)).launch(
+        get_kernel(plan.dispatch_recv_spec(r, config.num_threads, self.defines)).launch(
             grid, dict(local_base=self.nvl.local.ptr, data_offset=self.meta_bytes, off_x=lay.off_x,
                        off_scales=lay.off_scales, off_idx=lay.off_idx, off_w=lay.off_w, off_src=lay.off_src,
                        row_int4=row_int4, num_scales=s, num_topk=k, info=info, count_matrix=matrix,
@@ -279,7 +280,7 @@ class IntranodeGpu:
         # A zero-copy combine without weights has nothing to stage: combine_reduce signals the rows itself.
         fused_stage = zero_copy and topk_weights is None and tuning.fuse_kernels
         if not fused_stage:
-            get_kernel(plan.combine_stage_spec(r, config.num_threads)).launch(
+            get_kernel(plan.combine_stage_spec(r, config.num_threads, self.defines)).launch(
                 grid, dict(x=x, row_int4=row_int4, topk_weights=topk_weights, num_topk=k,
                            count_matrix=st.count_matrix, num_rows=rows, peer_bases=self.nvl.peer_bases,
                            data_offset=self.meta_bytes, off_cx=lay.off_x, off_cw=lay.off_w,
@@ -289,7 +290,7 @@ class IntranodeGpu:
             ctx.mark("combine_stage")
         warps = grid * config.num_threads // 32
         # Launched also with no tokens: it still waits for every rank's staged flag, closing the call.
-        get_kernel(plan.combine_reduce_spec(r, config.num_threads)).launch(
+        get_kernel(plan.combine_reduce_spec(r, config.num_threads, self.defines)).launch(
             grid if t else 1,
             dict(peer_bases=self.nvl.peer_bases, data_offset=self.meta_bytes, off_cx=lay.off_x, off_cw=lay.off_w,
                  row_int4=row_int4, num_topk=k, send_pos=handle.send_pos, count_matrix=st.count_matrix,

@@ -9,7 +9,7 @@ from .. import low_latency as plan
 from ..errors import ConfigError
 from ..handles import LowLatencyHandle
 from ..interop import BF16
-from ..runtime import get_kernel
+from ..runtime import diagnostics, get_kernel
 
 
 class LowLatencyGpu:
@@ -35,6 +35,7 @@ class LowLatencyGpu:
         if self.num_ranks > plan.MAX_RANKS:
             raise ConfigError(f"low_latency_mode: expected at most {plan.MAX_RANKS} ranks, got {self.num_ranks}")
         self.tuning = plan.default_tuning()
+        self.defines = diagnostics.defines("low_latency")  # compile-time diagnostics (EPCOMM_DEBUG_*), () normally
         self.nbytes = int(num_rdma_bytes)
         self.sym = None            # uint8 CuPy array over the symmetric buffer (nvshmem.core.array)
         self.layout: plan.LowLatencyLayout | None = None
@@ -269,7 +270,7 @@ class LowLatencyGpu:
         # Once per rank, most of the work is dealt over the whole grid: one wave (a block per SM) where E_local allows.
         bpe = tuning.combine_send_blocks_per_expert or (max(1, ctx.num_sms // e_local) if once else
                                                         plan.blocks_per_expert(e_local, ctx.num_sms))
-        get_kernel(plan.combine_send_spec()).launch(
+        get_kernel(plan.combine_send_spec(self.defines)).launch(
             e_local * bpe,
             dict(x=x, hidden=h, src_info=handle.src_info, layout_range=handle.layout_range, num_ranks=r,
                  num_local_experts=e_local, tmax=tmax, blocks_per_expert=bpe, sym_base=base,

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ..config import env
+from ..env import env
 from ..errors import BootstrapError, CompileError
 from .spec import KernelSpec
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import env
+from ..env import env
 from ..errors import ConfigError
 
 

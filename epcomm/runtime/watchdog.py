@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import env
+from ..env import env
 from ..errors import CommTimeoutError, ConfigError, EpcommError
 
 # Mirror of epcomm::phase::k* (parity test: tests/test_runtime.py parses phases.cuh). 3, 5 and 6 are retired (no kernel
@@ -125,10 +125,6 @@ class ErrorRecord:
         """{err_record, timeout_ns, rank}: the three trailing arguments of every communicating kernel, by name
         (``kernel.launch(grid, dict(x=..., **err.wait_args()))``)."""
         return {"err_record": self.device_ptr, "timeout_ns": timeout_ns(), "rank": self.rank}
-
-    def wait_params(self) -> tuple[int, int, int]:
-        """(err_record, timeout_ns, rank) as a tuple (positional launches, before Kernel.launch took names)."""
-        return self.device_ptr, timeout_ns(), self.rank
 
     def read(self) -> np.void:
         """A copy of the record as it is now."""
