@@ -96,10 +96,7 @@ def nvl_buffer_size_hint(num_max_tokens: int, hidden_bytes: int, num_ranks: int,
 
 
 # How much more an SM copying the rank's own rows moves than an SM storing rows to a peer, per row type: the split
-# that balances the two sides. Measured (EP2, H 7168, 24 SMs, 2x H200, graph replays of the zero-copy and copying
-# cached dispatch): with tokens dealt by tickets (717e08a) FP8 is fastest at 12 peer SMs of 24 (97.7 us zero-copy,
-# 130.4 copying; 10: 103.9 / 138.6, 14: 98.9 / 131.3), BF16 is flat from 10 to 16 (175.8-176.8 zero-copy; 16 kept,
-# the best of the static deal, 0cf75c9). bench/NOTES.md has the sweeps.
+# that balances the two sides, from the send-split sweeps in bench/NOTES.md (EP2, H 7168, 24 SMs).
 PEER_SM_WEIGHT = {"fp8": 12 / 12, "bf16": 16 / 8}
 
 
