@@ -32,7 +32,11 @@ def main(argv=None) -> int:
     e = args.experts or 8 * nr
     tokens = [max(1, args.tokens - 3 * r) for r in range(nr)]  # ranks with different token counts
     tmax = max(tokens)
+    from epcomm.intranode import nvl_buffer_size_hint
+    # Both modes on one Buffer: the normal-mode buffer is asked for explicitly (a low-latency Buffer has none by
+    # default, as in DeepEP).
     buf = epcomm.Buffer(None, backend=args.backend, low_latency_mode=True,
+                        num_nvl_bytes=nvl_buffer_size_hint(tmax, args.hidden * 2, nr, args.topk),
                         num_rdma_bytes=epcomm.Buffer.get_low_latency_rdma_size_hint(tmax, args.hidden, nr, e))
     rank = buf.rank
     rng = np.random.default_rng(args.seed)

@@ -15,9 +15,12 @@ from epcomm.testing import make_topk, make_weights, make_x  # noqa: E402
 
 from mpi4py import MPI  # noqa: E402
 
+from epcomm.intranode import nvl_buffer_size_hint  # noqa: E402
+
 h, k, e = 2048, 8, 64
 TMAX = 64 + MPI.COMM_WORLD.size  # every rank's token count fits (low-latency mode)
 buf = epcomm.Buffer(None, num_rdma_bytes=epcomm.Buffer.get_low_latency_rdma_size_hint(TMAX, h, MPI.COMM_WORLD.size, e),
+                    num_nvl_bytes=nvl_buffer_size_hint(TMAX, h * 2, MPI.COMM_WORLD.size, k),  # normal mode too
                     low_latency_mode=True, backend="gpu")
 R, rank = buf.num_ranks, buf.rank
 cases = Cases(buf.group.comm)
