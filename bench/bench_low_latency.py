@@ -1,8 +1,14 @@
-"""Low-latency (decoding) benchmark (mpirun -n N, one rank per GPU): DeepEP's low-latency workload (128 tokens per
-rank, hidden 7168, top-8 of 256 experts): FP8 dispatch and BF16 combine, timed as CUDA-graph replays (median), plus
-the device time of the send / receive halves with hooks (one graph, event-record nodes between the halves), and NCCL
-all_to_all_single of the same bytes (torch) as the baseline in the same run. Prints a table and appends JSON lines to
+"""Low-latency (decoding) benchmark, the standard one: DeepEP's low-latency workload (128 tokens per rank, hidden
+7168, top-8 of 256 experts): FP8 dispatch and BF16 combine, timed as CUDA-graph replays (median) and eager, once per
+rank and per (token, expert) as DeepEP, plus the device time of the send / receive halves with hooks (one graph,
+event-record nodes between the halves), compute overlapped through the hooks, and NCCL all_to_all_single of the same
+bytes (torch) as the baseline in the same run. Prints a table and appends JSON lines to
 bench/results/low_latency.jsonl (and --out).
+
+    mpirun -n N python bench/bench_low_latency.py [--quick] [--out DIR]     (N ranks, one per GPU)
+
+Also one rank (EP1: no peer, so no baseline) and several ranks sharing a GPU (records "oversubscribed": true: not
+NVLink timings). Where the once-per-rank combine's time goes: bench/experiments/low_latency_combine_diag.py.
 
 Bytes (shared/SPEC.md section 8): logical = valid (token, k) pairs x message bytes (FP8 dispatch: the 16-byte header +
 H e4m3 + 4 H/128 scale bytes; BF16 combine: 2H), physical = the pairs whose expert lives on another rank. The rows are
@@ -16,50 +22,31 @@ import sys
 import cupy as cp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from common import append_jsonl, median_us, record  # noqa: E402
+from common import LowLatencyWorkload, Ranks, median_us, record, save_records  # noqa: E402
 
 import epcomm  # noqa: E402
-from epcomm import reference as ref  # noqa: E402
+from epcomm.group import Group  # noqa: E402
 from epcomm.low_latency import message_bytes  # noqa: E402
-from epcomm.testing import make_topk  # noqa: E402
 
-args = common.workload_args(128, 50, 20, "also time the once-per-rank combine with parts left out (diagnostics, wrong "
-                            "results)")
+args = common.workload_args(128, 50, 20, __doc__)
 iters = args.iters
-T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
 
-from mpi4py import MPI  # noqa: E402
-
-R0 = MPI.COMM_WORLD.size
-buf = epcomm.Buffer(None, num_rdma_bytes=epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, R0, E),
-                    low_latency_mode=True, backend="gpu")
-g = buf.group
-R, rank = buf.num_ranks, buf.rank
-card = cp.cuda.runtime.getDeviceProperties(g.device)["name"].decode()
-gpus = len(set(g.topology.device_of_rank))
-log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-e_local = E // R
-
-rng = np.random.default_rng(1234 + rank)
-x = cp.asarray(rng.standard_normal((T, H), dtype=np.float32).astype(ref.bf16))
-idx_host = make_topk(np.random.default_rng(99 + rank), T, K, E)
-idx = cp.asarray(idx_host)
-w = cp.asarray(np.random.default_rng(7 + rank).random((T, K), dtype=np.float32))
-# The experts' outputs (any bf16 values; combine reads only the rows the dispatch filled).
-y = cp.asarray(rng.standard_normal((e_local, R * T, H), dtype=np.float32).astype(ref.bf16))
+group = Group()
+ranks = Ranks(group)
+R, rank = ranks.num_ranks, ranks.rank
+log, agree = ranks.log, ranks.agree
+wl = LowLatencyWorkload(args.tokens, args.hidden, args.topk, args.experts, rank, R)
+T, H, K, E = wl.T, wl.H, wl.K, wl.E
+e_local, idx_host = wl.e_local, wl.idx_host
+buf = epcomm.Buffer(group, num_rdma_bytes=wl.rdma_bytes(R), low_latency_mode=True, backend="gpu")
+ranks.say_limits("the PyTorch/NCCL baseline")
 
 valid = idx_host >= 0
 pairs_total = int(valid.sum())
 pairs_remote = int((valid & (idx_host // e_local != rank)).sum())
-
-
-def agree(v):  # the slowest rank's median, the busiest rank's rows
-    return max(g.allgather(v))
-
-
 rows_total, rows_remote = agree(pairs_total), agree(pairs_remote)
 # Dispatch sends a token's payload once per destination rank (once_per_rank) plus a 16-byte header per (token, k):
 # the (token, remote rank) pairs are what crosses NVLink in full.
@@ -74,60 +61,27 @@ physical_combine_once = tokens_remote * 4 * H + rows_remote * 4
 
 
 def timed(fn, n=iters, warmup=3):
-    return common.timed(fn, g, n, warmup)
+    return ranks.timed(fn, n, warmup)
 
 
 def timed_graph(fn, calls_per_capture, n=iters):
     """Low-latency graphs must hold an even number of calls of each kind, or dispatch/combine pairs, so that replays
-    alternate the buffer halves (see epcomm.low_latency.LowLatencyGpu)."""
-    return common.timed_graph(fn, g, n, calls_per_capture, check=lambda: buf._backend._check("benchmark graph replays"))
+    alternate the buffer halves (see epcomm.gpu.low_latency.LowLatencyGpu)."""
+    return ranks.timed_graph(fn, n, calls_per_capture, check=lambda: buf._backend.ctx.check("benchmark graph replays"))
 
 
-def dispatch_fp8():
-    return buf.low_latency_dispatch(x, idx, T, E, use_fp8=True)
+wl.bind(buf)
+dispatch_fp8, combine_bf16 = wl.dispatch_fp8, wl.combine_bf16
+two_dispatches, two_combines, pair = wl.two_dispatches, wl.two_combines, wl.pair
 
-
-_, _, handle, _, _ = dispatch_fp8()
-
-
-def combine_bf16():
-    return buf.low_latency_combine(y, idx, w, handle)
-
-
-def two_dispatches():
-    dispatch_fp8()
-    dispatch_fp8()
-
-
-def two_combines():
-    combine_bf16()
-    combine_bf16()
-
-
-def pair():
-    _, _, hd, _, _ = dispatch_fp8()
-    buf.low_latency_combine(y, idx, w, hd)
-
-
-ll = buf._backend.low_latency
-ll.once_per_rank = False  # DeepEP's way, for comparison: the whole message per (token, expert)
+default = buf.set_tuning("low_latency", once_per_rank=False)  # DeepEP's way, for comparison: a message per expert
 per_expert_us = agree(timed_graph(two_dispatches, 2))
-ll.once_per_rank = True
-ll.combine_once_per_rank = False  # likewise: every (token, expert) row back
+buf.set_tuning("low_latency", once_per_rank=True, combine_once_per_rank=False)  # likewise: every row back
 combine_per_expert_us = agree(timed_graph(two_combines, 2))
-ll.combine_once_per_rank = True   # and the once-per-rank sums whatever the default picks here
+buf.set_tuning("low_latency", combine_once_per_rank=True)  # and the once-per-rank sums whatever the default picks
 combine_once_us = agree(timed_graph(two_combines, 2))
-ll.combine_once_per_rank = None   # the default: once per rank where it moves fewer bytes (K > 2R)
-combine_default_once = ll.combine_sums_once(K)
-if args.trace:  # where the once-per-rank combine's time goes: leave parts out (wrong results) and time again
-    ll.combine_once_per_rank = True
-    for bits, what in ((1, "no weights exchange"), (2, "no row loads"), (4, "no partial stores"), (8, "no items"),
-                       (6, "no loads, no stores"), (0, "combine_send 2 blocks per expert (two waves)")):
-        ll.combine_debug_skip = bits
-        ll.combine_send_bpe = 2 if bits == 0 else None
-        us = agree(timed_graph(two_combines, 2))
-        log(f"combine diag: {what}: {us:.1f} us (graph, a combine)")
-    ll.combine_debug_skip, ll.combine_send_bpe, ll.combine_once_per_rank = 0, None, None
+buf.set_tuning("low_latency", **vars(default))  # the default: once per rank where it moves fewer bytes (K > 2R)
+combine_default_once = buf.tuning("low_latency").combine_sums_once(K, R)
 results = {
     "ll_dispatch_per_expert": per_expert_us,
     "ll_combine_per_expert": combine_per_expert_us,
@@ -159,11 +113,11 @@ def capture_halves():
 
     def halves(mark):
         mark(0)
-        _, _, hd, _, hk = buf.low_latency_dispatch(x, idx, T, E, use_fp8=True, return_recv_hook=True)
+        _, _, hd, _, hk = dispatch_fp8(return_recv_hook=True)
         mark(1)
         hk()
         mark(2)
-        _, _, hk = buf.low_latency_combine(y, idx, w, hd, return_recv_hook=True)
+        _, _, hk = combine_bf16(hd, return_recv_hook=True)
         mark(3)
         hk()
         mark(4)
@@ -171,7 +125,7 @@ def capture_halves():
     with s:
         halves(lambda i: None)  # warm-up: kernels loaded, pool filled
         s.synchronize()
-        g.barrier()
+        group.barrier()
         s.begin_capture()
         try:
             halves(record_node)
@@ -189,17 +143,17 @@ def hook_split(n=iters):
         error = None
     except Exception as exc:  # e.g. no cuda-python driver bindings, or a driver without event-record nodes
         error = f"{type(exc).__name__}: {exc}"
-    errors = [f"rank {r}: {e}" for r, e in enumerate(g.allgather(error)) if e]
+    errors = [f"rank {r}: {e}" for r, e in enumerate(group.allgather(error)) if e]
     if errors:
         log(f"hook split skipped: timing the halves needs event-record nodes in a CUDA graph; {errors[0]}")
         return {}
     times = []
     for _ in range(n):
-        g.barrier()
+        group.barrier()
         graph.launch(s)
         s.synchronize()
         times.append([cp.cuda.get_elapsed_time(evs[i], evs[i + 1]) for i in range(4)])
-    buf._backend._check("hook split graph replays")
+    buf._backend.ctx.check("hook split graph replays")
     t = np.asarray(times)
     return {"ll_dispatch_send_hook": median_us(t[:, 0]), "ll_dispatch_recv_hook": median_us(t[:, 1]),
             "ll_combine_send_hook": median_us(t[:, 2]), "ll_combine_recv_hook": median_us(t[:, 3]),
@@ -217,30 +171,29 @@ extern "C" __global__ void busy(float* out, int iters) {
   if (a == 12345.0f) out[0] = a;  // keeps the loop
 }""", "busy")
 busy_out = cp.zeros(1, cp.float32)
-sms = cp.cuda.Device().attributes["MultiProcessorCount"]
 
 
 def compute():
-    busy((sms,), (256,), (busy_out, np.int32(15000)))
+    busy((ranks.num_sms,), (256,), (busy_out, np.int32(15000)))
 
 
 def pair_compute_between():  # send, compute, receive (the hook), for both operations
-    _, _, hd, _, hk = buf.low_latency_dispatch(x, idx, T, E, use_fp8=True, return_recv_hook=True)
+    _, _, hd, _, hk = dispatch_fp8(return_recv_hook=True)
     compute()
     hk()
-    _, _, hk = buf.low_latency_combine(y, idx, w, hd, return_recv_hook=True)
+    _, _, hk = combine_bf16(hd, return_recv_hook=True)
     compute()
     hk()
 
 
 def pair_compute_after():  # the same work with the compute after each complete call (nothing to overlap)
-    _, _, hd, _, _ = buf.low_latency_dispatch(x, idx, T, E, use_fp8=True)
+    _, _, hd, _, _ = dispatch_fp8()
     compute()
-    buf.low_latency_combine(y, idx, w, hd)
+    combine_bf16(hd)
     compute()
 
 
-results["compute_x2"] = agree(common.timed_graph(lambda: (compute(), compute()), g, iters))
+results["compute_x2"] = agree(ranks.timed_graph(lambda: (compute(), compute()), iters))
 results["pair_compute_between"] = agree(timed_graph(pair_compute_between, 1))
 results["pair_compute_after"] = agree(timed_graph(pair_compute_after, 1))
 log(f"overlap (graph, us): two compute kernels alone {results['compute_x2']:.1f}; dispatch+combine pair with them "
@@ -250,31 +203,32 @@ log(f"overlap (graph, us): two compute kernels alone {results['compute_x2']:.1f}
 
 # -- baseline: NCCL all_to_all_single (torch) of the same bytes, on pre-permuted data ---------------------------
 baseline = {}
-try:
-    import torch
-    import torch.distributed as dist
-    host0 = g.bcast(socket.gethostname())
-    port = g.bcast(29600 + os.getpid() % 1000)
-    dist.init_process_group("nccl", init_method=f"tcp://{'127.0.0.1' if host0 == socket.gethostname() else host0}:{port}",
-                            rank=rank, world_size=R)
-    dev = torch.device("cuda", g.device)
-    dest = idx_host[valid] // e_local
-    send_pairs = [int((dest == d).sum()) for d in range(R)]
-    recv_pairs = torch.empty(R, dtype=torch.int64, device=dev)
-    dist.all_to_all_single(recv_pairs, torch.tensor(send_pairs, dtype=torch.int64, device=dev))
-    recv_pairs = recv_pairs.tolist()
+if ranks.measures_links:
+    try:
+        import torch
+        import torch.distributed as dist
+        host0 = group.bcast(socket.gethostname())
+        port = group.bcast(29600 + os.getpid() % 1000)
+        dist.init_process_group("nccl", rank=rank, world_size=R,
+                                init_method=f"tcp://{'127.0.0.1' if host0 == socket.gethostname() else host0}:{port}")
+        dev = torch.device("cuda", group.device)
+        dest = idx_host[valid] // e_local
+        send_pairs = [int((dest == d).sum()) for d in range(R)]
+        recv_pairs = torch.empty(R, dtype=torch.int64, device=dev)
+        dist.all_to_all_single(recv_pairs, torch.tensor(send_pairs, dtype=torch.int64, device=dev))
+        recv_pairs = recv_pairs.tolist()
 
-    def a2a(width, forward=True):
-        sc, rc = (send_pairs, recv_pairs) if forward else (recv_pairs, send_pairs)
-        src = torch.empty((sum(sc), width), dtype=torch.uint8, device=dev)
-        out = torch.empty((sum(rc), width), dtype=torch.uint8, device=dev)
-        dist.all_to_all_single(out, src, rc, sc)
+        def a2a(width, forward=True):
+            sc, rc = (send_pairs, recv_pairs) if forward else (recv_pairs, send_pairs)
+            src = torch.empty((sum(sc), width), dtype=torch.uint8, device=dev)
+            out = torch.empty((sum(rc), width), dtype=torch.uint8, device=dev)
+            dist.all_to_all_single(out, src, rc, sc)
 
-    baseline["ll_dispatch"] = agree(timed(lambda: a2a(msg_fp8)))
-    baseline["ll_combine"] = agree(timed(lambda: a2a(row_bf16, forward=False)))
-    dist.destroy_process_group()
-except Exception as exc:  # torch missing or NCCL unusable: say so in the table
-    log(f"baseline skipped: {type(exc).__name__}: {exc}")
+        baseline["ll_dispatch"] = agree(timed(lambda: a2a(msg_fp8)))
+        baseline["ll_combine"] = agree(timed(lambda: a2a(row_bf16, forward=False)))
+        dist.destroy_process_group()
+    except Exception as exc:  # torch missing or NCCL unusable: say so in the table
+        log(f"baseline skipped: {type(exc).__name__}: {exc}")
 
 rows = []
 for op, dt, key, nbytes, variant in (("ll_dispatch", "fp8", "ll_dispatch", msg_fp8, "graph"),
@@ -319,22 +273,22 @@ for op, dt, key, nbytes, variant in (("ll_dispatch", "fp8", "ll_dispatch", msg_f
         physical = physical_combine_once
     elif op == "ll_pair":
         physical = physical_once + (physical_combine_once if combine_default_once else rows_remote * row_bf16)
-    rows.append(record(op, dt, R, gpus, T, H, K, E, None, us, rows_total * nbytes, physical, card, b,
+    rows.append(record(op, dt, R, ranks.gpus, T, H, K, E, None, us, rows_total * nbytes, physical, ranks.card, b,
                        variant=variant, pair_us=round(results["ll_pair"], 2),
                        compute_x2_us=round(results["compute_x2"], 2),
                        once_per_rank=(combine_once if op == "ll_combine" else not per_expert)))
 
 if rank == 0:
-    print(f"\n{card} x{gpus}, EP{R}, {T} tokens/rank, hidden {H}, top-{K} of {E}; (token, k) pairs {rows_total} "
+    print(f"\n{ranks.title()}, {T} tokens/rank, hidden {H}, top-{K} of {E}; (token, k) pairs {rows_total} "
           f"(remote {rows_remote}); dispatch+combine pair in one graph: {results['ll_pair']:.1f} us")
+    if ranks.oversubscribed:
+        print("NOTE: ranks share a GPU, so these are not NVLink timings (records marked \"oversubscribed\": true)")
     print("| op | dtype | variant | median us | logical GB/s | physical GB/s | baseline us | speed-up |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r_ in rows:
         b = r_["baseline"]["median_us"] if r_.get("baseline") else None
         print(f"| {r_['op']} | {r_['dtype']} | {r_['variant']} | {r_['median_us']:.1f} | {r_['logical_gbps']} | "
               f"{r_['physical_gbps']} | {b if b else '-'} | {(b / r_['median_us']) if b else 0:.2f}x |")
-    here = os.path.dirname(os.path.abspath(__file__))
-    append_jsonl(os.path.join(here, "results", "low_latency.jsonl"), rows)
-    if args.out:
-        append_jsonl(os.path.join(args.out, "low_latency.jsonl"), rows)
+    save_records("low_latency", rows, args.out)
 buf.destroy()
+group.close()

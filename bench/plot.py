@@ -1,7 +1,8 @@
 """Plots of benchmark records (bench/results/*.jsonl): GB/s against SMs for the intranode sweep (used by
 bench_intranode.py after a run, and offline: `python bench/plot.py --commit dee4104 --ranks 2`), and the zero-copy
 times of every commit measured, against the goals (`python bench/plot.py --versions`). Plots are not tracked: they are
-drawn on demand from the JSON lines, by default into gpu_out/plots/ (ignored), or wherever --out says."""
+drawn on demand from the JSON lines, by default into gpu_out/plots/ (ignored), or wherever --out says. Records of
+ranks sharing a GPU ("oversubscribed": true, not NVLink timings) are left out unless --oversubscribed asks for them."""
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,10 @@ PLOT_DIR = os.path.join(os.path.dirname(HERE), "gpu_out", "plots")  # ignored, l
 OPS = (("dispatch", "fp8", "cached-graph"), ("dispatch", "bf16", "cached-graph"), ("combine", "bf16", "graph"))
 
 
-def plot_sm_sweep(rows: list[dict], ceiling_gbps: float, title: str, path: str) -> None:
+def plot_sm_sweep(rows: list[dict], ceiling_gbps: float | None, title: str, path: str) -> None:
     """Physical GB/s (bytes that crossed NVLink per call time; solid) and logical GB/s (DeepEP's count; dashed) of the
-    CUDA-graph rows against num_sms, with the one-way peer-store ceiling measured in the same run."""
+    CUDA-graph rows against num_sms, with the one-way peer-store ceiling measured in the same run (None or 0: the run
+    had none, e.g. one rank)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -29,7 +31,8 @@ def plot_sm_sweep(rows: list[dict], ceiling_gbps: float, title: str, path: str) 
         sms = [p[0] for p in pts]
         ax.plot(sms, [p[1] for p in pts], marker="o", color=color, label=f"{dt} {op}: physical")
         ax.plot(sms, [p[2] for p in pts], marker=".", ls="--", color=color, alpha=0.6, label=f"{dt} {op}: logical")
-    ax.axhline(ceiling_gbps, ls=":", c="gray", label=f"one-way peer-store ceiling ({ceiling_gbps:.0f} GB/s)")
+    if ceiling_gbps:
+        ax.axhline(ceiling_gbps, ls=":", c="gray", label=f"one-way peer-store ceiling ({ceiling_gbps:.0f} GB/s)")
     ax.set_xlabel("SMs (Config.num_sms)")
     ax.set_ylabel("GB/s (CUDA-graph replay, median)")
     ax.set_title(title)
@@ -47,14 +50,15 @@ VERSION_OPS = (("dispatch", "fp8", "cached-graph, zero-copy", 100.0),
 
 def version_series(rows: list[dict], ranks: int = 2, num_sms: int = 24) -> tuple[list[str], dict]:
     """(commits in the order of their first record, {(op, dtype): [median us per commit, None where unmeasured]}):
-    VERSION_OPS rows at `ranks` ranks and `num_sms` SMs; a commit measured in several runs gets the median of them."""
+    VERSION_OPS rows at `ranks` ranks and `num_sms` SMs, one GPU per rank (oversubscribed records are not NVLink
+    timings); a commit measured in several runs gets the median of them."""
     import statistics
     wanted = {(op, dt, variant) for op, dt, variant, _ in VERSION_OPS}
     commits: list[str] = []
     values: dict = {}
     for r in sorted(rows, key=lambda r: r.get("timestamp") or ""):
         key = (r["op"], r["dtype"], r.get("variant"))
-        if (r.get("ranks"), r.get("num_sms")) != (ranks, num_sms) or key not in wanted:
+        if (r.get("ranks"), r.get("num_sms")) != (ranks, num_sms) or key not in wanted or r.get("oversubscribed"):
             continue
         if r["commit"] not in commits:
             commits.append(r["commit"])
@@ -89,10 +93,11 @@ def plot_versions(rows: list[dict], title: str, path: str, ranks: int = 2) -> No
     plt.close(fig)
 
 
-def default_out(commit: str | None, ranks: int, versions: bool) -> str:
-    """Where a plot goes without --out: gpu_out/plots/, one file name per (kind, ranks, commit), so a redraw
-    overwrites its own file."""
-    name = f"intranode_versions_ep{ranks}.png" if versions else f"intranode_sms_ep{ranks}_{commit}.png"
+def default_out(commit: str | None, ranks: int, versions: bool, oversubscribed: bool = False) -> str:
+    """Where a plot goes without --out: gpu_out/plots/, one file name per (kind, ranks, commit, oversubscribed), so a
+    redraw overwrites its own file."""
+    over = "_oversubscribed" if oversubscribed and not versions else ""
+    name = f"intranode_versions_ep{ranks}.png" if versions else f"intranode_sms_ep{ranks}{over}_{commit}.png"
     return os.path.join(PLOT_DIR, name)
 
 
@@ -103,11 +108,13 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--results", default=os.path.join(HERE, "results", "intranode.jsonl"))
     ap.add_argument("--out", help="the PNG to write (default: gpu_out/plots/, named by kind, ranks and commit)")
+    ap.add_argument("--oversubscribed", action="store_true",
+                    help="plot the commit's records of ranks sharing a GPU (not NVLink timings) instead")
     args = ap.parse_args()
     if not args.versions and not args.commit:
         ap.error("--commit or --versions is required")
     if args.out is None:
-        args.out = default_out(args.commit, args.ranks, args.versions)
+        args.out = default_out(args.commit, args.ranks, args.versions, args.oversubscribed)
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.results) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -119,12 +126,16 @@ def main() -> None:
             raise SystemExit(str(exc))
         print(f"wrote {args.out}")
         return
-    rows = [r for r in rows if r["commit"] == args.commit and r["ranks"] == args.ranks]
+    over = args.oversubscribed
+    rows = [r for r in rows if r["commit"] == args.commit and r["ranks"] == args.ranks
+            and bool(r.get("oversubscribed")) == over]
     if not rows:
-        raise SystemExit(f"no records of commit {args.commit} with {args.ranks} ranks in {args.results}")
+        raise SystemExit(f"no records of commit {args.commit} with {args.ranks} ranks "
+                         f"{'sharing a GPU' if over else 'one GPU each'} in {args.results}")
     ceiling = max(r.get("ceiling_one_way_gbps") or 0 for r in rows)
     card, gpus = rows[0]["card"], rows[0]["gpus"]
-    plot_sm_sweep(rows, ceiling, f"epcomm intranode EP{args.ranks} on {gpus}x {card} ({args.commit})", args.out)
+    note = ", oversubscribed: not NVLink timings" if over else ""
+    plot_sm_sweep(rows, ceiling, f"epcomm intranode EP{args.ranks} on {gpus}x {card} ({args.commit}{note})", args.out)
     print(f"wrote {args.out}")
 
 

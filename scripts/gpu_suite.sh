@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite: on a machine with GPUs, install what is missing, then run the GPU checks under mpirun on all
-# visible GPUs (and several ranks per GPU for EP4/EP8 correctness), then the quick benchmark; prints a short table.
-# Usage: bash scripts/gpu_suite.sh [--quick] [--no-bench] [--bench-full]
+# visible GPUs (and several ranks per GPU for EP4/EP8 correctness), then the quick standard benchmarks (one rank per
+# GPU; EP1 on one GPU); prints a short table. --experiments also runs bench/experiments/ (two or more GPUs).
+# Usage: bash scripts/gpu_suite.sh [--quick] [--no-bench] [--bench-full] [--experiments]
 # Results: ./gpu_out (ignored by git, emptied at the start of every run) gets every log, bench JSON line file and plot;
 # when $OUT is set (the device tool, which returns at most 8 files) they also go there as ONE archive, gpu_suite.tgz,
 # beside a copy of the summary table. Only the JSON lines are kept in the tree (bench/results/*.jsonl, which the
@@ -10,8 +11,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUTDIR=$ROOT/gpu_out; rm -rf "$OUTDIR"; mkdir -p "$OUTDIR"
-QUICK=0; BENCH=1; BENCH_ARGS="--quick"
-for a in "$@"; do case $a in --quick) QUICK=1;; --no-bench) BENCH=0;; --bench-full) BENCH_ARGS="";; --trace) BENCH_ARGS="$BENCH_ARGS --trace";; esac; done
+QUICK=0; BENCH=1; BENCH_ARGS="--quick"; EXPERIMENTS=0
+for a in "$@"; do case $a in --quick) QUICK=1;; --no-bench) BENCH=0;; --bench-full) BENCH_ARGS="";; --experiments) EXPERIMENTS=1;; esac; done
 PY=${PYTHON:-python3}
 
 # 1. What the GPU image lacks: nvshmem4py (wheel carried in wheels/, installed beside the tree).
@@ -62,8 +63,9 @@ run intranode_ep$NGPU 150 $MPIRUN -n $NGPU $PY tests/gpu/intranode_check.py $([ 
 run low_latency_ep$NGPU 120 $MPIRUN -n $NGPU $PY tests/gpu/low_latency_check.py $([ $QUICK = 1 ] && echo --quick)
 run interop_ep$NGPU 90 $MPIRUN -n $NGPU $PY tests/gpu/interop_check.py
 run demo_ep$NGPU 60 $MPIRUN -n $NGPU $PY -m epcomm.demo --backend gpu
-# 4. Quick benchmark (one rank per GPU).
-if [ $BENCH = 1 ] && [ $NGPU -ge 2 ]; then
+# 4. The quick standard benchmarks, one rank per GPU: on one GPU that is EP1 (no peer: no NVLink ceiling, no NCCL
+#    baseline; the host and device times of every call are still recorded).
+if [ $BENCH = 1 ] && [ $NGPU -ge 1 ]; then
   run bench_intranode 300 $MPIRUN -n $NGPU $PY bench/bench_intranode.py $BENCH_ARGS --out "$OUTDIR"
   cat "$OUTDIR/bench_intranode.log" | grep -E "^\|" || true
   if [ $NGPU -ge 4 ]; then  # the EP2 workload of issue 3 on two of the GPUs as well
@@ -72,6 +74,12 @@ if [ $BENCH = 1 ] && [ $NGPU -ge 2 ]; then
   fi
   run bench_low_latency 120 $MPIRUN -n $NGPU $PY bench/bench_low_latency.py $BENCH_ARGS --out "$OUTDIR"
   cat "$OUTDIR/bench_low_latency.log" | grep -E "^\|" || true
+fi
+# Experiments (bench/experiments/, diagnostics: where the time goes; they print, split / frame / items also record).
+if [ $EXPERIMENTS = 1 ] && [ $NGPU -ge 2 ]; then
+  run exp_link_probes 120 $MPIRUN -n $NGPU $PY bench/experiments/link_probes.py
+  run exp_intranode_split 600 $MPIRUN -n $NGPU $PY bench/experiments/intranode_split.py --quick --out "$OUTDIR"
+  run exp_low_latency_combine_diag 180 $MPIRUN -n $NGPU $PY bench/experiments/low_latency_combine_diag.py --quick
 fi
 # 5. Several ranks per GPU (EP2 on one GPU, EP4 / EP8 correctness on fewer GPUs; time-sliced, so correctness only),
 #    last. On one GPU the steps above ran EP1 (what a user with one GPU tries first).
