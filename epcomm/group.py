@@ -1,13 +1,19 @@
-"""Process group: an mpi4py communicator -> ranks, hosts, (virtual) nodes, device choice, NVSHMEM start, CUDA IPC.
+"""Process group: an mpi4py communicator or a torch.distributed ProcessGroup -> ranks, hosts, (virtual) nodes,
+device choice, NVSHMEM start, CUDA IPC.
 
-Everything that needs the communicator is here; kernels never talk to MPI. Teardown is idempotent.
+Everything that needs the communicator is here; kernels never talk to MPI or torch. Two transports carry the Python
+objects: _MpiTransport (point-to-point on a duplicate of the communicator) and _TorchTransport (keys in the group's
+c10d store, so that gloo and NCCL groups work alike and nothing goes through NCCL). Teardown is idempotent.
 """
 from __future__ import annotations
 
+import itertools
 import os
+import pickle
 import socket
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 from .env import env
 from .errors import BootstrapError, CommTimeoutError, ConfigError
@@ -49,7 +55,7 @@ def _mpi():
     try:
         from mpi4py import MPI
     except ImportError as exc:  # pragma: no cover - mpi4py is a base dependency
-        raise BootstrapError(f"mpi4py is needed to form a group: {exc}") from None
+        raise BootstrapError(f"mpi4py is needed to form a group over MPI: {exc}") from None
     return MPI
 
 
@@ -62,26 +68,195 @@ def gpu_count() -> int:
         return 0
 
 
+def is_torch_group(obj) -> bool:
+    """True for a torch.distributed ProcessGroup (checked without importing torch)."""
+    if "torch" not in type(obj).__module__.split(".")[0]:
+        return False
+    import torch.distributed as dist
+    return isinstance(obj, dist.ProcessGroup)
+
+
+def _launcher_world_size() -> int:
+    """WORLD_SIZE as torchrun (or another torch launcher) sets it; 0 when unset or not a number."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "0"))
+    except ValueError:
+        return 0
+
+
+class _MpiTransport:
+    """Python objects over an mpi4py communicator: collectives on it, and exchange() point-to-point on a duplicate."""
+
+    kind = "mpi"
+
+    def __init__(self, comm):
+        MPI = _mpi()
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        if self.size == 1 and _launcher_world_size() > 1:
+            raise ConfigError(
+                f"group: this process was started by torchrun (WORLD_SIZE={_launcher_world_size()}) but MPI sees "
+                "1 rank, so every process would be rank 0 of its own 1-rank world: pass the torch.distributed group, "
+                "e.g. epcomm.Buffer(torch.distributed.group.WORLD) after torch.distributed.init_process_group(), "
+                "or launch with mpiexec")
+        self._local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = self._local.Get_rank()
+        self.local_size = self._local.Get_size()
+        self._xcomm = self.comm.Dup()     # exchange()'s own context: no mix-up with other Groups or collectives
+
+    def allgather(self, obj) -> list:
+        return self.comm.allgather(obj)
+
+    def alltoall(self, objs: list) -> list:
+        return self.comm.alltoall(objs)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def bcast(self, obj, root: int):
+        return self.comm.bcast(obj, root=root)
+
+    def post(self, seq: int, phase: str, objs: list):
+        """Start sending objs[d] to every other rank d; returns what finish_sends() completes."""
+        return {d: self._xcomm.isend((seq, phase, objs[d]), dest=d, tag=_EXCHANGE_TAG)
+                for d in range(self.size) if d != self.rank}
+
+    def poll(self, src: int, seq: int):
+        """(seq, phase, obj) of the next exchange message from src, or None while none has arrived."""
+        msg = self._xcomm.improbe(source=src, tag=_EXCHANGE_TAG)
+        return None if msg is None else msg.recv()
+
+    def sends_pending(self, sends: dict) -> dict:
+        return {d: r for d, r in sends.items() if not r.Test()}
+
+    def close(self) -> None:
+        try:
+            self._local.Free()
+        except Exception:
+            pass
+        try:
+            # Receive what peers sent to a call this rank never made (after a failure); MPICH's finalize
+            # aborts on unreceived large messages.
+            MPI = _mpi()
+            while (msg := self._xcomm.improbe(source=MPI.ANY_SOURCE, tag=_EXCHANGE_TAG)) is not None:
+                msg.recv()
+            self._xcomm.Free()
+        except Exception:
+            pass
+
+
+class _TorchTransport:
+    """Python objects over a torch.distributed ProcessGroup (gloo, NCCL or any other backend): every message is a key
+    of the group's c10d store (the TCPStore torchrun and init_process_group set up), so nothing runs on the group's
+    own backend (NCCL refuses several ranks on one GPU; a store also bounds every wait). Keys are
+    `epcomm/<instance>/<call>/<src>><dst>`, deleted by their receiver, so the store does not grow."""
+
+    kind = "torch"
+    _instances: dict = {}      # group name -> Groups made over it in this process (the same count on every rank)
+
+    def __init__(self, pg):
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d as c10d
+        if not dist.is_initialized():
+            raise BootstrapError("group: a torch.distributed ProcessGroup needs torch.distributed.init_process_group()")
+        self.pg = pg
+        self.rank = pg.rank()
+        self.size = pg.size()
+        try:
+            self.store = c10d._get_process_group_store(pg)
+        except Exception:
+            self.store = c10d._get_default_store()
+        name = str(getattr(pg, "group_name", "") or ",".join(map(str, dist.get_process_group_ranks(pg))))
+        counter = self._instances.setdefault(name, itertools.count())
+        self.prefix = f"epcomm/{name}/{next(counter)}"
+        self._seq = itertools.count()   # allgather / bcast / barrier calls (exchange() numbers its own)
+        hosts = self._collect([socket.gethostname()] * self.size, "group")
+        me = hosts[self.rank]
+        self.local_rank = sum(1 for r in range(self.rank) if hosts[r] == me)
+        self.local_size = hosts.count(me)
+
+    def _key(self, seq, src: int, dst: int) -> str:
+        return f"{self.prefix}/{seq}/{src}>{dst}"
+
+    def _collect(self, objs: list, phase: str) -> list:
+        """An unbounded-in-spirit alltoall for bootstrap collectives, bounded by EPCOMM_TIMEOUT_S all the same."""
+        seq = f"c{next(self._seq)}"
+        self.post(seq, phase, objs)
+        out = [None] * self.size
+        out[self.rank] = objs[self.rank]
+        keys = [self._key(seq, s, self.rank) for s in range(self.size) if s != self.rank]
+        if keys:
+            try:
+                self.store.wait(keys, timedelta(seconds=float(env("EPCOMM_TIMEOUT_S"))))
+            except Exception as exc:
+                missing = [s for s in range(self.size) if s != self.rank and not self.store.check([self._key(seq, s, self.rank)])]
+                raise CommTimeoutError(f"rank {self.rank}: rank(s) {missing} did not arrive in phase {phase} within "
+                                       f"{env('EPCOMM_TIMEOUT_S')} s (EPCOMM_TIMEOUT_S): {exc}", self.rank,
+                                       missing[0] if missing else -1, phase) from None
+        for s in range(self.size):
+            if s != self.rank:
+                _, _, out[s] = self._take(self._key(seq, s, self.rank))
+        return out
+
+    def allgather(self, obj) -> list:
+        return self._collect([obj] * self.size, "allgather")
+
+    def alltoall(self, objs: list) -> list:
+        return self._collect(list(objs), "alltoall")
+
+    def barrier(self) -> None:
+        self._collect([None] * self.size, "barrier")
+
+    def bcast(self, obj, root: int):
+        return self._collect([obj if self.rank == root else None] * self.size, "bcast")[root]
+
+    def _take(self, key: str):
+        value = pickle.loads(self.store.get(key))
+        self.store.delete_key(key)
+        return value
+
+    def post(self, seq, phase: str, objs: list):
+        for d in range(self.size):
+            if d != self.rank:
+                self.store.set(self._key(seq, self.rank, d), pickle.dumps((seq, phase, objs[d]), protocol=5))
+        return {}
+
+    def poll(self, src: int, seq: int):
+        key = self._key(seq, src, self.rank)
+        if not self.store.check([key]):
+            return None
+        return self._take(key)
+
+    def sends_pending(self, sends: dict) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
 class Group:
     """The ranks of one expert-parallel group.
 
-    comm: an mpi4py communicator (default COMM_WORLD).
-    device: CUDA device index for this rank (default: local_rank % visible GPUs); None on the CPU backend.
+    comm: an mpi4py communicator (default COMM_WORLD) or a torch.distributed ProcessGroup (any backend: the objects
+        travel through its c10d store, so a gloo group of CPU processes or an NCCL group works, under torchrun or any
+        launcher that ran init_process_group).
+    device: CUDA device index for this rank (default: torch.cuda.current_device() for a torch group in a process
+        where torch sees CUDA, as DeepEP does; else local_rank % visible GPUs); None on the CPU backend.
     virtual_node_size: group consecutive ranks of one host into virtual nodes of this size, so that internode
         code paths run on one host (default EPCOMM_VIRTUAL_NODE_SIZE; 0 = one node per host).
     """
 
     def __init__(self, comm=None, *, device: int | None = None, use_gpu: bool | None = None,
                  virtual_node_size: int | None = None):
-        MPI = _mpi()
-        self.comm = comm if comm is not None else MPI.COMM_WORLD
-        self.rank = self.comm.Get_rank()
-        self.size = self.comm.Get_size()
-        self._local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank = self._local.Get_rank()
-        self.local_size = self._local.Get_size()
+        self._transport = _TorchTransport(comm) if comm is not None and is_torch_group(comm) else _MpiTransport(comm)
+        self.kind = self._transport.kind  # "mpi" or "torch"
+        self.comm = self._transport.pg if self.kind == "torch" else self._transport.comm
+        self.rank = self._transport.rank
+        self.size = self._transport.size
+        self.local_rank = self._transport.local_rank
+        self.local_size = self._transport.local_size
         self._closed = False
-        self._xcomm = self.comm.Dup()     # exchange()'s own context: no mix-up with other Groups or collectives
         self._exchange_seq = 0            # exchange() calls so far (the same on every rank while in step)
         self._broken: str | None = None   # why exchange() can no longer be used (after a timeout or desync)
         self._nvshmem_started = False
@@ -92,19 +267,26 @@ class Group:
             raise BootstrapError(f"rank {self.rank}: a GPU group was asked for but no CUDA device is visible")
         self.device = None
         if ndev > 0:
-            self.device = self.local_rank % ndev if device is None else int(device)
+            self.device = self._default_device(ndev) if device is None else int(device)
             if not 0 <= self.device < ndev:
                 raise ConfigError(f"device: expected 0..{ndev - 1}, got {device}")
             import cupy
             cupy.cuda.Device(self.device).use()
         self.topology = self._make_topology(virtual_node_size)
 
+    def _default_device(self, ndev: int) -> int:
+        if self.kind == "torch":
+            import torch
+            if torch.cuda.is_available():
+                return int(torch.cuda.current_device())
+        return self.local_rank % ndev
+
     # -- collectives on Python objects ------------------------------------------------------------------
     def allgather(self, obj) -> list:
-        return self.comm.allgather(obj)
+        return self._transport.allgather(obj)
 
     def alltoall(self, objs: list) -> list:
-        return self.comm.alltoall(objs)
+        return self._transport.alltoall(objs)
 
     def bounded_barrier(self, phase: str, timeout_s: float | None = None) -> None:
         """A barrier that gives up after timeout_s (default EPCOMM_TIMEOUT_S) with CommTimeoutError naming the
@@ -127,8 +309,7 @@ class Group:
         deadline = time.monotonic() + timeout
         seq = self._exchange_seq
         self._exchange_seq += 1
-        sends = {d: self._xcomm.isend((seq, phase, objs[d]), dest=d, tag=_EXCHANGE_TAG)
-                 for d in range(self.size) if d != self.rank}
+        sends = self._transport.post(seq, phase, objs)
         out = [None] * self.size
         out[self.rank] = objs[self.rank]
         # Probe each pending source on its own: a faster peer's NEXT message may already be queued behind this one.
@@ -136,10 +317,10 @@ class Group:
         polls = 0
         while pending:
             for src in list(pending):
-                msg = self._xcomm.improbe(source=src, tag=_EXCHANGE_TAG)
+                msg = self._transport.poll(src, seq)
                 if msg is None:
                     continue
-                their_seq, their_phase, obj = msg.recv()
+                their_seq, their_phase, obj = msg
                 if their_seq != seq or their_phase != phase:
                     self._broken = f"rank {src} was at call {their_seq} ({their_phase}) during call {seq} ({phase})"
                     raise CommTimeoutError(f"rank {self.rank}: waited for rank {src} in phase {phase} (call {seq}) "
@@ -150,7 +331,7 @@ class Group:
             if pending:
                 polls = self._poll_pause(polls, deadline, timeout, pending[0], phase, "receive")
         while sends:
-            sends = {d: r for d, r in sends.items() if not r.Test()}
+            sends = self._transport.sends_pending(sends)
             if sends:
                 polls = self._poll_pause(polls, deadline, timeout, next(iter(sends)), phase, "send")
         return out
@@ -166,10 +347,10 @@ class Group:
         return polls + 1
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        self._transport.barrier()
 
     def bcast(self, obj, root: int = 0):
-        return self.comm.bcast(obj, root=root)
+        return self._transport.bcast(obj, root)
 
     # -- topology ---------------------------------------------------------------------------------------
     def _make_topology(self, virtual_node_size: int | None) -> Topology:
@@ -245,7 +426,8 @@ class Group:
 
     # -- NVSHMEM ----------------------------------------------------------------------------------------
     def init_nvshmem(self) -> None:
-        """Start NVSHMEM over this communicator (UID broadcast through mpi4py; works with any MPI)."""
+        """Start NVSHMEM over this group: a unique id made on rank 0 and broadcast to the others (through mpi4py
+        for an MPI communicator, works with any MPI; through the c10d store for a torch group)."""
         if self._nvshmem_started:
             return
         if self.device is None:
@@ -259,11 +441,18 @@ class Group:
         dev = Device(self.device)
         dev.set_current()
         try:
-            nvshmem.init(device=dev, mpi_comm=self.comm, initializer_method="emulated_mpi")
+            if self.kind == "mpi":
+                nvshmem.init(device=dev, mpi_comm=self.comm, initializer_method="emulated_mpi")
+            else:
+                import numpy as np
+                uid = nvshmem.get_unique_id(empty=self.rank != 0)
+                raw = self.bcast(uid._data.view(np.uint8).tobytes() if self.rank == 0 else None, root=0)
+                uid._data.view(np.uint8)[:] = np.frombuffer(raw, np.uint8)
+                nvshmem.init(device=dev, uid=uid, rank=self.rank, nranks=self.size, initializer_method="uid")
         except Exception as exc:
             raise BootstrapError(f"rank {self.rank}: NVSHMEM init failed: {exc}") from None
         if nvshmem.my_pe() != self.rank or nvshmem.n_pes() != self.size:
-            raise BootstrapError(f"NVSHMEM PE {nvshmem.my_pe()}/{nvshmem.n_pes()} does not match MPI rank "
+            raise BootstrapError(f"NVSHMEM PE {nvshmem.my_pe()}/{nvshmem.n_pes()} does not match the group's rank "
                                  f"{self.rank}/{self.size}")
         self._nvshmem_started = True
 
@@ -283,20 +472,8 @@ class Group:
             import nvshmem.core as nvshmem
             nvshmem.finalize()
             self._nvshmem_started = False
-        try:
-            self._local.Free()
-        except Exception:
-            pass
-        try:
-            # Receive what peers sent to a call this rank never made (after a failure); MPICH's finalize
-            # aborts on unreceived large messages.
-            from mpi4py import MPI
-            while (msg := self._xcomm.improbe(source=MPI.ANY_SOURCE, tag=_EXCHANGE_TAG)) is not None:
-                msg.recv()
-            self._xcomm.Free()
-        except Exception:
-            pass
+        self._transport.close()
 
     def __repr__(self) -> str:
-        return (f"Group(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "
+        return (f"Group({self.kind}, rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "
                 f"nodes={self.num_nodes}, device={self.device})")
