@@ -16,6 +16,7 @@ import numpy as np
 from . import intranode as intranode_plan
 from . import low_latency as low_latency_plan
 from . import reference as ref
+from . import sizing
 from .errors import ConfigError
 from .handles import DispatchHandle, Event, LowLatencyHandle
 from .interop import as_numpy
@@ -30,8 +31,9 @@ class CpuDispatchState:
 
 class CpuBackend:
     """The Backend protocol (epcomm/backend.py) on the host. It allocates no buffers and reports the sizes it was
-    asked for. Tuning objects are kept (so code that tunes runs on both backends) but change nothing here: there are
-    no kernels to tune."""
+    asked for, but a call that would not fit the GPU backend's buffers of those sizes raises the same ConfigError
+    here (epcomm.sizing), so that code developed on CPUs does not first fail on a GPU. Tuning objects are kept (so
+    code that tunes runs on both backends) but change nothing here: there are no kernels to tune."""
     name = "cpu"
     on_device = False
 
@@ -41,6 +43,8 @@ class CpuBackend:
         self.rank, self.num_ranks = group.rank, group.size
         self._ll_combine_buffers: dict[int, np.ndarray] = {}
         self._ll_next = 0
+        self._outputs_in_buffer = False   # the latest dispatch was zero-copy (combine then stages above the split)
+        self._scratch: dict[bool, np.ndarray] = {}
         self._tuning = {"intranode": intranode_plan.default_tuning(self.num_ranks),
                         "low_latency": low_latency_plan.LowLatencyTuning()}
 
@@ -78,15 +82,19 @@ class CpuBackend:
                  num_worst_tokens, config, call=None, num_tokens_per_expert=None, zero_copy=False):
         # zero_copy: the outputs are fresh arrays here, which keeps the promise (valid until the next dispatch).
         x = _fp8_view(x)
-        msgs = ref.dispatch_send(x, topk_idx, topk_weights, is_token_in_rank)
+        msgs = ref.dispatch_send(x, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert)
         # Each message carries its sender's per-destination counts (row s of the [src, dst] count matrix), so the
         # prefix matrix needs no second collective (and an error in dispatch_recv cannot strand the peers).
         send_counts = is_token_in_rank.sum(axis=0, dtype=np.int32)
         arrived = self.group.exchange([(m, send_counts) for m in msgs], "dispatch")
+        # Every rank has the whole count matrix now, so all of them refuse a dispatch that overflows any rank.
+        rows = np.stack([c for _, c in arrived]).sum(axis=0)
+        self._check_dispatch_rows(rows, x, topk_idx, num_worst_tokens, zero_copy)
         res = ref.dispatch_recv([m for m, _ in arrived], self.rank, self.num_ranks, num_experts,
                                 expert_alignment, num_worst_tokens)
         counts = np.asarray(res.num_recv_tokens_per_source, dtype=np.int32)
         matrix = np.stack([c for _, c in arrived]).cumsum(axis=0, dtype=np.int32)
+        self._outputs_in_buffer = bool(zero_copy)
         data = x[0] if isinstance(x, tuple) else x
         handle = DispatchHandle(
             num_ranks=self.num_ranks, num_experts=num_experts, num_tokens=data.shape[0], hidden=data.shape[1],
@@ -96,7 +104,28 @@ class CpuBackend:
         return (res.recv_x, res.recv_topk_idx, res.recv_topk_weights, list(res.num_recv_tokens_per_expert_list),
                 handle, None)
 
+    def _check_dispatch_rows(self, rows_per_rank, x, topk_idx, num_worst_tokens, zero_copy, what="dispatch"):
+        data, scales = x if isinstance(x, tuple) else (x, None)
+        rows = [max(int(n), num_worst_tokens if zero_copy else 0) for n in rows_per_rank]
+        sizing.check_dispatch(self.num_nvl_bytes, self.num_ranks, rows, data.shape[1] * data.dtype.itemsize,
+                              0 if scales is None else scales.shape[1],
+                              0 if topk_idx is None else topk_idx.shape[1], bool(zero_copy), what)
+
+    def local_buffer(self, use_rdma: bool) -> np.ndarray:
+        """Host scratch of the Buffer's size (get_local_buffer_tensor): nothing communicates through it here."""
+        buf = self._scratch.get(use_rdma)
+        if buf is None:
+            nbytes = self.num_rdma_bytes if use_rdma else (self.num_nvl_bytes or sizing.default_nvl_bytes(self.num_ranks))
+            if nbytes == 0:
+                raise ConfigError("use_rdma_buffer: this Buffer was made with num_rdma_bytes=0")
+            buf = self._scratch[use_rdma] = np.zeros(nbytes, np.uint8)
+        return buf
+
     def cached_dispatch(self, x, handle: DispatchHandle, config, call=None, zero_copy=False):
+        # The handle's prefix matrix ends with every rank's received row count.
+        self._check_dispatch_rows(handle.rank_prefix_matrix[-1], _fp8_view(x), None, handle.num_worst_tokens,
+                                  zero_copy, "cached dispatch")
+        self._outputs_in_buffer = bool(zero_copy)
         msgs = ref.dispatch_send(_fp8_view(x), None, None, handle.is_token_in_rank)
         res = ref.dispatch_recv(self.group.exchange(msgs, "cached_dispatch"), self.rank, self.num_ranks,
                                 handle.num_experts, 1, handle.num_worst_tokens)
@@ -119,6 +148,8 @@ class CpuBackend:
                 raise ConfigError("x: a zero-copy combine reads the array get_combine_buffer(handle) returned, and "
                                   "this is another array; pass x=None or that array")
             x = view
+        sizing.check_combine(self.num_nvl_bytes, self.num_ranks, handle.num_rows, handle.hidden,
+                             0 if topk_weights is None else topk_weights.shape[1], self._outputs_in_buffer)
         n = handle.num_recv_tokens
         w = topk_weights[:n] if topk_weights is not None else None
         msgs = ref.combine_send(x[:n], handle.num_recv_tokens_per_source, w)
@@ -131,6 +162,7 @@ class CpuBackend:
     # every half is complete when it returns, so the events are None and Event() (already complete).
     def low_latency_dispatch(self, x, topk_idx, tmax, num_experts, use_fp8, round_scale, use_ue8m0,
                              return_recv_hook, cumulative_stats, wait_stats, call=None):
+        sizing.check_low_latency(self.num_rdma_bytes, tmax, x.shape[1], self.num_ranks, num_experts)
         msgs = ref.low_latency_dispatch_send(x, topk_idx, self.rank, self.num_ranks, num_experts, tmax,
                                              use_fp8, round_scale, use_ue8m0)
         slot: dict = {}
@@ -178,7 +210,7 @@ class CpuBackend:
         return buf
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, zero_copy,
-                            return_recv_hook, out, call=None):
+                            return_recv_hook, out, call=None, wait_stats=None):
         if zero_copy:
             x = self.get_next_low_latency_combine_buffer(handle)
         msgs = ref.low_latency_combine_send(x, handle.src_info, handle.layout_range)
@@ -187,7 +219,10 @@ class CpuBackend:
             out = np.empty((topk_idx.shape[0], handle.hidden), dtype=BF16)
 
         def hook():
+            t0 = time.perf_counter_ns()
             arrived = self.group.exchange(msgs, "low_latency_combine")
+            if wait_stats is not None:  # as the dispatch's: the exchange's wait, split evenly over the sources
+                wait_stats[...] += np.int64((time.perf_counter_ns() - t0) // max(1, self.num_ranks))
             out[...] = ref.low_latency_combine_recv(arrived, topk_idx, topk_weights, self.rank, self.num_ranks,
                                                      handle.num_experts)
             return Event()
@@ -202,6 +237,7 @@ class CpuBackend:
 
     def close(self) -> None:
         self._ll_combine_buffers.clear()
+        self._scratch.clear()
 
 
 def _fp8_view(x):

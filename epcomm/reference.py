@@ -191,11 +191,14 @@ class DispatchMessage:
         x: [n, hidden] bf16, or (fp8 [n, hidden], scales [n, hidden / 128] float32): the rows of those tokens.
         topk_idx: [n, num_topk] int64 global expert ids as at the source, or None (cached dispatch / no top-k).
         topk_weights: [n, num_topk] float32, or None.
+        num_tokens_per_expert: [E_local] int32, the source's get_dispatch_layout counts of the destination's experts
+            (what DeepEP's notify step sends), or None (cached dispatch).
     """
     src_idx: np.ndarray
     x: Payload
     topk_idx: np.ndarray | None
     topk_weights: np.ndarray | None
+    num_tokens_per_expert: np.ndarray | None = None
 
 
 @dataclass
@@ -211,8 +214,11 @@ class DispatchResult:
         recv_topk_idx: [N, num_topk] int64, e - r * E_local where global expert e lives on rank r, else -1
             (padding rows -1); None without top-k.
         recv_topk_weights: [N, num_topk] float32, the weight where recv_topk_idx >= 0, else 0.0; None without top-k.
-        num_recv_tokens_per_expert_list: [E_local] ints, #(row, k) with recv_topk_idx == j, each rounded UP to a
-            multiple of expert_alignment; [] when num_worst_tokens > 0 or without top-k.
+        num_recv_tokens_per_expert_list: [E_local] ints, for local expert j the sum over sources of their
+            num_tokens_per_expert[r * E_local + j] (with top-k from the layout: #(row, k) with recv_topk_idx == j),
+            rounded UP to a multiple of expert_alignment, as DeepEP derives it from the layout's counts (so a
+            dispatch without top-k has it too); messages without counts: #(row, k) with recv_topk_idx == j, aligned;
+            [] when num_worst_tokens > 0, or with neither counts nor top-k.
         recv_src_idx: [N] int32, token index at its source rank (padding rows -1).
         num_recv_tokens_per_source: [num_ranks] int32, rows received from each source rank.
         num_recv_tokens: N, the true number of received rows.
@@ -227,7 +233,7 @@ class DispatchResult:
 
 
 def dispatch_send(x: Payload, topk_idx: np.ndarray | None, topk_weights: np.ndarray | None,
-                  is_token_in_rank: np.ndarray) -> list:
+                  is_token_in_rank: np.ndarray, num_tokens_per_expert: np.ndarray | None = None) -> list:
     """Source side of a normal dispatch: one DispatchMessage per destination rank d, holding the tokens t with
     is_token_in_rank[t, d] in ascending order (a token goes once to each rank, however many of its experts live there).
 
@@ -236,6 +242,9 @@ def dispatch_send(x: Payload, topk_idx: np.ndarray | None, topk_weights: np.ndar
         topk_idx: [num_tokens, num_topk] int64 or None.
         topk_weights: [num_tokens, num_topk] float32 or None (given only with topk_idx).
         is_token_in_rank: [num_tokens, num_ranks] bool.
+        num_tokens_per_expert: [num_experts] int32 from get_dispatch_layout (num_experts a multiple of num_ranks);
+            each destination gets the slice of its own experts. None: no counts (a cached dispatch; dispatch_recv
+            then counts recv_topk_idx instead, which gives the same list when the counts are the layout's).
     """
     num_tokens = _check_payload(x)
     _check_is_token_in_rank(is_token_in_rank, num_tokens)
@@ -243,15 +252,24 @@ def dispatch_send(x: Payload, topk_idx: np.ndarray | None, topk_weights: np.ndar
                                  or topk_idx.shape[0] != num_tokens):
         raise ConfigError(f"topk_idx: expected [{num_tokens}, num_topk] int64, got {_describe(topk_idx)}")
     _check_topk_weights(topk_weights, topk_idx)
+    num_ranks = is_token_in_rank.shape[1]
+    per_expert = None
+    if num_tokens_per_expert is not None:
+        per_expert = np.asarray(num_tokens_per_expert)
+        if per_expert.ndim != 1 or per_expert.dtype.kind not in "iu" or per_expert.shape[0] % num_ranks:
+            raise ConfigError(f"num_tokens_per_expert: expected [num_experts] int32 with num_experts a multiple of "
+                              f"num_ranks={num_ranks}, got {_describe(per_expert)}")
+    per_expert = None if per_expert is None else per_expert.astype(np.int32).reshape(num_ranks, -1)
 
     messages = []
-    for dst in range(is_token_in_rank.shape[1]):
+    for dst in range(num_ranks):
         src_idx = np.nonzero(is_token_in_rank[:, dst])[0].astype(np.int32)
         messages.append(DispatchMessage(
             src_idx=src_idx,
             x=_take_rows(x, src_idx),
             topk_idx=None if topk_idx is None else topk_idx[src_idx].astype(np.int64),
-            topk_weights=None if topk_weights is None else topk_weights[src_idx].copy()))
+            topk_weights=None if topk_weights is None else topk_weights[src_idx].copy(),
+            num_tokens_per_expert=None if per_expert is None else per_expert[dst].copy()))
     return messages
 
 
@@ -298,6 +316,13 @@ def dispatch_recv(messages: list, rank: int, num_ranks: int, num_experts: int,
 
     recv_topk_idx = recv_topk_weights = None
     per_expert = []
+    has_counts = [m.num_tokens_per_expert is not None for m in messages]
+    if all(has_counts) and num_worst_tokens == 0:
+        counts = np.sum([m.num_tokens_per_expert.astype(np.int64) for m in messages], axis=0)
+        if counts.shape != (num_local_experts,):
+            raise ConfigError(f"messages: expected num_tokens_per_expert of {num_local_experts} local experts, got "
+                              f"{list(counts.shape)}")
+        per_expert = [_align_up(int(c), expert_alignment) for c in counts]
     has_topk = [m.topk_idx is not None for m in messages]
     if any(has_topk):
         if not all(has_topk):
@@ -312,7 +337,7 @@ def dispatch_recv(messages: list, rank: int, num_ranks: int, num_experts: int,
             recv_topk_idx = _pad_rows(recv_topk_idx, num_worst_tokens, -1)
             if recv_topk_weights is not None:
                 recv_topk_weights = _pad_rows(recv_topk_weights, num_worst_tokens, 0.0)
-        else:
+        elif not all(has_counts):
             counts = np.bincount(recv_topk_idx[recv_topk_idx >= 0], minlength=num_local_experts)
             per_expert = [_align_up(int(c), expert_alignment) for c in counts]
 
@@ -337,8 +362,9 @@ def dispatch(xs: list, topk_idxs: list, topk_weights: list | None, num_experts: 
     """
     num_ranks = len(xs)
     _check_experts(num_experts, num_ranks)
-    layouts = [get_dispatch_layout(idx, num_experts, num_ranks)[3] for idx in topk_idxs]
-    sent = [dispatch_send(xs[s], topk_idxs[s], None if topk_weights is None else topk_weights[s], layouts[s])
+    layouts = [get_dispatch_layout(idx, num_experts, num_ranks) for idx in topk_idxs]
+    sent = [dispatch_send(xs[s], topk_idxs[s], None if topk_weights is None else topk_weights[s], layouts[s][3],
+                          layouts[s][2])
             for s in range(num_ranks)]
     return [dispatch_recv(received, r, num_ranks, num_experts, expert_alignment, num_worst_tokens)
             for r, received in enumerate(_route(sent))]

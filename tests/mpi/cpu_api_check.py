@@ -120,10 +120,13 @@ def to_fp8(x: np.ndarray):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def ref_dispatch(xs, idxs, ws, num_experts, alignment=1, worst=0, with_topk=True):
-    """All ranks' expected dispatch through the reference's send/recv halves (with or without top-k)."""
+    """All ranks' expected dispatch through the reference's send/recv halves (with or without top-k; the layout's
+    per-expert counts travel either way, so the per-expert list exists without top-k too, as in DeepEP)."""
     num_ranks = len(xs)
-    layouts = [ref.get_dispatch_layout(i, num_experts, num_ranks)[3] for i in idxs]
-    sent = [ref.dispatch_send(xs[s], idxs[s] if with_topk else None, ws[s] if with_topk else None, layouts[s])
+    full = [ref.get_dispatch_layout(i, num_experts, num_ranks) for i in idxs]
+    layouts = [f[3] for f in full]
+    sent = [ref.dispatch_send(xs[s], idxs[s] if with_topk else None, ws[s] if with_topk else None, layouts[s],
+                              full[s][2])
             for s in range(num_ranks)]
     results = [ref.dispatch_recv([sent[s][d] for s in range(num_ranks)], d, num_ranks, num_experts, alignment, worst)
                for d in range(num_ranks)]
