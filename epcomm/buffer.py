@@ -7,6 +7,9 @@ type.
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,7 +19,7 @@ from . import validate as v
 from .config import Config
 from .env import env
 from .errors import ConfigError, EpcommError
-from .handles import DispatchHandle, Event, LowLatencyHandle
+from .handles import DispatchHandle, Event, EventHandle, LowLatencyHandle
 from .interop import BF16, FP8, framework_of, to_framework
 
 
@@ -34,42 +37,76 @@ class CallContext:
 class Buffer:
     """One expert-parallel communication buffer for a group of ranks.
 
-    group: an epcomm.Group, an mpi4py communicator, or None for MPI.COMM_WORLD.
+    DeepEP's constructor, positionally and by name, plus epcomm's keyword-only `backend`:
+    group: a torch.distributed ProcessGroup (gloo, NCCL, ...: bootstraps over its c10d store, no MPI needed), an
+        mpi4py communicator, an epcomm.Group, or None: `comm`, else MPI.COMM_WORLD. `buf.group` is this object
+        (DeepEP's `_buffer.group != group` test works); `buf.ep_group` is the epcomm.Group the Buffer runs on.
     num_nvl_bytes: bytes of the NVLink buffer of the normal kernels (see Config.get_nvl_buffer_size_hint);
         0: sized for 4096 tokens of hidden 7168 per rank, or, with low_latency_mode=True, no normal-mode buffer at
         all (normal-mode calls then raise ConfigError; get_dispatch_layout still works).
     num_rdma_bytes: bytes of the NVSHMEM buffer (low-latency mode: get_low_latency_rdma_size_hint); 0 sizes it on
         the first low-latency call.
     low_latency_mode: allocate the low-latency buffers.
+    num_qps_per_rank: DeepEP's IBGDA queue pairs per peer; accepted (an int >= 1 in low-latency mode) and unused,
+        as epcomm does not drive IBGDA itself.
+    allow_nvlink_for_low_latency_mode: True (default): low-latency kernels store to NVLink-reachable peers directly;
+        False: every peer gets NVSHMEM puts (GPU; a no-op on the CPU backend).
+    allow_mnnvl: False (default) sets NVSHMEM_DISABLE_MNNVL=1 unless set, as DeepEP does; True lets NVSHMEM use
+        multi-node NVLink and needs a GPU with fabric-handle support (ConfigError otherwise). epcomm's own NVLink
+        paths stay within a host. No-op on the CPU backend.
+    use_fabric: DeepEP's fabric-handle allocation of the NVLink buffer: not built (True is a ConfigError on the GPU,
+        a no-op on the CPU backend).
+    explicitly_destroy: False (default): the resources are freed when the Buffer is garbage-collected (or by
+        destroy()); True: only destroy() frees them, and a Buffer collected without it warns (ResourceWarning) and
+        leaks them, as DeepEP's does. Nothing is freed at interpreter exit (the process's end frees it).
+    enable_shrink: DeepEP's rank-masking mode: not built (True is a ConfigError).
+    comm: an mpi4py communicator, used when group is None (DeepEP's keyword).
     backend: 'cpu' or 'gpu'; default EPCOMM_BACKEND ('auto': GPU when one is visible).
     The attributes num_nvl_bytes / num_rdma_bytes report the bytes allocated on the GPU (the CPU backend allocates
     none and reports what was asked for).
     """
 
-    num_sms: ClassVar[int] = 24
+    num_sms: ClassVar[int] = 20
 
     def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
-                 num_qps_per_rank: int = 1, *, backend: str | None = None):
+                 num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False, comm=None,
+                 *, backend: str | None = None):
         from .group import Group, gpu_count
         nvl_bytes = v.check_int(num_nvl_bytes, "num_nvl_bytes", 0)
         rdma_bytes = v.check_int(num_rdma_bytes, "num_rdma_bytes", 0)
         self.low_latency_mode = bool(low_latency_mode)
+        self.explicitly_destroy = bool(explicitly_destroy)
+        self.enable_shrink = bool(enable_shrink)
+        self._check_deepep_options(num_qps_per_rank, enable_shrink, self.low_latency_mode)
         choice = backend or env("EPCOMM_BACKEND")
         if choice not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"backend: expected 'auto', 'cpu' or 'gpu', got {choice!r}")
         if choice == "auto":
             choice = "gpu" if gpu_count() > 0 else "cpu"
+        if group is None:
+            group = comm
         self._own_group = not isinstance(group, Group)
-        self.group = group if isinstance(group, Group) else Group(group, use_gpu=(choice == "gpu"))
-        self.rank, self.num_ranks = self.group.rank, self.group.size
-        if choice == "gpu":
-            from .gpu.backend import GpuBackend
-            self._backend = GpuBackend(self.group, nvl_bytes, rdma_bytes, self.low_latency_mode)
-        else:
-            from .cpu_backend import CpuBackend
-            self._backend = CpuBackend(self.group, nvl_bytes, rdma_bytes)
+        self.ep_group = group if isinstance(group, Group) else Group(group, use_gpu=(choice == "gpu"))
+        self.group = group if group is not None else self.ep_group
+        self.rank, self.num_ranks = self.ep_group.rank, self.ep_group.size
+        self.group_size = self.num_ranks
+        try:
+            if choice == "gpu":
+                self._gpu_transport_options(allow_mnnvl, use_fabric)
+                from .gpu.backend import GpuBackend
+                self._backend = GpuBackend(self.ep_group, nvl_bytes, rdma_bytes, self.low_latency_mode)
+                if not allow_nvlink_for_low_latency_mode and self.low_latency_mode:
+                    self._backend.set_tuning("low_latency", force_nvshmem=True)
+            else:
+                from .cpu_backend import CpuBackend
+                self._backend = CpuBackend(self.ep_group, nvl_bytes, rdma_bytes)
+        except BaseException:
+            _release(getattr(self, "_backend", None), self.ep_group if self._own_group else None)
+            raise
         self.backend = choice
         self._closed = False
+        self._finalizer = self._make_finalizer()
         self._combined_since_dispatch = False  # get_combine_buffer's guard (see there)
 
     @property
@@ -99,16 +136,22 @@ class Buffer:
     # -- static settings -----------------------------------------------------------------------------------
     @staticmethod
     def set_num_sms(num_sms: int) -> None:
-        """The most SMs the normal kernels may use (the default Config's num_sms)."""
-        Buffer.num_sms = v.check_int(num_sms, "num_sms", 1)
+        """The most SMs the normal kernels may use (the default Config's num_sms): an even number, as DeepEP asks."""
+        n = v.check_int(num_sms, "num_sms", 1)
+        if n % 2:
+            raise ConfigError(f"num_sms: expected an even number (DeepEP's rule: its kernels pair SMs), got {n}")
+        Buffer.num_sms = n
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        return Config(num_sms=Buffer.num_sms)
+        """DeepEP's recommended dispatch Config for num_ranks ranks (its table; Buffer.num_sms SMs). Rank counts
+        outside the table (epcomm runs any) get Config(Buffer.num_sms) with DeepEP's default chunk sizes."""
+        return _deepep_config(_DISPATCH_CONFIGS, num_ranks)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        return Config(num_sms=Buffer.num_sms)
+        """DeepEP's recommended combine Config for num_ranks ranks (see get_dispatch_config)."""
+        return _deepep_config(_COMBINE_CONFIGS, num_ranks)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
@@ -375,26 +418,37 @@ class Buffer:
             lambda: self._backend.low_latency_dispatch(xin, idx, tmax, e, bool(use_fp8), bool(round_scale),
                                                        bool(use_ue8m0), bool(return_recv_hook), stats, wait, ctx),
             ctx)
+        handle.framework = fw
         return self._out(recv_x, fw), self._out(recv_count, fw), handle, ev, self._hook(hook, ctx)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):
-        """The [E_local, R*Tmax, H] bf16 array a zero-copy low_latency_combine reads its input from."""
+        """The [E_local, R*Tmax, H] bf16 array a zero-copy low_latency_combine reads its input from: a torch tensor
+        for a torch caller of the dispatch, else CuPy (GPU) or numpy (CPU backend)."""
         self._check_open()
         if not isinstance(handle, LowLatencyHandle):
             raise ConfigError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
         with self._on_device():
-            return self._backend.get_next_low_latency_combine_buffer(handle)
+            buf = self._backend.get_next_low_latency_combine_buffer(handle)
+        # A torch caller gets a torch view it can write into (DeepEP's form); JAX arrays are immutable, so JAX and the
+        # others get the backend's own array (CuPy on the GPU, numpy on the CPU backend).
+        return self._out(buf, "torch") if handle.framework == "torch" else buf
 
-    def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, zero_copy: bool = False,
-                            async_finish: bool = False, return_recv_hook: bool = False, out=None):
-        """Weighted sum of the expert outputs back to each token: [T, H] bf16.
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, use_logfmt: bool = False,
+                            zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
+                            out=None, combine_wait_recv_cost_stats=None):
+        """Weighted sum of the expert outputs back to each token: [T, H] bf16. DeepEP's argument order.
 
         x: [E_local, R*Tmax, H] bf16 expert outputs in the dispatch's layout (ignored with zero_copy, which reads
-        get_next_low_latency_combine_buffer(handle)). Returns (combined_x, event, hook): hook as in
-        low_latency_dispatch (None without return_recv_hook; hook() receives and returns the receive's Event)."""
+        get_next_low_latency_combine_buffer(handle)). use_logfmt: DeepEP's 10-bit LogFMT transport, not built yet
+        (True is a ConfigError). combine_wait_recv_cost_stats: [R] int64, += the time waited for each source rank
+        (CPU backend; the GPU kernels do not measure it yet: ConfigError). Returns (combined_x, event, hook): hook as
+        in low_latency_dispatch (None without return_recv_hook; hook() receives and returns the receive's Event)."""
         self._check_open()
         if not isinstance(handle, LowLatencyHandle):
             raise ConfigError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
+        if use_logfmt:
+            raise ConfigError("use_logfmt: epcomm has no LogFMT combine yet; pass use_logfmt=False (bf16 transport)")
+        stats = self._combine_wait_stats(combine_wait_recv_cost_stats)
         fw = framework_of(topk_idx, "topk_idx")
         e_local = handle.num_experts // self.num_ranks
         rows = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
@@ -413,7 +467,7 @@ class Buffer:
         ctx = self._ctx(topk_idx, None, async_finish, False)
         combined, hook, ev = self._run(
             lambda: self._backend.low_latency_combine(xin, idx, w, handle, bool(zero_copy), bool(return_recv_hook), o,
-                                                      ctx), ctx)
+                                                      ctx, **stats), ctx)
         return (out if out is not None else self._out(combined, fw)), ev, self._hook(hook, ctx)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
@@ -424,16 +478,198 @@ class Buffer:
 
     # -- lifetime ------------------------------------------------------------------------------------------
     def destroy(self) -> None:
-        """Free the buffers (and the group, if this Buffer made it). Safe to call twice."""
+        """Free the buffers (and the group, if this Buffer made it). Collective on the GPU (every rank calls it).
+        Safe to call twice; works whatever explicitly_destroy is (DeepEP asserts it was set)."""
         if self._closed:
             return
         self._closed = True
-        self._backend.close()
-        if self._own_group:
-            self.group.close()
+        self._finalizer.detach()
+        _release(self._backend, self.ep_group if self._own_group else None)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.destroy()
+
+    # -- DeepEP's API surface (constructor options, events, operational calls) --------------------------------
+    @staticmethod
+    def _check_deepep_options(num_qps_per_rank, enable_shrink, low_latency_mode) -> None:
+        v.check_int(num_qps_per_rank, "num_qps_per_rank", 1 if low_latency_mode else 0)
+        if enable_shrink:
+            raise ConfigError("enable_shrink: DeepEP's rank-masking (shrink) mode is not built in epcomm; "
+                              "pass enable_shrink=False")
+
+    def _gpu_transport_options(self, allow_mnnvl, use_fabric) -> None:
+        """DeepEP's transport switches, on the GPU backend (the CPU backend has no GPU memory to apply them to)."""
+        if use_fabric:
+            raise ConfigError("use_fabric: epcomm's NVLink buffer is cudaMalloc memory shared through CUDA IPC "
+                              "handles; fabric-handle allocation is not built (pass use_fabric=False)")
+        if not allow_mnnvl:
+            os.environ.setdefault("NVSHMEM_DISABLE_MNNVL", "1")  # as DeepEP: no multi-node NVLink detection
+        elif not _fabric_supported(self.ep_group.device):
+            raise ConfigError(f"allow_mnnvl: GPU {self.ep_group.device} of rank {self.rank} has no fabric-handle "
+                              "support, so this machine has no multi-node NVLink; pass allow_mnnvl=False")
+
+    def _make_finalizer(self):
+        """Frees the resources when the Buffer is garbage-collected (explicitly_destroy=False), or warns that they
+        leak (True). Never at interpreter exit: then MPI, NVSHMEM or CUDA may already be gone, and the process's
+        end frees everything anyway."""
+        fin = weakref.finalize(self, _release_at_gc, self._backend, self.ep_group if self._own_group else None,
+                               self.explicitly_destroy, self.rank)
+        fin.atexit = False
+        return fin
+
+    def _combine_wait_stats(self, stats) -> dict:
+        if stats is None:
+            return {}
+        if self._backend.on_device:
+            raise ConfigError("combine_wait_recv_cost_stats: epcomm's GPU combine kernels do not measure receive "
+                              "waits yet; pass None (dispatch_wait_recv_cost_stats is measured)")
+        arr = self._in(stats, "combine_wait_recv_cost_stats")
+        v.check_array(arr, "combine_wait_recv_cost_stats", (self.num_ranks,), np.int64, f"[{self.num_ranks}] int64")
+        return {"wait_stats": arr}
+
+    @staticmethod
+    def capture() -> Event:
+        """An EventOverlap recorded on the current stream now (DeepEP's Buffer.capture()): torch's current stream when
+        torch sees CUDA, else CuPy's; complete at once without a GPU. Pass it as previous_event."""
+        return Event(EventHandle())
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True: epcomm compiles its kernels at run time for the GPU in use (SM90 features included on Hopper), so
+        nothing is left out at build time as in a DeepEP wheel built with DISABLE_SM90_FEATURES."""
+        return True
+
+    def get_local_buffer_tensor(self, dtype, size=None, offset: int = 0, use_rdma_buffer: bool = False):
+        """This rank's raw buffer as an array of dtype (DeepEP's call): the NVLink buffer, or with use_rdma_buffer
+        the low-latency NVSHMEM buffer, from byte `offset` on (DeepEP adds offset to the byte address), as many whole
+        elements as fit; `size` (a shape) takes the first prod(size) of them. A torch dtype gives a torch tensor,
+        anything else the backend's array (CuPy on the GPU, numpy on the CPU backend). The CPU backend has no
+        communication buffer: there it is host memory of num_nvl_bytes / num_rdma_bytes owned by the Buffer, which
+        nothing communicates through."""
+        self._check_open()
+        fw, dt = _dtype_of(dtype)
+        with self._on_device():
+            raw = self._local_buffer_bytes(bool(use_rdma_buffer))
+            off = v.check_int(offset, "offset", 0, raw.nbytes)
+            count = (raw.nbytes - off) // dt.itemsize
+            flat = raw[off:off + count * dt.itemsize].view(dt)
+            if size is not None:
+                shape = tuple(int(d) for d in size)
+                n = int(np.prod(shape, dtype=np.int64))
+                if n > flat.size:
+                    raise ConfigError(f"size: expected at most {flat.size} elements of {dt} from offset {off}, "
+                                      f"got {list(shape)}")
+                flat = flat[:n].reshape(shape)
+            return self._out(flat, "torch") if fw == "torch" else flat
+
+    def _local_buffer_bytes(self, use_rdma: bool):
+        """uint8 array over this rank's buffer (the GPU backend's NVLink or NVSHMEM buffer; CPU: host scratch)."""
+        be = self._backend
+        if not be.on_device:
+            return be.local_buffer(use_rdma)
+        # GPU: the families' buffers (read-only internals: GpuBackend.intranode.nvl, .low_latency.sym).
+        if use_rdma:
+            if be.low_latency is None or be.low_latency.sym is None:
+                raise ConfigError("use_rdma_buffer: this Buffer has no low-latency buffer yet (make it with "
+                                  "low_latency_mode=True and num_rdma_bytes > 0)")
+            return be.low_latency.sym
+        if be.intranode is None:
+            raise ConfigError("this Buffer has no NVLink buffer (low_latency_mode=True with num_nvl_bytes=0)")
+        local = be.intranode.nvl.local
+        return local.view(0, (local.nbytes,), np.uint8)
+
+    def get_comm_stream(self):
+        """The Buffer's communication stream (DeepEP's call): a torch.cuda stream when torch sees CUDA, else the CuPy
+        stream; None on the CPU backend (every call completes before it returns)."""
+        self._check_open()
+        if not self._backend.on_device:
+            return None
+        stream = self._backend.ctx.stream
+        import sys
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            return torch.cuda.ExternalStream(int(stream.ptr), device=torch.device("cuda", self.ep_group.device))
+        return stream
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False):
+        """DeepEP's shrink mode (masking ranks): not built (enable_shrink=True is refused at construction)."""
+        raise ConfigError("low_latency_update_mask_buffer: needs shrink mode (enable_shrink), which epcomm does not "
+                          "build")
+
+    def low_latency_query_mask_buffer(self, mask_status):
+        """DeepEP's shrink mode: not built (see low_latency_update_mask_buffer)."""
+        raise ConfigError("low_latency_query_mask_buffer: needs shrink mode (enable_shrink), which epcomm does not "
+                          "build")
+
+    def low_latency_clean_mask_buffer(self):
+        """DeepEP's shrink mode: not built (see low_latency_update_mask_buffer)."""
+        raise ConfigError("low_latency_clean_mask_buffer: needs shrink mode (enable_shrink), which epcomm does not "
+                          "build")
+
+
+def _release(backend, group) -> None:
+    """Free a Buffer's backend, then the group it made (None: the caller's group, left alone)."""
+    try:
+        if backend is not None:
+            backend.close()
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _release_at_gc(backend, group, explicitly_destroy: bool, rank: int) -> None:
+    if explicitly_destroy:
+        warnings.warn(f"epcomm.Buffer of rank {rank} was garbage-collected without destroy() although "
+                      "explicitly_destroy=True: its resources leak", ResourceWarning, stacklevel=2)
+        return
+    _release(backend, group)
+
+
+def _fabric_supported(device) -> bool:
+    """Whether the GPU can export fabric handles (the memory kind multi-node NVLink shares)."""
+    try:
+        from cuda.bindings import driver
+        driver.cuInit(0)
+        err, dev = driver.cuDeviceGet(int(device))
+        err2, value = driver.cuDeviceGetAttribute(
+            driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_FABRIC_SUPPORTED, dev)
+        return int(err) == 0 and int(err2) == 0 and bool(value)
+    except Exception:
+        return False
+
+
+def _dtype_of(dtype):
+    """(framework, numpy dtype) of a dtype argument: a torch dtype gives 'torch', anything else 'native'."""
+    from .interop import BF16, FP8
+    if type(dtype).__module__.split(".")[0] == "torch":
+        import torch
+        special = {torch.bfloat16: BF16, getattr(torch, "float8_e4m3fn", None): FP8}
+        if dtype in special:
+            return "torch", special[dtype]
+        return "torch", np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+    try:
+        return "native", np.dtype(dtype)
+    except TypeError:
+        raise ConfigError(f"dtype: expected a numpy, CuPy or torch dtype, got {dtype!r}") from None
+
+
+# DeepEP's recommended configs per rank count: (nvl send, nvl recv, rdma send, rdma recv) chunk sizes, with
+# Buffer.num_sms SMs (deep_ep.Buffer.get_dispatch_config / get_combine_config).
+_DISPATCH_CONFIGS = {
+    2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128), 16: (36, 288, 20, 128),
+    24: (32, 288, 8, 128), 32: (32, 288, 8, 128), 48: (32, 288, 8, 128), 64: (32, 288, 8, 128),
+    96: (20, 480, 12, 128), 128: (20, 560, 12, 128), 144: (32, 720, 12, 128), 160: (28, 720, 12, 128),
+}
+_COMBINE_CONFIGS = {
+    2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128), 16: (4, 288, 12, 128),
+    24: (1, 288, 8, 128), 32: (1, 288, 8, 128), 48: (1, 288, 8, 128), 64: (1, 288, 8, 128),
+    96: (1, 480, 8, 128), 128: (1, 560, 8, 128), 144: (2, 720, 8, 128), 160: (2, 720, 8, 128),
+}
+
+
+def _deepep_config(table: dict, num_ranks) -> Config:
+    r = v.check_int(num_ranks, "num_ranks", 1)
+    return Config(Buffer.num_sms, *table[r]) if r in table else Config(Buffer.num_sms)

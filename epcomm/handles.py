@@ -54,6 +54,8 @@ class LowLatencyHandle:
     num_max_dispatch_tokens_per_rank: Tmax.  hidden: H.  num_experts: E.
     num_tokens: T of the dispatching rank.  buffer_idx: which of the two alternating buffers it used.
     state: the family's typed state (low_latency.LowLatencyHandleState on the GPU; None on the CPU backend).
+    framework: the array framework of the dispatch's caller ('torch', 'cupy', ...; set by the Buffer), in which
+        get_next_low_latency_combine_buffer returns its array.
     """
     src_info: Any
     layout_range: Any
@@ -63,20 +65,71 @@ class LowLatencyHandle:
     num_tokens: int
     buffer_idx: int = 0
     state: Any = None
+    framework: str | None = None
+
+
+def _current_stream_framework() -> str | None:
+    """Whose "current stream" a capture means: torch's when torch is loaded and sees CUDA (DeepEP's rule), else CuPy's
+    when a GPU is visible, else None (no GPU: events are complete at once)."""
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return "torch"
+    from .group import gpu_count
+    return "cupy" if gpu_count() > 0 else None
+
+
+class EventHandle:
+    """A CUDA event recorded on the caller's current stream when made (DeepEP's EventHandle()): torch's current stream
+    when torch sees CUDA, else CuPy's; without a GPU (the CPU backend) it is complete at once.
+
+    current_stream_wait(): make the current stream wait for it.  cuda_event: the CuPy event (None without a GPU).
+    framework: 'torch', 'cupy' or None.
+    """
+
+    def __init__(self, stream=None, framework: str | None = None):
+        self.framework = framework or _current_stream_framework()
+        self.cuda_event = None
+        if self.framework is not None:
+            import cupy
+            from .interop import caller_stream
+            self.cuda_event = cupy.cuda.Event(block=False, disable_timing=True)
+            self.cuda_event.record(caller_stream(None, stream, framework=self.framework))
+
+    def current_stream_wait(self) -> None:
+        if self.cuda_event is not None:
+            from .interop import caller_stream
+            caller_stream(None, None, framework=self.framework).wait_event(self.cuda_event)
 
 
 class Event:
-    """Completion of an epcomm call (DeepEP's EventOverlap).
+    """Completion of an epcomm call: DeepEP's EventOverlap (the same class under both names).
 
+    Event(event=None, extra_tensors=None): DeepEP's form. event: an EventHandle, a CuPy event or None; extra_tensors:
+    arrays to keep alive until the event is waited for (DeepEP's record_stream substitute).
+    .event: an EventHandle for the same CUDA event (None when there is none); .extra_tensors as given.
     current_stream_wait(): make the caller's current stream (or `stream`) wait for it.
     synchronize(): block the host until it completes.  query(): True once complete.
+    `with event:` runs the block (overlapping the call) and makes the current stream wait for the event at its end.
     On the CPU backend every call completes before it returns, so the event is already done.
     """
 
-    def __init__(self, cuda_event=None, on_complete=None, framework: str = "cupy"):
-        self.cuda_event = cuda_event
+    def __init__(self, event=None, extra_tensors=None, on_complete=None, framework: str | None = None):
+        if isinstance(event, EventHandle):
+            framework = framework or event.framework
+            event = event.cuda_event
+        self.cuda_event = event
+        self.extra_tensors = extra_tensors
         self._on_complete = on_complete
-        self.framework = framework  # whose "current stream" current_stream_wait() means (set by the Buffer)
+        self.framework = framework or "cupy"  # whose "current stream" current_stream_wait() means (set by the Buffer)
+
+    @property
+    def event(self) -> EventHandle | None:
+        if self.cuda_event is None:
+            return None
+        handle = EventHandle.__new__(EventHandle)
+        handle.framework, handle.cuda_event = self.framework, self.cuda_event
+        return handle
 
     def current_stream_wait(self, stream=None) -> None:
         if self.cuda_event is None:
@@ -93,6 +146,12 @@ class Event:
 
     def query(self) -> bool:
         return self.cuda_event is None or bool(self.cuda_event.done)
+
+    def __enter__(self) -> "Event":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.current_stream_wait()
 
 
 # DeepEP's name for the same object.
