@@ -17,8 +17,10 @@ bf16 = np.dtype(ml_dtypes.bfloat16)
 fp8 = np.dtype(ml_dtypes.float8_e4m3fn)
 
 FP8_MAX = 448.0          # largest finite e4m3 value
+FP8_MAX_INV = np.float32(1.0) / np.float32(448.0)   # DeepEP's kFinfoAmaxInvE4M3 (1 / 448.0f): scale_inv = amax * it
 FP8_BLOCK = 128          # channels per scale
 FP8_AMAX_FLOOR = 1e-4    # amax of an all-zero block
+FP8_NAN_BITS = 0x7F      # the e4m3 NaN the hardware's saturating conversion writes for a NaN
 
 # A dispatched payload: bf16 [n, hidden], or (fp8 [n, hidden], scales [n, hidden / 128] float32).
 Payload = Union[np.ndarray, tuple]
@@ -522,12 +524,15 @@ def unpack_ue8m0(packed: np.ndarray, num_scales: int) -> np.ndarray:
 
 
 def per_token_cast_to_fp8(x: np.ndarray, round_scale: bool = False, use_ue8m0: bool = False):
-    """Quantises each token's 128-channel blocks to e4m3.
+    """Quantises each token's 128-channel blocks to e4m3, as DeepEP's low-latency dispatch kernel does.
 
-    amax = max |x| over the block in float32, floored at 1e-4.
-    Plain: scale_inv = amax / 448, stored = clip(x * (448 / amax), -448, 448).
-    round_scale: scale_inv = 2 ** ceil(log2(amax / 448)), stored = clip(x * (1 / scale_inv), -448, 448) (exact).
-    Conversion to e4m3 rounds to nearest even.
+    amax = max |x| over the block in float32, ignoring NaN (fmaxf), floored at 1e-4.
+    Plain: scale_inv = amax * float32(1 / 448) (a float32 product, as DeepEP's kernel: dividing by 448 instead, as
+        DeepEP's Python test helper does, differs in the last bit for about half of all blocks), and
+        stored = e4m3(x * (448 / amax)).
+    round_scale: scale_inv = 2 ** ceil(log2(amax * float32(1 / 448))), stored = e4m3(x * (1 / scale_inv)) (exact).
+    The conversion rounds to nearest even and saturates: finite values beyond 448 become +-448, a NaN becomes the
+    e4m3 NaN 0x7F (the hardware's satfinite conversion).
 
     Args:
         x: [num_tokens, hidden] bf16 or float32, hidden % 128 == 0.
@@ -546,16 +551,19 @@ def per_token_cast_to_fp8(x: np.ndarray, round_scale: bool = False, use_ue8m0: b
         raise ConfigError("use_ue8m0: expected round_scale=True with use_ue8m0=True")
 
     blocks = x.astype(np.float32).reshape(num_tokens, hidden // FP8_BLOCK, FP8_BLOCK)
-    amax = np.maximum(np.abs(blocks).max(axis=2, initial=0.0), np.float32(FP8_AMAX_FLOOR))
-    if round_scale:
-        scale_inv = _ceil_pow2(amax / np.float32(FP8_MAX))
-        scale = np.float32(1.0) / scale_inv
-    else:
-        scale_inv = (amax / np.float32(FP8_MAX)).astype(np.float32)
-        scale = np.float32(FP8_MAX) / amax
-    stored = np.clip(blocks * scale[..., None], -FP8_MAX, FP8_MAX).astype(fp8).reshape(num_tokens, hidden)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        amax = np.fmax.reduce(np.abs(blocks), axis=2, initial=np.float32(FP8_AMAX_FLOOR)).astype(np.float32)
+        if round_scale:
+            scale_inv = _ceil_pow2(amax * FP8_MAX_INV)
+            scale = np.float32(1.0) / scale_inv
+        else:
+            scale_inv = (amax * FP8_MAX_INV).astype(np.float32)
+            scale = np.float32(FP8_MAX) / amax
+        scaled = blocks * scale[..., None]
+        stored = np.clip(scaled, -FP8_MAX, FP8_MAX).astype(fp8)
+    stored.view(np.uint8)[np.isnan(scaled)] = FP8_NAN_BITS
     scales = pack_ue8m0(scale_inv) if use_ue8m0 else scale_inv.astype(np.float32)
-    return stored, scales
+    return stored.reshape(num_tokens, hidden), scales
 
 
 def per_token_cast_back(x_fp8: np.ndarray, scales: np.ndarray, use_ue8m0: bool = False) -> np.ndarray:

@@ -141,7 +141,7 @@ def test_ceil_pow2_bit_trick_matches_reference():
     amax = np.concatenate([rng.random(100000).astype(np.float32) * 1000,
                            np.float32(2.0) ** np.arange(-14, 12, dtype=np.float32) * 448,  # exact powers * 448
                            np.array([1e-4, 448.0, 447.99997, 448.00003], np.float32)])
-    v = np.maximum(amax, np.float32(ref.FP8_AMAX_FLOOR)) / np.float32(ref.FP8_MAX)
+    v = np.maximum(amax, np.float32(ref.FP8_AMAX_FLOOR)) * ref.FP8_MAX_INV   # fp8::block_scales' argument
     np.testing.assert_array_equal(_ceil_pow2_bits(v).view(np.uint32), ref._ceil_pow2(v).view(np.uint32))
 
 

@@ -295,6 +295,39 @@ def test_fp8_round_scale():
     assert got[0, [384, 385]].tolist() == [256.0, 128.0]
 
 
+def test_fp8_scale_is_deepeps_product():
+    # DeepEP's kernel: scale_inv = amax * (1 / 448.0f), a float32 product. amax 1344 shows the difference from a
+    # division (1344 / 448 = 3 exactly; 1344 * fl(1 / 448) = 3.0000002); 448 and 896 agree either way.
+    assert ref.FP8_MAX_INV == np.float32(1.0) / np.float32(448.0)
+    x = np.concatenate([_block(1344, 7.0), _block(448), _block(896)])[None]
+    _, scales = ref.per_token_cast_to_fp8(x)
+    want = np.array([[f32(1344) * ref.FP8_MAX_INV, 1.0, 2.0]], dtype=f32)
+    assert_bitwise_equal(scales, want, "scales")
+    assert scales[0, 0] != f32(1344) / f32(448)
+    # Over many random blocks the product and the quotient differ in about half (the independent check).
+    amax = np.random.default_rng(0).random((64, 512), dtype=f32) * 1000
+    _, scales = ref.per_token_cast_to_fp8((amax[:, :, None] * np.linspace(-1, 1, 128, dtype=f32)).reshape(64, -1))
+    amax_used = np.abs((amax[:, :, None] * np.linspace(-1, 1, 128, dtype=f32))).max(axis=2)
+    assert_bitwise_equal(scales, amax_used * ref.FP8_MAX_INV, "scales")
+    assert 0.3 < np.mean(scales != amax_used / f32(448)) < 0.8
+
+
+def test_fp8_nan_and_inf_as_deepeps_cast():
+    # amax ignores NaN (fmaxf); a NaN value becomes the e4m3 NaN 0x7F (the satfinite conversion) and its neighbours
+    # keep their values; an inf makes the block's scale 0 (448 / inf), so inf * 0 = NaN -> 0x7F and the rest 0.
+    x = np.concatenate([_block(448, np.nan, -2.5), _block(np.inf, 3.0)])[None]
+    data, scales = ref.per_token_cast_to_fp8(x.astype(bf16))
+    bits = data.view(np.uint8)
+    assert scales[0, 0] == 1.0 and np.isinf(scales[0, 1])
+    assert bits[0, 1] == ref.FP8_NAN_BITS and data[0, [0, 2]].astype(f32).tolist() == [448.0, -2.5]
+    assert bits[0, 128] == ref.FP8_NAN_BITS and not data[0, 129:].astype(f32).any()
+    # A negative NaN is the same 0x7F (the conversion writes the canonical NaN).
+    neg = np.concatenate([_block(1.0, -np.nan)])[None]
+    neg[0, 1] = -np.abs(neg[0, 1])
+    assert np.signbit(neg[0, 1])
+    assert ref.per_token_cast_to_fp8(neg)[0].view(np.uint8)[0, 1] == ref.FP8_NAN_BITS
+
+
 def test_ue8m0_packing():
     # Exponent fields: 1.0 -> 127, 2.0 -> 128, 0.5 -> 126, 4.0 -> 129; block j in byte j % 4 of word j // 4.
     scale_inv = np.array([[1.0, 2.0, 0.5, 4.0, 1.0]], dtype=f32)

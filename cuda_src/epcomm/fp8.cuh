@@ -11,6 +11,7 @@
 namespace epcomm::fp8 {
 
 constexpr float kFp8Max = 448.0f;     // largest finite e4m3 value (reference.FP8_MAX)
+constexpr float kFp8MaxInv = 1.0f / 448.0f;  // DeepEP's kFinfoAmaxInvE4M3: scale_inv = amax * it (reference.FP8_MAX_INV)
 constexpr int kBlock = 128;           // channels per scale (reference.FP8_BLOCK)
 constexpr float kAmaxFloor = 1e-4f;   // amax of an all-zero block (reference.FP8_AMAX_FLOOR, as float32)
 
@@ -55,8 +56,9 @@ EPCOMM_DEVICE_INLINE float ceil_pow2(float v) {
 
 // The multiplier applied before the cast (scale) and the dequantisation factor stored beside the data (scale_inv) of
 // one 128-channel block whose max |x| is amax (before the floor).
-//   plain:        scale_inv = amax / 448,                      scale = 448 / amax
-//   round_scale:  scale_inv = 2^ceil(log2(amax / 448)) exactly, scale = 1 / scale_inv (exact: a power of two)
+//   plain:        scale_inv = amax * (1 / 448),                      scale = 448 / amax
+//   round_scale:  scale_inv = 2^ceil(log2(amax * (1 / 448))) exactly, scale = 1 / scale_inv (exact: a power of two)
+// The product, not amax / 448, as DeepEP's kernel computes it (they differ in the last bit for about half the blocks).
 struct Scales {
     float scale;
     float scale_inv;
@@ -67,10 +69,10 @@ EPCOMM_DEVICE_INLINE Scales block_scales(float amax) {
     amax = fmaxf(amax, kAmaxFloor);
     Scales s;
     if constexpr (kRoundScale) {
-        s.scale_inv = ceil_pow2(__fdiv_rn(amax, kFp8Max));
+        s.scale_inv = ceil_pow2(__fmul_rn(amax, kFp8MaxInv));
         s.scale = __fdiv_rn(1.0f, s.scale_inv);
     } else {
-        s.scale_inv = __fdiv_rn(amax, kFp8Max);
+        s.scale_inv = __fmul_rn(amax, kFp8MaxInv);
         s.scale = __fdiv_rn(kFp8Max, amax);
     }
     return s;
@@ -81,11 +83,13 @@ EPCOMM_DEVICE_INLINE uint32_t ue8m0_byte(float scale_inv) { return (__float_as_u
 
 // ---- The cast itself.
 
-// e4m3 bits of clip(x * scale, -448, 448), rounded to nearest even (the product is one float32 rounding, as numpy's).
+// e4m3 bits of x * scale, rounded to nearest even (the product is one float32 rounding, as numpy's); the satfinite
+// conversion clamps finite values to +-448 and keeps a NaN a NaN (0x7f), as DeepEP's cast (an fminf/fmaxf clamp
+// before it would turn a NaN into -448).
 EPCOMM_DEVICE_INLINE uint32_t to_e4m3x2(float a, float b, float scale) {
     float2 v;
-    v.x = fminf(fmaxf(__fmul_rn(a, scale), -kFp8Max), kFp8Max);
-    v.y = fminf(fmaxf(__fmul_rn(b, scale), -kFp8Max), kFp8Max);
+    v.x = __fmul_rn(a, scale);
+    v.y = __fmul_rn(b, scale);
     // x lands in the low byte (memory order), y in the high byte.
     return static_cast<uint32_t>(__nv_cvt_float2_to_fp8x2(v, __NV_SATFINITE, __NV_E4M3));
 }
