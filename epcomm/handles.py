@@ -93,13 +93,29 @@ class EventHandle:
         if self.framework is not None:
             import cupy
             from .interop import caller_stream
-            self.cuda_event = cupy.cuda.Event(block=False, disable_timing=True)
-            self.cuda_event.record(caller_stream(None, stream, framework=self.framework))
+            with self._device():
+                self.cuda_event = cupy.cuda.Event(block=False, disable_timing=True)
+                self.cuda_event.record(caller_stream(None, stream or self._torch_stream(), framework=self.framework))
+
+    def _device(self):
+        """torch's current device for a torch capture (CuPy's current device may be another one), else CuPy's."""
+        import cupy
+        if self.framework == "torch":
+            import torch
+            return cupy.cuda.Device(torch.cuda.current_device())
+        return cupy.cuda.Device()
+
+    def _torch_stream(self):
+        if self.framework == "torch":
+            import torch
+            return torch.cuda.current_stream()
+        return None
 
     def current_stream_wait(self) -> None:
         if self.cuda_event is not None:
             from .interop import caller_stream
-            caller_stream(None, None, framework=self.framework).wait_event(self.cuda_event)
+            with self._device():
+                caller_stream(None, self._torch_stream(), framework=self.framework).wait_event(self.cuda_event)
 
 
 class Event:

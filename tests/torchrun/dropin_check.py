@@ -389,13 +389,15 @@ def case_surface(w: World):
     with buf.get_dispatch_layout(idx, 2 * R, previous_event=ov, async_finish=True,
                                  allocate_on_comm_stream=True)[-1] as done:
         check(isinstance(done, epcomm.EventOverlap), "with-form yields the event")
-    # Local buffer as a torch tensor (bytes from `offset`, a shape), and the comm stream.
-    loc = buf.get_local_buffer_tensor(torch.bfloat16, torch.Size([4, 8]), offset=256)
+    # Local buffer as a torch tensor (bytes from `offset`, a shape), and the comm stream. The bytes written are the
+    # last of the buffer's data area, which only a full buffer reaches (the start holds the kernels' flags).
+    offset = buf.num_nvl_bytes - 1024
+    loc = buf.get_local_buffer_tensor(torch.bfloat16, torch.Size([4, 8]), offset=offset)
     check(loc.dtype == torch.bfloat16 and tuple(loc.shape) == (4, 8) and loc.device.type == w.device,
           f"get_local_buffer_tensor: {loc.dtype} {tuple(loc.shape)} {loc.device}")
     loc.fill_(1.5)
-    again = buf.get_local_buffer_tensor(torch.bfloat16, offset=256)
-    check(bool((again[:32] == 1.5).all()), "get_local_buffer_tensor views the same memory")
+    again = buf.get_local_buffer_tensor(torch.bfloat16, offset=offset)
+    check(again.numel() == 512 and bool((again[:32] == 1.5).all()), "get_local_buffer_tensor views the same memory")
     stream = buf.get_comm_stream()
     check((stream is None) == (w.device == "cpu"), f"get_comm_stream: {stream!r}")
     # Config: DeepEP's fields positionally, its table per rank count, the even num_sms check.
