@@ -1,7 +1,8 @@
 """DeepEP callers on the CPU backend: tests/torchrun/dropin_check.py (vLLM, SGLang, Megatron-Core and torchtitan call
 sequences with torch tensors over torch.distributed, DeepEP's API surface, the get_buffer loop and 10^4 Buffer
 create/destroy cycles with flat resource counts) under `torchrun --nproc-per-node 2` and 4 and under `mpiexec -n 2`;
-a torchrun launch without a group is a ConfigError, never a world of 1-rank worlds."""
+the README's torchrun example under torchrun; a torchrun launch without a group is a ConfigError, never a world of
+1-rank worlds."""
 from __future__ import annotations
 
 import os
@@ -94,3 +95,18 @@ def test_torchrun_without_a_group_is_a_config_error():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert out.count("ConfigError:") == 2, out[-5000:]
+
+
+@pytest.mark.mpi
+def test_readme_torchrun_example_runs(tmp_path):
+    from test_docs import examples
+    blocks = examples("torchrun-cpu")
+    assert blocks, "README.md has no <!-- example: torchrun-cpu --> python block"
+    for name, code in blocks:
+        script = tmp_path / f"readme_{name}.py"
+        script.write_text(code + "\n")
+        proc = _run(_torchrun(2)[:5] + [str(script)])
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"README example {name!r} failed under torchrun:\n{out[-10000:]}"
+        for r in range(2):
+            assert f"rank {r}: ok" in proc.stdout, f"README example {name!r}: rank {r} did not finish\n{out[-10000:]}"
