@@ -11,7 +11,6 @@
 namespace epcomm::fp8 {
 
 constexpr float kFp8Max = 448.0f;     // largest finite e4m3 value (reference.FP8_MAX)
-constexpr float kFp8MaxInv = 1.0f / 448.0f;  // DeepEP's kFinfoAmaxInvE4M3: scale_inv = amax * it (reference.FP8_MAX_INV)
 constexpr int kBlock = 128;           // channels per scale (reference.FP8_BLOCK)
 constexpr float kAmaxFloor = 1e-4f;   // amax of an all-zero block (reference.FP8_AMAX_FLOOR, as float32)
 
@@ -66,6 +65,9 @@ struct Scales {
 
 template <bool kRoundScale>
 EPCOMM_DEVICE_INLINE Scales block_scales(float amax) {
+    // DeepEP's kFinfoAmaxInvE4M3 (reference.FP8_MAX_INV); function-local, as a namespace-scope constexpr would add a
+    // device global to every kernel that includes this header.
+    constexpr float kFp8MaxInv = 1.0f / 448.0f;
     amax = fmaxf(amax, kAmaxFloor);
     Scales s;
     if constexpr (kRoundScale) {
