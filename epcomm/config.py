@@ -3,6 +3,7 @@ environment variables."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from .env import ENV_VARS, EnvVar, env, env_table_markdown  # noqa: F401  (re-exported: the table's public home)
