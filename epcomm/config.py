@@ -11,11 +11,6 @@ from .errors import ConfigError
 from .intranode import nvl_buffer_size_hint
 
 
-# DeepEP's Config fields, in its constructor's order, with its defaults (deep_ep.Config(num_sms=20, 6, 256, 6, 256)).
-DEEPEP_CONFIG_FIELDS = ("num_sms", "num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
-                        "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens")
-
-
 @dataclass(frozen=True)
 class Config:
     """Launch settings of the normal (intranode) kernels: DeepEP's Config, positionally and by name, plus epcomm's own
