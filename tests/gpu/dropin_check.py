@@ -7,8 +7,9 @@ DeepEP's transport switches and low-latency Buffers made again (NVSHMEM finalise
 One GPU with several ranks sharing it works (rank i uses GPU LOCAL_RANK % visible GPUs):
     torchrun --nproc-per-node 2 tests/gpu/dropin_check.py [--cycles N] [--steps N] [--quick]
     mpirun -n 2 python tests/gpu/dropin_check.py          (torch.distributed started from the MPI ranks)
-Prints 'N passed, M failed, K skipped'; exit 1 if any case failed. --cycles defaults to 10000 (about 10 ms a
-cycle); --quick runs 100 cycles and 200 get_buffer steps.
+Prints 'N passed, M failed, K skipped'; exit 1 if any case failed. --cycles defaults to 10000 (each cycle makes a
+GPU Buffer: CUDA IPC, a barrier; the per-cycle time is printed, untimed on a GPU so far); --quick runs 100 cycles and
+200 get_buffer steps.
 """
 import os
 import sys
