@@ -448,7 +448,11 @@ class Buffer:
             raise ConfigError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
         if use_logfmt:
             raise ConfigError("use_logfmt: epcomm has no LogFMT combine yet; pass use_logfmt=False (bf16 transport)")
-        stats = self._combine_wait_stats(combine_wait_recv_cost_stats)
+        stats = None
+        if combine_wait_recv_cost_stats is not None:
+            stats = self._in(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats")
+            v.check_array(stats, "combine_wait_recv_cost_stats", (self.num_ranks,), np.int64,
+                          f"[{self.num_ranks}] int64")
         fw = framework_of(topk_idx, "topk_idx")
         e_local = handle.num_experts // self.num_ranks
         rows = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
@@ -467,7 +471,7 @@ class Buffer:
         ctx = self._ctx(topk_idx, None, async_finish, False)
         combined, hook, ev = self._run(
             lambda: self._backend.low_latency_combine(xin, idx, w, handle, bool(zero_copy), bool(return_recv_hook), o,
-                                                      ctx, **stats), ctx)
+                                                      ctx, wait_stats=stats), ctx)
         return (out if out is not None else self._out(combined, fw)), ev, self._hook(hook, ctx)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
@@ -520,16 +524,6 @@ class Buffer:
         fin.atexit = False
         return fin
 
-    def _combine_wait_stats(self, stats) -> dict:
-        if stats is None:
-            return {}
-        if self._backend.on_device:
-            raise ConfigError("combine_wait_recv_cost_stats: epcomm's GPU combine kernels do not measure receive "
-                              "waits yet; pass None (dispatch_wait_recv_cost_stats is measured)")
-        arr = self._in(stats, "combine_wait_recv_cost_stats")
-        v.check_array(arr, "combine_wait_recv_cost_stats", (self.num_ranks,), np.int64, f"[{self.num_ranks}] int64")
-        return {"wait_stats": arr}
-
     @staticmethod
     def capture() -> Event:
         """An EventOverlap recorded on the current stream now (DeepEP's Buffer.capture()): torch's current stream when
@@ -567,27 +561,15 @@ class Buffer:
 
     def _local_buffer_bytes(self, use_rdma: bool):
         """uint8 array over this rank's buffer (the GPU backend's NVLink or NVSHMEM buffer; CPU: host scratch)."""
-        be = self._backend
-        if not be.on_device:
-            return be.local_buffer(use_rdma)
-        # GPU: the families' buffers (read-only internals: GpuBackend.intranode.nvl, .low_latency.sym).
-        if use_rdma:
-            if be.low_latency is None or be.low_latency.sym is None:
-                raise ConfigError("use_rdma_buffer: this Buffer has no low-latency buffer yet (make it with "
-                                  "low_latency_mode=True and num_rdma_bytes > 0)")
-            return be.low_latency.sym
-        if be.intranode is None:
-            raise ConfigError("this Buffer has no NVLink buffer (low_latency_mode=True with num_nvl_bytes=0)")
-        local = be.intranode.nvl.local
-        return local.view(0, (local.nbytes,), np.uint8)
+        return self._backend.local_buffer(use_rdma)
 
     def get_comm_stream(self):
         """The Buffer's communication stream (DeepEP's call): a torch.cuda stream when torch sees CUDA, else the CuPy
         stream; None on the CPU backend (every call completes before it returns)."""
         self._check_open()
-        if not self._backend.on_device:
+        stream = self._backend.comm_stream()
+        if stream is None:
             return None
-        stream = self._backend.ctx.stream
         import sys
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():

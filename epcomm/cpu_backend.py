@@ -111,6 +111,9 @@ class CpuBackend:
                               0 if scales is None else scales.shape[1],
                               0 if topk_idx is None else topk_idx.shape[1], bool(zero_copy), what)
 
+    def comm_stream(self):
+        return None
+
     def local_buffer(self, use_rdma: bool) -> np.ndarray:
         """Host scratch of the Buffer's size (get_local_buffer_tensor): nothing communicates through it here."""
         buf = self._scratch.get(use_rdma)

@@ -63,6 +63,20 @@ class GpuBackend:
     def check_topk_range(self, topk_idx, num_experts: int) -> None:
         """Nothing on the host: the kernels count out-of-range indices (GpuContext.check raises for them)."""
 
+    def comm_stream(self):
+        return self.ctx.stream
+
+    def local_buffer(self, use_rdma: bool):
+        """uint8 CuPy array over this rank's NVLink buffer, or (use_rdma) its low-latency NVSHMEM buffer."""
+        import numpy as np
+        if use_rdma:
+            if self.low_latency is None or self.low_latency.sym is None:
+                raise ConfigError("use_rdma_buffer: this Buffer has no low-latency buffer yet (make it with "
+                                  "low_latency_mode=True and num_rdma_bytes > 0)")
+            return self.low_latency.sym
+        local = self._normal().nvl.local
+        return local.view(0, (local.nbytes,), np.uint8)
+
     # -- families ------------------------------------------------------------------------------------------
     def _normal(self):
         if self.intranode is None:
@@ -118,7 +132,11 @@ class GpuBackend:
         return self._ll().dispatch(x, topk_idx, tmax, num_experts, use_fp8, round_scale, use_ue8m0,
                                    return_recv_hook, cumulative_stats, wait_stats, call)
 
-    def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out, call):
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out, call,
+                            wait_stats=None):
+        if wait_stats is not None:
+            raise ConfigError("combine_wait_recv_cost_stats: epcomm's GPU combine kernels do not measure receive "
+                              "waits yet; pass None (dispatch_wait_recv_cost_stats is measured)")
         return self._ll().combine(x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out, call)
 
     def get_next_low_latency_combine_buffer(self, handle):
