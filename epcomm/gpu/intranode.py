@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 
 from .. import intranode as plan
+from .. import sizing
 from ..errors import ConfigError
 from ..handles import DispatchHandle
 from ..interop import BF16
 from ..memory import HostMapped, PeerBuffer
 from ..runtime import diagnostics, get_kernel
-from ..runtime.watchdog import host_wait
+from ..runtime.watchdog import ERR_CAPACITY, host_wait
 
 
 class IntranodeGpu:
@@ -84,6 +85,20 @@ class IntranodeGpu:
         host_wait(ready, f"rank {ctx.rank}: dispatch waiting for the receive count (call {seq})", ctx.timeout_s)
         ctx.check("dispatch notify")
 
+    def _sized(self, exc, row_bytes, num_scales, num_topk, zero_copy) -> ConfigError:
+        """A capacity error of notify (a rank would receive more rows than the receive area holds) with the
+        num_nvl_bytes that would hold them; any other error as it is."""
+        rec = self.ctx.err.read()
+        if int(rec["code"]) != ERR_CAPACITY:
+            return exc
+        r = self.ctx.num_ranks
+        need = sizing.smallest_nvl_bytes(
+            lambda b: sizing.dispatch_capacity(b, r, row_bytes, num_scales, num_topk, zero_copy),
+            int(rec["observed"]), r)
+        return ConfigError(f"{exc} Make the Buffer with num_nvl_bytes >= {need} "
+                           f"(Config(num_max_tokens=...).get_nvl_buffer_size_hint(hidden_bytes, num_ranks"
+                           f"{', zero_copy=True' if zero_copy else ''}) for your largest batch).")
+
     def _recv_layout(self, row_bytes, num_scales, num_topk, zero_copy) -> plan.RecvLayout:
         area = plan.zero_copy_split(self.data_bytes) if zero_copy else self.data_bytes
         return plan.RecvLayout.plan(area, row_bytes, num_scales, num_topk)
@@ -142,7 +157,10 @@ class IntranodeGpu:
         if worst:
             n, rows, counts = None, worst, []
         else:
-            self._wait_host_info()
+            try:
+                self._wait_host_info()
+            except ConfigError as exc:
+                raise self._sized(exc, row_bytes, s, k, zero_copy) from None
             n = int(self.host_info.host[0])
             rows = n
             counts = [int(c) for c in self.host_info.host[1:1 + e_local]]

@@ -15,8 +15,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "torchrun"))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "torchrun"))  # first: its dropin_check, not this file of the same name
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
