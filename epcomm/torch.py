@@ -18,7 +18,7 @@ import torch
 from .buffer import Buffer
 from .config import Config
 from .errors import ConfigError, EpcommError
-from .handles import DispatchHandle, LowLatencyHandle
+from .handles import DispatchHandle
 
 __all__ = ["dispatch", "combine", "cached_dispatch", "DispatchFunction", "CombineFunction", "register_buffer",
            "handle_of", "OpHandle", "low_latency_dispatch", "low_latency_combine"]
@@ -152,8 +152,19 @@ def dispatch(buffer: Buffer, x, topk_idx, topk_weights=None, *, num_experts: int
         recv_x, recv_idx, recv_w, hid = torch.ops.epcomm.dispatch(
             x, topk_idx, topk_weights, register_buffer(buffer), num_experts, num_worst_tokens, expert_alignment)
         return recv_x, recv_idx, recv_w, OpHandle(hid, x.shape[0], num_worst_tokens), []
-    return DispatchFunction.apply(x, topk_weights, buffer, topk_idx, num_experts, num_worst_tokens,
-                                  expert_alignment, config)
+    return _eager_dispatch(x, topk_weights, buffer, topk_idx, num_experts, num_worst_tokens, expert_alignment, config)
+
+
+@torch.compiler.disable
+def _eager_dispatch(*args):
+    """Outside any compiled graph (a graph break under torch.compile): the output row count depends on the data."""
+    return DispatchFunction.apply(*args)
+
+
+@torch.compiler.disable
+def _eager_combine(*args):
+    """Outside any compiled graph: its handle is a Python object, which custom ops cannot take."""
+    return CombineFunction.apply(*args)
 
 
 def combine(buffer: Buffer, x, handle, topk_weights=None, *, config: Config | None = None):
@@ -166,7 +177,7 @@ def combine(buffer: Buffer, x, handle, topk_weights=None, *, config: Config | No
         return combined, (combined_w if topk_weights is not None else None)
     if not isinstance(handle, DispatchHandle):
         raise ConfigError(f"handle: expected the handle of epcomm.torch.dispatch, got {type(handle).__name__}")
-    return CombineFunction.apply(x, topk_weights, buffer, handle, config)
+    return _eager_combine(x, topk_weights, buffer, handle, config)
 
 
 def cached_dispatch(buffer: Buffer, x, handle):
@@ -184,29 +195,22 @@ def cached_dispatch(buffer: Buffer, x, handle):
 
 _lock = threading.Lock()
 _ids = itertools.count(1)
-_buffers: dict[int, "weakref.ref[Buffer]"] = {}
 _handles: dict[int, object] = {}
 
 
 def register_buffer(buffer: Buffer) -> int:
-    """The int id the custom ops name a Buffer by (assigned on first use, kept on the Buffer as _torch_op_id; the
-    registry holds it weakly)."""
-    bid = getattr(buffer, "_torch_op_id", None)
-    if bid is None:
-        if not isinstance(buffer, Buffer):
-            raise ConfigError(f"buffer: expected an epcomm.Buffer, got {type(buffer).__name__}")
-        with _lock:
-            bid = next(_ids)
-            _buffers[bid] = weakref.ref(buffer)
-        buffer._torch_op_id = bid
-    return bid
+    """The int id the custom ops name a Buffer by (every Buffer gets one when made; epcomm.buffer keeps them in a
+    weak registry)."""
+    if not isinstance(buffer, Buffer):
+        raise ConfigError(f"buffer: expected an epcomm.Buffer, got {type(buffer).__name__}")
+    return buffer._op_id
 
 
 def _buffer(bid: int) -> Buffer:
-    ref = _buffers.get(int(bid))
-    buf = ref() if ref is not None else None
+    from .buffer import _buffers_by_op_id
+    buf = _buffers_by_op_id.get(int(bid))
     if buf is None:
-        raise EpcommError(f"epcomm.torch: Buffer id {bid} is not registered (or was garbage-collected)")
+        raise EpcommError(f"epcomm.torch: no live Buffer has op id {bid} (it was garbage-collected)")
     return buf
 
 
