@@ -1,8 +1,9 @@
 """epcomm.torch: importing epcomm does not import torch; the plain API refuses requires-grad tensors while autograd
 records (one process, CPU backend); tests/torchrun/autograd_check.py under `mpiexec -n 2` (gradients against a torch
-reference and finite differences, torch.compile fullgraph with the custom ops)."""
+reference and finite differences, torch.compile fullgraph with the custom ops); docs/frameworks.md's example runs."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -67,3 +68,15 @@ def test_autograd_and_compile_under_mpiexec():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-20000:]
     assert "10 passed, 0 failed, 0 skipped" in proc.stdout, out[-20000:]
+
+
+@pytest.mark.mpi
+def test_frameworks_doc_example_runs(tmp_path):
+    text = (ROOT / "docs" / "frameworks.md").read_text(encoding="utf-8")
+    m = re.search(r"<!--\s*example:\s*frameworks-torch\s*-->\s*\n```python\n(.*?)\n```", text, re.S)
+    assert m is not None, "docs/frameworks.md lost its frameworks-torch example"
+    script = tmp_path / "frameworks_example.py"
+    script.write_text(m.group(1), encoding="utf-8")
+    proc = _run(2, [str(script)], OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-20000:]
+    assert proc.stdout.count("eager and compiled gradients agree") == 2, proc.stdout
