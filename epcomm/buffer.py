@@ -7,6 +7,7 @@ type.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import warnings
 import weakref
@@ -108,6 +109,9 @@ class Buffer:
         self._closed = False
         self._finalizer = self._make_finalizer()
         self._combined_since_dispatch = False  # get_combine_buffer's guard (see there)
+        # The int that names this Buffer to epcomm.torch's custom ops (they take tensors and scalars only).
+        self._op_id = next(_op_ids)
+        _buffers_by_op_id[self._op_id] = self
 
     @property
     def num_nvl_bytes(self) -> int:
@@ -169,6 +173,7 @@ class Buffer:
         return self._backend.device_scope()
 
     def _in(self, a, name):
+        _check_no_grad(a, name)
         with self._on_device():
             return self._backend.import_array(a, name)
 
@@ -590,6 +595,23 @@ class Buffer:
         """DeepEP's shrink mode: not built (see low_latency_update_mask_buffer)."""
         raise ConfigError("low_latency_clean_mask_buffer: needs shrink mode (enable_shrink), which epcomm does not "
                           "build")
+
+
+_op_ids = itertools.count(1)
+_buffers_by_op_id: "weakref.WeakValueDictionary[int, Buffer]" = weakref.WeakValueDictionary()
+
+
+def _check_no_grad(a, name: str) -> None:
+    """A torch tensor that requires grad, passed while autograd records, would come back with its gradient silently
+    cut (the plain API has no backward): refuse it and name the wrappers that have one. Under torch.no_grad(), or
+    with .detach(), the call is the caller's explicit choice and goes through."""
+    if type(a).__module__.split(".")[0] != "torch" or not getattr(a, "requires_grad", False):
+        return
+    import torch
+    if torch.is_grad_enabled():
+        raise ConfigError(f"{name}: this tensor requires grad, and Buffer's calls have no backward, so the gradient "
+                          "would be silently lost; use epcomm.torch.dispatch / epcomm.torch.combine (autograd), or "
+                          "pass .detach() (or call under torch.no_grad()) to drop the gradient on purpose")
 
 
 def _release(backend, group) -> None:

@@ -22,6 +22,7 @@ README = ROOT / "README.md"
 API = ROOT / "docs" / "api.md"
 DESIGN = ROOT / "docs" / "design.md"
 PORTING = ROOT / "docs" / "porting.md"
+FRAMEWORKS = ROOT / "docs" / "frameworks.md"
 TIMEOUT_S = 120
 
 # A fenced block preceded (blank lines allowed) by an HTML comment naming it: <!-- example: NAME -->
@@ -64,7 +65,7 @@ def test_readme_names_the_commands():
         ".ci/run must run the README's test command, bash scripts/test.sh"
 
 
-@pytest.mark.parametrize("path", [README, API, DESIGN, PORTING], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [README, API, DESIGN, PORTING, FRAMEWORKS], ids=lambda p: p.name)
 def test_python_blocks_parse(path):
     blocks = _PYTHON_BLOCK.findall(_text(path))
     for i, code in enumerate(blocks):
@@ -153,7 +154,7 @@ def test_design_doc_names_every_flag_kind():
 
 # Documents whose links are checked, and the folders whose files they may name in backticks (`bench/results/x.jsonl`):
 # benchmark logs and plots left the tree, so a name there must be checked, not trusted.
-LINKED_DOCS = [README, API, DESIGN, PORTING, ROOT / "bench" / "NOTES.md"]
+LINKED_DOCS = [README, API, DESIGN, PORTING, FRAMEWORKS, ROOT / "bench" / "NOTES.md"]
 _CHECKED_PREFIXES = ("bench/", "docs/")
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 _CODE_PATH = re.compile(r"`((?:%s)[\w./*-]*)`" % "|".join(re.escape(p) for p in _CHECKED_PREFIXES))
