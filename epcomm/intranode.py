@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ConfigError
 from .runtime import KernelSpec, register_family
 from .runtime.diagnostics import for_kernel
 

@@ -114,3 +114,12 @@ def test_meta_bytes_match_intranode_cuh():
     assert ptx is not None, log
     device = np.frombuffer(_ptx_global_bytes(ptx.decode(), "epcomm_meta", 24), dtype="<u8").tolist()
     assert device == [intra.meta_bytes(r) for r in (2, 4, 8)]
+
+
+@pytest.mark.parametrize("changes", [dict(reduce_parts=0), dict(reduce_parts=9), dict(reduce_tail_warps=-1.0),
+                                     dict(dynamic_tokens=1), dict(fuse_kernels="yes")])
+def test_intranode_tuning_rejects_bad_values(changes):
+    from epcomm.errors import ConfigError
+    from epcomm.intranode import IntranodeTuning
+    with pytest.raises(ConfigError, match="IntranodeTuning"):
+        IntranodeTuning(**changes)

@@ -151,3 +151,12 @@ def test_ue8m0_byte_matches_pack():
     bytes_ = (scale_inv.view(np.uint32) >> 23) & 0xFF
     for s, b in enumerate(bytes_):
         assert (words[s // 4] >> (8 * (s % 4))) & 0xFF == b
+
+
+@pytest.mark.parametrize("changes", [dict(once_per_rank=1), dict(combine_once_per_rank="no"),
+                                     dict(combine_send_blocks_per_expert=0), dict(force_nvshmem=None)])
+def test_low_latency_tuning_rejects_bad_values(changes):
+    from epcomm.errors import ConfigError
+    from epcomm.low_latency import LowLatencyTuning
+    with pytest.raises(ConfigError, match="LowLatencyTuning"):
+        LowLatencyTuning(**changes)
