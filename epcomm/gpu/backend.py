@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
-from .. import intranode as intranode_plan
+from .. import sizing
 from ..errors import ConfigError
 from ..interop import as_cupy, caller_stream
 from .context import GpuContext
@@ -37,7 +37,7 @@ class GpuBackend:
                                        "mode buffer); pass num_nvl_bytes (Config.get_nvl_buffer_size_hint)")
                 elif group.topology.all_p2p():
                     from .intranode import IntranodeGpu
-                    nbytes = num_nvl_bytes or intranode_plan.nvl_buffer_size_hint(4096, 7168 * 2, self.num_ranks, 16)
+                    nbytes = num_nvl_bytes or sizing.default_nvl_bytes(self.num_ranks)
                     self.intranode = IntranodeGpu(self.ctx, nbytes)
                 else:
                     self._no_normal = ("normal mode across nodes (ranks not all P2P-reachable) has no GPU kernels yet; "
