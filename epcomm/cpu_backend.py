@@ -213,10 +213,10 @@ class CpuBackend:
         return buf
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, zero_copy,
-                            return_recv_hook, out, call=None, wait_stats=None):
+                            return_recv_hook, out, call=None, wait_stats=None, use_logfmt=False):
         if zero_copy:
             x = self.get_next_low_latency_combine_buffer(handle)
-        msgs = ref.low_latency_combine_send(x, handle.src_info, handle.layout_range)
+        msgs = ref.low_latency_combine_send(x, handle.src_info, handle.layout_range, use_logfmt)
         if out is None:
             from .interop import BF16
             out = np.empty((topk_idx.shape[0], handle.hidden), dtype=BF16)
