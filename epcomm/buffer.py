@@ -444,15 +444,17 @@ class Buffer:
         """Weighted sum of the expert outputs back to each token: [T, H] bf16. DeepEP's argument order.
 
         x: [E_local, R*Tmax, H] bf16 expert outputs in the dispatch's layout (ignored with zero_copy, which reads
-        get_next_low_latency_combine_buffer(handle)). use_logfmt: DeepEP's 10-bit LogFMT transport, not built yet
-        (True is a ConfigError). combine_wait_recv_cost_stats: [R] int64, += the time waited for each source rank
+        get_next_low_latency_combine_buffer(handle)). use_logfmt: DeepEP's 10-bit LogFMT transport of the rows
+        (epcomm.reference section 6; hidden a multiple of 512; the CPU backend; the GPU kernels do not have it yet:
+        ConfigError). combine_wait_recv_cost_stats: [R] int64, += the time waited for each source rank
         (CPU backend; the GPU kernels do not measure it yet: ConfigError). Returns (combined_x, event, hook): hook as
         in low_latency_dispatch (None without return_recv_hook; hook() receives and returns the receive's Event)."""
         self._check_open()
         if not isinstance(handle, LowLatencyHandle):
             raise ConfigError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
-        if use_logfmt:
-            raise ConfigError("use_logfmt: epcomm has no LogFMT combine yet; pass use_logfmt=False (bf16 transport)")
+        if use_logfmt and handle.hidden % 512:
+            raise ConfigError(f"use_logfmt: needs a hidden size that is a multiple of 512 (DeepEP's LogFMT chunks), "
+                              f"got {handle.hidden}; pass use_logfmt=False")
         stats = None
         if combine_wait_recv_cost_stats is not None:
             stats = self._in(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats")
@@ -476,7 +478,7 @@ class Buffer:
         ctx = self._ctx(topk_idx, None, async_finish, False)
         combined, hook, ev = self._run(
             lambda: self._backend.low_latency_combine(xin, idx, w, handle, bool(zero_copy), bool(return_recv_hook), o,
-                                                      ctx, wait_stats=stats), ctx)
+                                                      ctx, wait_stats=stats, use_logfmt=bool(use_logfmt)), ctx)
         return (out if out is not None else self._out(combined, fw)), ev, self._hook(hook, ctx)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import agreement
 from . import intranode as intranode_plan
 from . import low_latency as low_latency_plan
 from . import reference as ref
@@ -47,6 +48,28 @@ class CpuBackend:
         self._scratch: dict[bool, np.ndarray] = {}
         self._tuning = {"intranode": intranode_plan.default_tuning(self.num_ranks),
                         "low_latency": low_latency_plan.LowLatencyTuning()}
+        self._seq = 0                      # communicating calls made on this Buffer: the signatures' sequence number
+
+    # -- cross-rank agreement (epcomm/agreement.py) ---------------------------------------------------------
+    def _signature(self, kind: str, **fields) -> agreement.Signature:
+        """This call's signature, numbered when the call is made (a receive hook exchanges it later)."""
+        sig = agreement.make(kind, self._seq, **fields)
+        self._seq += 1
+        return sig
+
+    def _exchange(self, msgs: list, sig: agreement.Signature) -> list:
+        """group.exchange with the signature riding on every message; ConfigError on every rank when they differ,
+        before anything received is used (a rank at another kind of call is named, not a timeout)."""
+        kind = agreement.KINDS[sig.kind]
+        arrived = self.group.exchange([(sig, m) for m in msgs], kind, same_phase=False)
+        agreement.check([s for s, _ in arrived], self.rank)
+        return [m for _, m in arrived]
+
+    @staticmethod
+    def _x_fields(x) -> dict:
+        data, scales = x if isinstance(x, tuple) else (x, None)
+        return {"hidden": data.shape[1], "dtype": "bf16" if scales is None else "fp8",
+                "num_scales": -1 if scales is None else scales.shape[1]}
 
     # -- the boundary ---------------------------------------------------------------------------------------
     def device_scope(self):
@@ -86,7 +109,11 @@ class CpuBackend:
         # Each message carries its sender's per-destination counts (row s of the [src, dst] count matrix), so the
         # prefix matrix needs no second collective (and an error in dispatch_recv cannot strand the peers).
         send_counts = is_token_in_rank.sum(axis=0, dtype=np.int32)
-        arrived = self.group.exchange([(m, send_counts) for m in msgs], "dispatch")
+        sig = self._signature("dispatch", **self._x_fields(x), num_topk=-1 if topk_idx is None else topk_idx.shape[1],
+                              num_experts=num_experts, num_worst_tokens=num_worst_tokens,
+                              expert_alignment=expert_alignment,
+                              flags={"zero_copy": zero_copy, "with_topk": topk_idx is not None})
+        arrived = self._exchange([(m, send_counts) for m in msgs], sig)
         # Every rank has the whole count matrix now, so all of them refuse a dispatch that overflows any rank.
         rows = np.stack([c for _, c in arrived]).sum(axis=0)
         self._check_dispatch_rows(rows, x, topk_idx, num_worst_tokens, zero_copy)
@@ -130,7 +157,9 @@ class CpuBackend:
                                   zero_copy, "cached dispatch")
         self._outputs_in_buffer = bool(zero_copy)
         msgs = ref.dispatch_send(_fp8_view(x), None, None, handle.is_token_in_rank)
-        res = ref.dispatch_recv(self.group.exchange(msgs, "cached_dispatch"), self.rank, self.num_ranks,
+        sig = self._signature("cached_dispatch", **self._x_fields(x), num_experts=handle.num_experts,
+                              num_worst_tokens=handle.num_worst_tokens, flags={"zero_copy": zero_copy})
+        res = ref.dispatch_recv(self._exchange(msgs, sig), self.rank, self.num_ranks,
                                 handle.num_experts, 1, handle.num_worst_tokens)
         return res.recv_x, None
 
@@ -157,7 +186,11 @@ class CpuBackend:
         w = topk_weights[:n] if topk_weights is not None else None
         msgs = ref.combine_send(x[:n], handle.num_recv_tokens_per_source, w)
         b = None if not bias else (bias[0] if len(bias) == 1 else tuple(bias))
-        combined, combined_w = ref.combine_recv(self.group.exchange(msgs, "combine"), handle.is_token_in_rank, b)
+        sig = self._signature("combine", hidden=handle.hidden, dtype="bf16",
+                              num_topk=-1 if topk_weights is None else topk_weights.shape[1],
+                              num_experts=handle.num_experts, num_worst_tokens=handle.num_worst_tokens,
+                              flags={"zero_copy": zero_copy, "with_weights": topk_weights is not None})
+        combined, combined_w = ref.combine_recv(self._exchange(msgs, sig), handle.is_token_in_rank, b)
         return combined, combined_w, None
 
     # -- low-latency mode ---------------------------------------------------------------------------------
@@ -168,11 +201,14 @@ class CpuBackend:
         sizing.check_low_latency(self.num_rdma_bytes, tmax, x.shape[1], self.num_ranks, num_experts)
         msgs = ref.low_latency_dispatch_send(x, topk_idx, self.rank, self.num_ranks, num_experts, tmax,
                                              use_fp8, round_scale, use_ue8m0)
+        sig = self._signature("low_latency_dispatch", hidden=x.shape[1], dtype="bf16", num_topk=topk_idx.shape[1],
+                              num_experts=num_experts, num_max_dispatch_tokens_per_rank=tmax,
+                              flags={"use_fp8": use_fp8, "round_scale": round_scale, "use_ue8m0": use_ue8m0})
         slot: dict = {}
 
         def receive():
             t0 = time.perf_counter_ns()
-            arrived = self.group.exchange(msgs, "low_latency_dispatch")
+            arrived = self._exchange(msgs, sig)
             waited = time.perf_counter_ns() - t0
             res = ref.low_latency_dispatch_recv(arrived, self.rank, self.num_ranks, num_experts, tmax,
                                                 x.shape[1], use_fp8, use_ue8m0)
@@ -213,17 +249,21 @@ class CpuBackend:
         return buf
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, zero_copy,
-                            return_recv_hook, out, call=None, wait_stats=None):
+                            return_recv_hook, out, call=None, wait_stats=None, use_logfmt=False):
         if zero_copy:
             x = self.get_next_low_latency_combine_buffer(handle)
-        msgs = ref.low_latency_combine_send(x, handle.src_info, handle.layout_range)
+        msgs = ref.low_latency_combine_send(x, handle.src_info, handle.layout_range, use_logfmt)
+        sig = self._signature("low_latency_combine", hidden=handle.hidden, dtype="bf16", num_topk=topk_idx.shape[1],
+                              num_experts=handle.num_experts,
+                              num_max_dispatch_tokens_per_rank=handle.num_max_dispatch_tokens_per_rank,
+                              flags={"zero_copy": zero_copy, "use_logfmt": use_logfmt})
         if out is None:
             from .interop import BF16
             out = np.empty((topk_idx.shape[0], handle.hidden), dtype=BF16)
 
         def hook():
             t0 = time.perf_counter_ns()
-            arrived = self.group.exchange(msgs, "low_latency_combine")
+            arrived = self._exchange(msgs, sig)
             if wait_stats is not None:  # as the dispatch's: the exchange's wait, split evenly over the sources
                 wait_stats[...] += np.int64((time.perf_counter_ns() - t0) // max(1, self.num_ranks))
             out[...] = ref.low_latency_combine_recv(arrived, topk_idx, topk_weights, self.rank, self.num_ranks,

@@ -293,12 +293,14 @@ class Group:
         missing peer and the phase, instead of hanging when a rank never arrives."""
         self.exchange([None] * self.size, phase, timeout_s)
 
-    def exchange(self, objs: list, phase: str, timeout_s: float | None = None) -> list:
+    def exchange(self, objs: list, phase: str, timeout_s: float | None = None, same_phase: bool = True) -> list:
         """Bounded alltoall of Python objects: objs[d] goes to rank d; returns what every rank sent here.
 
         Waits at most timeout_s (default EPCOMM_TIMEOUT_S) for the peers. A peer that never arrives, or one that
         is at another call (an earlier call failed on some ranks only), raises CommTimeoutError naming this rank,
         the peer and the phase; the group's exchange() is unusable from then on (make a new Buffer).
+        same_phase=False: a peer at the same call number in another phase is not an error here (the CPU backend's
+        call signatures compare the calls themselves and raise ConfigError, epcomm/agreement.py).
         """
         if len(objs) != self.size:
             raise ConfigError(f"objs: expected {self.size} items (one per rank), got {len(objs)}")
@@ -321,7 +323,7 @@ class Group:
                 if msg is None:
                     continue
                 their_seq, their_phase, obj = msg
-                if their_seq != seq or their_phase != phase:
+                if their_seq != seq or (same_phase and their_phase != phase):
                     self._broken = f"rank {src} was at call {their_seq} ({their_phase}) during call {seq} ({phase})"
                     raise CommTimeoutError(f"rank {self.rank}: waited for rank {src} in phase {phase} (call {seq}) "
                                            f"but it sent phase {their_phase} (call {their_seq}): an earlier call "

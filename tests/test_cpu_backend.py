@@ -313,3 +313,14 @@ def test_exchange_single_rank(monkeypatch):
             g.exchange([], "wrong length", timeout_s=1.0)
     finally:
         g.close()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_cross_rank_agreement_under_mpiexec(num_ranks):
+    """One rank passes another num_experts / hidden / top-k / Tmax, or skips a combine: ConfigError on every rank
+    naming ranks and values (tests/mpi/agreement_check.py), and the Buffer keeps working."""
+    proc = _run(num_ranks, [str(ROOT / "tests" / "mpi" / "agreement_check.py")])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{out}"
+    assert re.search(r"^5 passed, 0 failed$", proc.stdout, re.M), out

@@ -356,7 +356,7 @@ def check_ll_event(event, what: str) -> None:
 
 def ll_case(buf, rng, *, tokens="mixed", hidden=512, num_topk=4, experts_per_rank=4, tmax=None, skew=None, drop=0.2,
             use_fp8=False, round_scale=False, use_ue8m0=False, hook=False, stats=False,
-            combine_modes=("plain", "zero_copy", "out", "hook")):
+            combine_modes=("plain", "zero_copy", "out", "hook"), use_logfmt=False, y_scale=1.0):
     rank, num_ranks = buf.rank, buf.num_ranks
     num_experts = experts_per_rank * num_ranks
     e_local = experts_per_rank
@@ -391,13 +391,14 @@ def ll_case(buf, rng, *, tokens="mixed", hidden=512, num_topk=4, experts_per_ran
         check(int(recv_count.sum()) == 0, "ll avoided rank: expected no rows")
 
     for mode in combine_modes:
-        ys = [rng.standard_normal((e_local, num_ranks * tmax, hidden), dtype=np.float32).astype(BF16)
-              for _ in range(num_ranks)]
-        want_c = ref.low_latency_combine(ys, idxs, ws, wants, num_experts)[rank]
+        ys = [(rng.standard_normal((e_local, num_ranks * tmax, hidden), dtype=np.float32) * np.float32(y_scale))
+              .astype(BF16) for _ in range(num_ranks)]
+        want_c = ref.low_latency_combine(ys, idxs, ws, wants, num_experts, use_logfmt)[rank]
+        lf = {"use_logfmt": True} if use_logfmt else {}
         y = ll_layout_y(buf, handle, want, ys[rank], num_experts)
         name = f"ll combine ({mode})"
         if mode == "plain":
-            got, event, h = buf.low_latency_combine(y, idxs[rank], ws[rank], handle)
+            got, event, h = buf.low_latency_combine(y, idxs[rank], ws[rank], handle, **lf)
             check(h is None, f"{name}: expected hook None")
         elif mode == "zero_copy":
             target = buf.get_next_low_latency_combine_buffer(handle)
@@ -405,13 +406,13 @@ def ll_case(buf, rng, *, tokens="mixed", hidden=512, num_topk=4, experts_per_ran
                   f"{name}: combine buffer {list(target.shape)} {target.dtype}, expected {list(y.shape)} bf16")
             target[...] = y
             poison = np.full_like(y, np.nan)       # zero_copy must read the buffer, not x
-            got, event, h = buf.low_latency_combine(poison, idxs[rank], ws[rank], handle, zero_copy=True)
+            got, event, h = buf.low_latency_combine(poison, idxs[rank], ws[rank], handle, zero_copy=True, **lf)
         elif mode == "out":
             out = np.full((counts[rank], hidden), np.nan, dtype=np.float32).astype(BF16)   # poisoned
-            got, event, h = buf.low_latency_combine(y, idxs[rank], ws[rank], handle, out=out)
+            got, event, h = buf.low_latency_combine(y, idxs[rank], ws[rank], handle, out=out, **lf)
             check(got is out, f"{name}: expected the out array back")
         elif mode == "hook":
-            got, event, h = buf.low_latency_combine(y, idxs[rank], ws[rank], handle, return_recv_hook=True)
+            got, event, h = buf.low_latency_combine(y, idxs[rank], ws[rank], handle, return_recv_hook=True, **lf)
             check(callable(h), f"{name}: expected a callable hook")
             check_ll_event(h(), f"{name}: hook()")
         else:
@@ -490,6 +491,11 @@ CASES = [
     ("ll tiny token counts, Tmax=3", lambda b, g: ll_case(b, g, tokens="tiny", hidden=256, tmax=3, num_topk=2,
                                                           combine_modes=("plain", "hook"))),
     ("ll two dispatches in flight", lambda b, g: ll_two_in_flight(b, g)),
+    # LogFMT: y * 0.2 casts most chunks (amax < 1), y * 1 leaves most raw; hidden 1536 has 512-channel chunks.
+    ("ll logfmt H=1536", lambda b, g: ll_case(b, g, hidden=1536, use_logfmt=True, y_scale=0.2)),
+    ("ll logfmt fp8 H=1024 mixed casts", lambda b, g: ll_case(b, g, tokens="mixed2", hidden=1024, use_fp8=True,
+                                                              use_logfmt=True, y_scale=0.3,
+                                                              combine_modes=("zero_copy", "hook"))),
 ]
 
 
