@@ -171,8 +171,8 @@ def test_low_latency_combine_in_deepeps_order(buf):
     assert got is out and hook is None
     assert_bitwise_equal(out, plain, "zero-copy combine")
     assert stats[0] >= 0
-    with pytest.raises(ConfigError, match="use_logfmt"):
-        buf.low_latency_combine(recv, idxs[0], ws[0], handle, True)
+    with pytest.raises(ConfigError, match="use_logfmt: needs a hidden size that is a multiple of 512"):
+        buf.low_latency_combine(recv, idxs[0], ws[0], handle, True)  # LogFMT itself: tests/test_logfmt.py
     with pytest.raises(ConfigError, match="combine_wait_recv_cost_stats"):
         buf.low_latency_combine(recv, idxs[0], ws[0], handle, combine_wait_recv_cost_stats=np.zeros(2, np.int64))
 

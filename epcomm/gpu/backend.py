@@ -134,7 +134,9 @@ class GpuBackend:
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out, call,
                             wait_stats=None, use_logfmt=False):
-        if use_logfmt: raise ConfigError("use_logfmt: the GPU low-latency combine has no LogFMT kernel yet (the CPU backend has it); pass use_logfmt=False")  # noqa: E501,E701
+        if use_logfmt:
+            raise ConfigError("use_logfmt: the GPU low-latency combine has no LogFMT kernel yet (the CPU backend has "
+                              "it); pass use_logfmt=False")
         if wait_stats is not None:
             raise ConfigError("combine_wait_recv_cost_stats: epcomm's GPU combine kernels do not measure receive "
                               "waits yet; pass None (dispatch_wait_recv_cost_stats is measured)")

@@ -433,7 +433,7 @@ def case_ll_zero_copy_torch(w: World):
     # DeepEP's positional order: use_logfmt is the 5th argument, zero_copy the 6th.
     zc, _, _ = buf.low_latency_combine(None, w.t(idxs[rank]), w.t(ws[rank]), handle, False, True)
     assert_bitwise_equal(n(zc), n(plain), "zero-copy combine == copying combine")
-    try:
+    try:  # refused: this hidden is not a multiple of 512 (DeepEP's LogFMT chunks); the GPU has no LogFMT kernel yet
         buf.low_latency_combine(recv, w.t(idxs[rank]), w.t(ws[rank]), handle, True)
         raise AssertionError("use_logfmt=True must raise ConfigError")
     except epcomm.ConfigError as exc:
