@@ -60,7 +60,8 @@ class Buffer:
     explicitly_destroy: False (default): the resources are freed when the Buffer is garbage-collected (or by
         destroy()); True: only destroy() frees them, and a Buffer collected without it warns (ResourceWarning) and
         leaks them, as DeepEP's does. Nothing is freed at interpreter exit (the process's end frees it).
-    enable_shrink: DeepEP's rank-masking mode: not built (True is a ConfigError).
+    enable_shrink: DeepEP's rank-masking (shrink) mode for the low-latency calls (low_latency_update_mask_buffer
+        and docs/api.md, Shrink mode). CPU backend only: the GPU kernels do not have it yet (ConfigError).
     comm: an mpi4py communicator, used when group is None (DeepEP's keyword).
     backend: 'cpu' or 'gpu'; default EPCOMM_BACKEND ('auto': GPU when one is visible).
     The attributes num_nvl_bytes / num_rdma_bytes report the bytes allocated on the GPU (the CPU backend allocates
@@ -79,7 +80,7 @@ class Buffer:
         self.low_latency_mode = bool(low_latency_mode)
         self.explicitly_destroy = bool(explicitly_destroy)
         self.enable_shrink = bool(enable_shrink)
-        self._check_deepep_options(num_qps_per_rank, enable_shrink, self.low_latency_mode)
+        self._check_deepep_options(num_qps_per_rank, self.low_latency_mode)
         choice = backend or env("EPCOMM_BACKEND")
         if choice not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"backend: expected 'auto', 'cpu' or 'gpu', got {choice!r}")
@@ -94,6 +95,9 @@ class Buffer:
         self.group_size = self.num_ranks
         try:
             if choice == "gpu":
+                if self.enable_shrink:
+                    raise ConfigError("enable_shrink: shrink mode (rank masking) is built on the CPU backend only; "
+                                      "the GPU kernels do not have it yet: pass enable_shrink=False or backend='cpu'")
                 self._gpu_transport_options(allow_mnnvl, use_fabric)
                 from .gpu.backend import GpuBackend
                 self._backend = GpuBackend(self.ep_group, nvl_bytes, rdma_bytes, self.low_latency_mode)
@@ -101,7 +105,7 @@ class Buffer:
                     self._backend.set_tuning("low_latency", force_nvshmem=True)
             else:
                 from .cpu_backend import CpuBackend
-                self._backend = CpuBackend(self.ep_group, nvl_bytes, rdma_bytes)
+                self._backend = CpuBackend(self.ep_group, nvl_bytes, rdma_bytes, self.enable_shrink)
         except BaseException:
             _release(getattr(self, "_backend", None), self.ep_group if self._own_group else None)
             raise
@@ -505,11 +509,8 @@ class Buffer:
 
     # -- DeepEP's API surface (constructor options, events, operational calls) --------------------------------
     @staticmethod
-    def _check_deepep_options(num_qps_per_rank, enable_shrink, low_latency_mode) -> None:
+    def _check_deepep_options(num_qps_per_rank, low_latency_mode) -> None:
         v.check_int(num_qps_per_rank, "num_qps_per_rank", 1 if low_latency_mode else 0)
-        if enable_shrink:
-            raise ConfigError("enable_shrink: DeepEP's rank-masking (shrink) mode is not built in epcomm; "
-                              "pass enable_shrink=False")
 
     def _gpu_transport_options(self, allow_mnnvl, use_fabric) -> None:
         """DeepEP's transport switches, on the GPU backend (the CPU backend has no GPU memory to apply them to)."""
@@ -583,20 +584,41 @@ class Buffer:
             return torch.cuda.ExternalStream(int(stream.ptr), device=torch.device("cuda", self.ep_group.device))
         return stream
 
-    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False):
-        """DeepEP's shrink mode (masking ranks): not built (enable_shrink=True is refused at construction)."""
-        raise ConfigError("low_latency_update_mask_buffer: needs shrink mode (enable_shrink), which epcomm does not "
-                          "build")
+    # -- shrink mode and reset (docs/api.md, Shrink mode / Reset after a timeout) -------------------------------
+    def _check_shrink(self, what: str) -> None:
+        self._check_open()
+        if not self.enable_shrink:
+            raise ConfigError(f"{what}: needs shrink mode: make the Buffer with enable_shrink=True")
 
-    def low_latency_query_mask_buffer(self, mask_status):
-        """DeepEP's shrink mode: not built (see low_latency_update_mask_buffer)."""
-        raise ConfigError("low_latency_query_mask_buffer: needs shrink mode (enable_shrink), which epcomm does not "
-                          "build")
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (mask=True) or unmask rank_to_mask on this rank only: the low-latency dispatch, combine and
+        clean_low_latency_buffer neither send to nor wait for a masked rank (docs/api.md, Shrink mode)."""
+        self._check_shrink("low_latency_update_mask_buffer")
+        r = v.check_int(rank_to_mask, "rank_to_mask", 0, self.num_ranks - 1)
+        self._backend.update_mask(r, bool(mask))
 
-    def low_latency_clean_mask_buffer(self):
-        """DeepEP's shrink mode: not built (see low_latency_update_mask_buffer)."""
-        raise ConfigError("low_latency_clean_mask_buffer: needs shrink mode (enable_shrink), which epcomm does not "
-                          "build")
+    def low_latency_query_mask_buffer(self, mask_status) -> None:
+        """Write this rank's mask into mask_status: [num_ranks] int32 (numpy or torch CPU), 1 = masked."""
+        self._check_shrink("low_latency_query_mask_buffer")
+        out = self._in(mask_status, "mask_status")
+        v.check_array(out, "mask_status", (self.num_ranks,), np.int32, f"[{self.num_ranks}] int32")
+        out[...] = self._backend.query_mask()
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmask every rank (on this rank only)."""
+        self._check_shrink("low_latency_clean_mask_buffer")
+        self._backend.clean_mask()
+
+    def reset(self) -> None:
+        """Make the Buffer usable again after a CommTimeoutError, without a new bootstrap: every live rank calls it
+        (also ranks that saw no error), the same number of times. Drops the messages of calls that failed or were
+        skipped, numbers calls from 0 again on every rank, puts the low-latency ping-pong index back to 0 and ends
+        with a bounded barrier (CommTimeoutError naming a rank that did not come; masked ranks are not waited for).
+        Handles from before the reset must not be used after it. GPU backend: not built (ConfigError)."""
+        self._check_open()
+        if self._backend.on_device:
+            raise ConfigError("reset: not built on the GPU backend yet; destroy the Buffer and make a new one")
+        self._backend.reset()
 
 
 _op_ids = itertools.count(1)

@@ -38,7 +38,7 @@ class CpuBackend:
     name = "cpu"
     on_device = False
 
-    def __init__(self, group, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0):
+    def __init__(self, group, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, enable_shrink: bool = False):
         self.group = group
         self.num_nvl_bytes, self.num_rdma_bytes = int(num_nvl_bytes), int(num_rdma_bytes)
         self.rank, self.num_ranks = group.rank, group.size
@@ -49,6 +49,8 @@ class CpuBackend:
         self._tuning = {"intranode": intranode_plan.default_tuning(self.num_ranks),
                         "low_latency": low_latency_plan.LowLatencyTuning()}
         self._seq = 0                      # communicating calls made on this Buffer: the signatures' sequence number
+        # Shrink mode (DeepEP's mask buffer): mask[r] == 1 means rank r is skipped by the low-latency calls.
+        self.mask: list[int] | None = [0] * self.num_ranks if enable_shrink else None
 
     # -- cross-rank agreement (epcomm/agreement.py) ---------------------------------------------------------
     def _signature(self, kind: str, **fields) -> agreement.Signature:
@@ -57,13 +59,35 @@ class CpuBackend:
         self._seq += 1
         return sig
 
-    def _exchange(self, msgs: list, sig: agreement.Signature) -> list:
+    def _exchange(self, msgs: list, sig: agreement.Signature, masked: list | None = None) -> list:
         """group.exchange with the signature riding on every message; ConfigError on every rank when they differ,
-        before anything received is used (a rank at another kind of call is named, not a timeout)."""
+        before anything received is used (a rank at another kind of call is named, not a timeout).
+        masked: shrink mode's mask (low-latency calls only): masked peers' slots come back None."""
         kind = agreement.KINDS[sig.kind]
-        arrived = self.group.exchange([(sig, m) for m in msgs], kind, same_phase=False)
-        agreement.check([s for s, _ in arrived], self.rank)
-        return [m for _, m in arrived]
+        arrived = self.group.exchange([(sig, m) for m in msgs], kind, same_phase=False, masked=masked)
+        agreement.check([a[0] for a in arrived if a is not None], self.rank)
+        return [None if a is None else a[1] for a in arrived]
+
+    def _live(self, r: int) -> bool:
+        return self.mask is None or not self.mask[r]
+
+    # -- shrink mode and reset ----------------------------------------------------------------------------
+    def update_mask(self, rank: int, mask: bool) -> None:
+        self.mask[rank] = 1 if mask else 0
+
+    def query_mask(self) -> np.ndarray:
+        return np.asarray(self.mask, np.int32)
+
+    def clean_mask(self) -> None:
+        self.mask[:] = [0] * self.num_ranks
+
+    def reset(self) -> None:
+        """After a failure (every live rank calls it): a new exchange epoch, call numbers and the low-latency
+        ping-pong index back to 0 on every rank, then a bounded barrier (Group.reset)."""
+        self.group.reset(masked=self.mask)
+        self._seq = 0
+        self._ll_next = 0
+        self._outputs_in_buffer = False
 
     @staticmethod
     def _x_fields(x) -> dict:
@@ -208,8 +232,10 @@ class CpuBackend:
 
         def receive():
             t0 = time.perf_counter_ns()
-            arrived = self._exchange(msgs, sig)
+            arrived = self._exchange(msgs, sig, self.mask)
             waited = time.perf_counter_ns() - t0
+            # Shrink mode: a masked (or newly timed-out) source sends nothing; its count is 0 (DeepEP: -1 -> 0).
+            arrived = [m if m is not None else _empty_message(x, use_fp8, use_ue8m0) for m in arrived]
             res = ref.low_latency_dispatch_recv(arrived, self.rank, self.num_ranks, num_experts, tmax,
                                                 x.shape[1], use_fp8, use_ue8m0)
             slot["res"] = res
@@ -263,10 +289,19 @@ class CpuBackend:
 
         def hook():
             t0 = time.perf_counter_ns()
-            arrived = self._exchange(msgs, sig)
+            arrived = self._exchange(msgs, sig, self.mask)
+            from .interop import BF16
+            arrived = [m if m is not None else ref.LowLatencyMessage(np.zeros(0, np.int32), np.zeros(0, np.int32),
+                                                                    np.zeros((0, handle.hidden), BF16))
+                       for m in arrived]
+            idx = topk_idx
+            if self.mask is not None and any(self.mask):
+                # Shrink mode: a top-k entry whose expert lives on a masked rank adds nothing (as topk_idx == -1).
+                owner = np.where(topk_idx >= 0, topk_idx // (handle.num_experts // self.num_ranks), 0)
+                idx = np.where((topk_idx >= 0) & np.asarray(self.mask, bool)[owner], -1, topk_idx)
             if wait_stats is not None:  # as the dispatch's: the exchange's wait, split evenly over the sources
                 wait_stats[...] += np.int64((time.perf_counter_ns() - t0) // max(1, self.num_ranks))
-            out[...] = ref.low_latency_combine_recv(arrived, topk_idx, topk_weights, self.rank, self.num_ranks,
+            out[...] = ref.low_latency_combine_recv(arrived, idx, topk_weights, self.rank, self.num_ranks,
                                                      handle.num_experts)
             return Event()
 
@@ -276,11 +311,22 @@ class CpuBackend:
         return out, None, None
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts) -> None:
-        """Nothing to reset: every CPU call is complete when it returns."""
+        """Nothing to reset: every CPU call is complete when it returns. In shrink mode a barrier of the unmasked
+        ranks, as DeepEP's clean (a rank that does not arrive in time is masked)."""
+        if self.mask is not None:
+            self.group.exchange([None] * self.num_ranks, "clean_low_latency_buffer", masked=self.mask)
 
     def close(self) -> None:
         self._ll_combine_buffers.clear()
         self._scratch.clear()
+
+
+def _empty_message(x, use_fp8: bool, use_ue8m0: bool) -> ref.LowLatencyMessage:
+    """What a masked source contributes to a low-latency dispatch: no rows."""
+    none = np.zeros(0, np.int32)
+    rows = ref.low_latency_dispatch_send(x[:0], np.zeros((0, 1), np.int64), 0, 1, 1, 1, use_fp8, use_fp8,
+                                         use_ue8m0)[0].rows
+    return ref.LowLatencyMessage(none, none, rows)
 
 
 def _fp8_view(x):

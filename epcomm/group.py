@@ -117,10 +117,10 @@ class _MpiTransport:
     def bcast(self, obj, root: int):
         return self.comm.bcast(obj, root=root)
 
-    def post(self, seq: int, phase: str, objs: list):
-        """Start sending objs[d] to every other rank d; returns what finish_sends() completes."""
+    def post(self, seq, phase: str, objs: list, skip=()):
+        """Start sending objs[d] to every other rank d not in skip; returns what finish_sends() completes."""
         return {d: self._xcomm.isend((seq, phase, objs[d]), dest=d, tag=_EXCHANGE_TAG)
-                for d in range(self.size) if d != self.rank}
+                for d in range(self.size) if d != self.rank and d not in skip}
 
     def poll(self, src: int, seq: int):
         """(seq, phase, obj) of the next exchange message from src, or None while none has arrived."""
@@ -216,9 +216,9 @@ class _TorchTransport:
         self.store.delete_key(key)
         return value
 
-    def post(self, seq, phase: str, objs: list):
+    def post(self, seq, phase: str, objs: list, skip=()):
         for d in range(self.size):
-            if d != self.rank:
+            if d != self.rank and d not in skip:
                 self.store.set(self._key(seq, self.rank, d), pickle.dumps((seq, phase, objs[d]), protocol=5))
         return {}
 
@@ -257,7 +257,9 @@ class Group:
         self.local_rank = self._transport.local_rank
         self.local_size = self._transport.local_size
         self._closed = False
-        self._exchange_seq = 0            # exchange() calls so far (the same on every rank while in step)
+        self._exchange_seq = 0            # exchange() calls so far in this epoch (the same on every rank in step)
+        self._epoch = 0                   # reset() calls so far: messages of an older epoch are stale, dropped
+        self._held: dict = {}             # src -> a message received for another call, read again by the next poll
         self._broken: str | None = None   # why exchange() can no longer be used (after a timeout or desync)
         self._nvshmem_started = False
         self._ipc_opened: list[int] = []
@@ -293,50 +295,86 @@ class Group:
         missing peer and the phase, instead of hanging when a rank never arrives."""
         self.exchange([None] * self.size, phase, timeout_s)
 
-    def exchange(self, objs: list, phase: str, timeout_s: float | None = None, same_phase: bool = True) -> list:
+    def exchange(self, objs: list, phase: str, timeout_s: float | None = None, same_phase: bool = True,
+                 masked: list | None = None) -> list:
         """Bounded alltoall of Python objects: objs[d] goes to rank d; returns what every rank sent here.
 
         Waits at most timeout_s (default EPCOMM_TIMEOUT_S) for the peers. A peer that never arrives, or one that
         is at another call (an earlier call failed on some ranks only), raises CommTimeoutError naming this rank,
-        the peer and the phase; the group's exchange() is unusable from then on (make a new Buffer).
+        the peer and the phase; the group's exchange() is then unusable until every live rank calls reset().
         same_phase=False: a peer at the same call number in another phase is not an error here (the CPU backend's
         call signatures compare the calls themselves and raise ConfigError, epcomm/agreement.py).
+        masked: shrink mode's [size] list of 0/1, changed in place: a masked peer is neither sent to nor waited for
+        (its slot in the result is None), and a peer that times out or is at another call is masked instead of
+        raising (as DeepEP's low-latency kernels with a mask buffer).
         """
         if len(objs) != self.size:
             raise ConfigError(f"objs: expected {self.size} items (one per rank), got {len(objs)}")
         if self._broken is not None:
             raise CommTimeoutError(f"rank {self.rank}: phase {phase}: this group is unusable after an earlier "
-                                   f"failure ({self._broken}); make a new Buffer", rank=self.rank, phase=phase)
+                                   f"failure ({self._broken}); every live rank calls reset() (Buffer.reset), or "
+                                   f"make a new Buffer", rank=self.rank, phase=phase)
         timeout = env("EPCOMM_TIMEOUT_S") if timeout_s is None else float(timeout_s)
         deadline = time.monotonic() + timeout
-        seq = self._exchange_seq
+        seq = (self._epoch, self._exchange_seq)
         self._exchange_seq += 1
-        sends = self._transport.post(seq, phase, objs)
+        skip = {d for d in range(self.size) if masked is not None and masked[d] and d != self.rank}
+        sends = self._transport.post(seq, phase, objs, skip)
         out = [None] * self.size
         out[self.rank] = objs[self.rank]
         # Probe each pending source on its own: a faster peer's NEXT message may already be queued behind this one.
-        pending = [d for d in range(self.size) if d != self.rank]
+        pending = [d for d in range(self.size) if d != self.rank and d not in skip]
         polls = 0
         while pending:
             for src in list(pending):
-                msg = self._transport.poll(src, seq)
+                msg = self._held.pop(src, None) or self._transport.poll(src, seq)
                 if msg is None:
                     continue
                 their_seq, their_phase, obj = msg
+                if their_seq[0] < seq[0]:
+                    continue                           # sent before a reset(): stale, dropped
                 if their_seq != seq or (same_phase and their_phase != phase):
-                    self._broken = f"rank {src} was at call {their_seq} ({their_phase}) during call {seq} ({phase})"
+                    # Kept for the call it belongs to (a peer already in a reset() this rank has not reached).
+                    self._held[src] = msg
+                    why = f"rank {src} was at call {their_seq} ({their_phase}) during call {seq} ({phase})"
+                    pending.remove(src)
+                    if masked is not None:
+                        masked[src] = 1
+                        continue
+                    self._broken = why
                     raise CommTimeoutError(f"rank {self.rank}: waited for rank {src} in phase {phase} (call {seq}) "
                                            f"but it sent phase {their_phase} (call {their_seq}): an earlier call "
-                                           f"failed on some ranks only", self.rank, src, phase, their_seq, seq)
+                                           f"failed on some ranks only", self.rank, src, phase, their_seq[1], seq[1])
                 out[src] = obj
                 pending.remove(src)
             if pending:
+                if time.monotonic() > deadline and masked is not None:
+                    for src in pending:                # shrink mode: a peer that timed out is masked
+                        masked[src] = 1
+                    pending = []
+                    break
                 polls = self._poll_pause(polls, deadline, timeout, pending[0], phase, "receive")
         while sends:
             sends = self._transport.sends_pending(sends)
             if sends:
+                if time.monotonic() > deadline and masked is not None:
+                    for d in sends:
+                        masked[d] = 1
+                    break
                 polls = self._poll_pause(polls, deadline, timeout, next(iter(sends)), phase, "send")
         return out
+
+    def reset(self, timeout_s: float | None = None, masked: list | None = None) -> None:
+        """Make exchange() usable again after a failure: every live rank calls it (the same number of times).
+
+        Starts a new epoch (exchange messages of older epochs, sent to calls that failed or were skipped, are
+        dropped when they turn up), numbers calls from 0 again and ends with a bounded barrier of the new epoch,
+        so that the next exchange() is the same call on every rank. CommTimeoutError if a rank does not arrive
+        (masked peers, in shrink mode, are not waited for)."""
+        self._epoch += 1
+        self._exchange_seq = 0
+        self._broken = None
+        self.exchange([None] * self.size, "reset", timeout_s, masked=None if masked is None else list(masked))
 
     def _poll_pause(self, polls: int, deadline: float, timeout: float, peer: int, phase: str, what: str) -> int:
         """One step of a bounded host poll: spin briefly, then sleep; CommTimeoutError past the deadline."""

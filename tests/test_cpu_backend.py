@@ -324,3 +324,23 @@ def test_cross_rank_agreement_under_mpiexec(num_ranks):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit code {proc.returncode}\n{out}"
     assert re.search(r"^5 passed, 0 failed$", proc.stdout, re.M), out
+
+
+@pytest.mark.mpi
+def test_shrink_mode_under_mpiexec():
+    """DeepEP's --shrink-test scenario on 6 ranks (tests/mpi/shrink_check.py): ranks 1, 3 and 5 stop at their first
+    dispatch, combine and clean; the others mask them on timeout and later results skip them."""
+    proc = _run(6, [str(ROOT / "tests" / "mpi" / "shrink_check.py"), "shrink"], EPCOMM_TIMEOUT_S="3")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{out}"
+    assert re.search(r"^6 passed, 0 failed$", proc.stdout, re.M), out
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_reset_after_timeout_under_mpiexec(num_ranks):
+    """One rank skips a call, the others time out, all reset(), the next calls are correct."""
+    proc = _run(num_ranks, [str(ROOT / "tests" / "mpi" / "shrink_check.py"), "reset"], EPCOMM_TIMEOUT_S="3")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{out}"
+    assert re.search(rf"^{num_ranks} passed, 0 failed$", proc.stdout, re.M), out

@@ -100,8 +100,6 @@ def test_constructor_takes_deepeps_keywords_in_order():
 
 
 def test_unsupported_deepep_options():
-    with pytest.raises(ConfigError, match="enable_shrink"):
-        Buffer(enable_shrink=True, backend="cpu")
     with pytest.raises(ConfigError, match="num_qps_per_rank"):
         Buffer(low_latency_mode=True, num_qps_per_rank=0, backend="cpu")
     # GPU transport switches are documented no-ops on the CPU backend.
@@ -109,8 +107,27 @@ def test_unsupported_deepep_options():
         assert b.backend == "cpu"
         for call in (lambda: b.low_latency_update_mask_buffer(0, True), lambda: b.low_latency_clean_mask_buffer(),
                      lambda: b.low_latency_query_mask_buffer(np.zeros(1, np.int32))):
-            with pytest.raises(ConfigError, match="shrink"):
+            with pytest.raises(ConfigError, match="enable_shrink=True"):
                 call()
+
+
+def test_shrink_mode_one_rank():
+    """enable_shrink=True on the CPU backend: the three mask calls (multi-rank: tests/mpi/shrink_check.py)."""
+    with Buffer(enable_shrink=True, backend="cpu") as b:
+        status = np.full(1, 7, np.int32)
+        b.low_latency_query_mask_buffer(status)
+        assert status.tolist() == [0]
+        b.low_latency_update_mask_buffer(0, True)
+        b.low_latency_query_mask_buffer(status)
+        assert status.tolist() == [1]
+        b.low_latency_clean_mask_buffer()
+        b.low_latency_query_mask_buffer(status)
+        assert status.tolist() == [0]
+        with pytest.raises(ConfigError, match="rank_to_mask"):
+            b.low_latency_update_mask_buffer(1, True)
+        with pytest.raises(ConfigError, match="mask_status"):
+            b.low_latency_query_mask_buffer(np.zeros(2, np.int32))
+        b.reset()                                  # one rank: a barrier of itself
 
 
 def test_module_names():
