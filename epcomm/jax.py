@@ -360,7 +360,10 @@ def cached_dispatch(buffer: Buffer, x, handle: JaxHandle):
     return _cached_dispatch_vjp(bid, handle.num_tokens, handle.num_rows, x, handle.id)
 
 
-# Low-latency pair (bf16 transport; fixed shapes by construction). No autograd, as in epcomm.torch.
+# Low-latency pair (bf16 transport; fixed shapes by construction), with jax.custom_vjp rules: the adjoints of
+# epcomm.torch (see the comment above its _ll_combine_backward). The dispatch's backward is a low-latency combine of
+# the rows' gradient with unit weights; the combine's backward is one host callback running one low-latency dispatch of
+# [grad_out | topk_weights | topk_idx] (bit-exact bf16 pairs) and one low-latency combine of the dot products.
 
 def _cb_ll_dispatch(buffer_id, tmax, num_experts, x, topk_idx):
     recv_x, recv_count, handle, _, _ = _buffer(buffer_id).low_latency_dispatch(
@@ -368,15 +371,132 @@ def _cb_ll_dispatch(buffer_id, tmax, num_experts, x, topk_idx):
     return np.array(recv_x), _np(recv_count, np.int32), _new_handle_id(handle)
 
 
-def _cb_ll_combine(buffer_id, x, topk_idx, topk_weights, hid):
+def _ll_handle(hid) -> LowLatencyHandle:
     handle = handle_of(hid)
     if not isinstance(handle, LowLatencyHandle):
         raise EpcommError(f"handle id {int(hid)}: names a {type(handle).__name__}, not a low-latency dispatch's")
+    return handle
+
+
+def _cb_ll_combine(buffer_id, x, topk_idx, topk_weights, hid):
+    handle = _ll_handle(hid)
     return _np(_buffer(buffer_id).low_latency_combine(_np(x), _np(topk_idx), _np(topk_weights), handle)[0])
 
 
+def _ll_slot_k(src_info, layout_range, slot_idx, rank):
+    """Each slot's k ([E_local, S]; -1 in unused rows): the m-th k of its token whose expert is the slot's, m its
+    position among the rows of (source rank, token) in the expert's block."""
+    e_local, s = src_info.shape
+    begins = (layout_range >> 32).astype(np.int64)
+    rows = np.arange(s)
+    source = (rows[None, :, None] >= begins[:, None, :]).sum(-1) - 1
+    valid = src_info >= 0
+    key = np.where(valid, source * 2 ** 32 + src_info.astype(np.int64), 2 ** 62)
+    first = np.stack([np.searchsorted(key[j], key[j], side="left") for j in range(e_local)]).reshape(e_local, s)
+    m = rows[None, :] - first
+    experts = rank * e_local + np.arange(e_local)
+    match = slot_idx == experts[:, None, None]
+    occ = match.cumsum(-1) - 1
+    sel = match & (occ == m[..., None]) & valid[..., None]
+    return np.where(sel.any(-1), sel.argmax(-1), -1)
+
+
+def _bf16_split3(d):
+    hi = d.astype(BF16)
+    r = d - hi.astype(np.float32)
+    mid = r.astype(BF16)
+    lo = (r - mid.astype(np.float32)).astype(BF16)
+    return hi, mid, lo
+
+
+def _cb_ll_combine_bwd(buffer_id, grad_out, x, topk_idx, topk_weights, hid):
+    """(grad_x [E_local, R*Tmax, H] bf16, grad_topk_weights [T, K] float32) of a low-latency combine."""
+    buf, handle = _buffer(buffer_id), _ll_handle(hid)
+    grad_out, y, topk_idx, topk_weights = _np(grad_out), _np(x), _np(topk_idx), _np(topk_weights, np.float32)
+    t, h = grad_out.shape
+    k = topk_idx.shape[1]
+    rows = np.concatenate([grad_out, topk_weights.view(BF16), _np(topk_idx, np.int32).view(BF16)], 1)
+    rows = np.concatenate([rows, np.zeros((t, -rows.shape[1] % 8), BF16)], 1)
+    recv, _, h2, _, _ = buf.low_latency_dispatch(rows, topk_idx, handle.num_max_dispatch_tokens_per_rank,
+                                                 handle.num_experts, use_fp8=False)
+    recv, src_info, layout_range = np.asarray(recv), np.asarray(h2.src_info), np.asarray(h2.layout_range)
+    if not (np.array_equal(src_info, np.asarray(handle.src_info))
+            and np.array_equal(layout_range, np.asarray(handle.layout_range))):
+        raise EpcommError("low-latency combine backward: the dispatch of the gradient rows laid them out unlike the "
+                          "forward's dispatch (topk_idx differs from the dispatch's?)")
+    g_slot = recv[..., :h].astype(np.float32)
+    w_slot = np.ascontiguousarray(recv[..., h:h + 2 * k]).view(np.float32)
+    idx_slot = np.ascontiguousarray(recv[..., h + 2 * k:h + 4 * k]).view(np.int32)
+    slot_k = _ll_slot_k(src_info, layout_range, idx_slot, buf.rank)
+    used = slot_k >= 0
+    kk = np.maximum(slot_k, 0)
+    w = np.where(used, np.take_along_axis(w_slot, kk[..., None], -1)[..., 0], np.float32(0))
+    grad_y = (w[..., None] * g_slot).astype(BF16)
+    dot = np.where(used, (y.astype(np.float32) * g_slot).sum(-1, dtype=np.float32), np.float32(0))
+    cols = np.zeros(dot.shape + (rows.shape[1],), BF16)
+    e_i, s_i = np.nonzero(used)
+    for p, piece in enumerate(_bf16_split3(dot)):
+        cols[e_i, s_i, 3 * kk[e_i, s_i] + p] = piece[e_i, s_i]
+    ones = np.ones(topk_idx.shape, np.float32)
+    back = np.asarray(buf.low_latency_combine(cols, topk_idx, ones, h2)[0])[:, :3 * k].astype(np.float32)
+    back = back.reshape(t, k, 3)
+    grad_w = (back[..., 0] + back[..., 1]) + back[..., 2]
+    return np.ascontiguousarray(grad_y), np.ascontiguousarray(grad_w, np.float32)
+
+
+def _ll_dispatch_call(bid, tmax, num_experts, e_local, r, x, topk_idx):
+    shapes = (_sds((e_local, r * tmax, x.shape[1]), jnp.bfloat16), _sds((e_local,), jnp.int32), _sds((), jnp.int32))
+    return _ordered(functools.partial(_cb_ll_dispatch, bid, tmax, num_experts), shapes, x, topk_idx)
+
+
+def _ll_combine_call(bid, x, topk_idx, topk_weights, hid):
+    return _ordered(functools.partial(_cb_ll_combine, bid), _sds((topk_idx.shape[0], x.shape[2]), jnp.bfloat16),
+                    x, topk_idx, topk_weights, hid)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _ll_dispatch_vjp(bid, tmax, num_experts, e_local, r, x, topk_idx):
+    return _ll_dispatch_call(bid, tmax, num_experts, e_local, r, x, topk_idx)
+
+
+def _ll_dispatch_fwd(bid, tmax, num_experts, e_local, r, x, topk_idx):
+    out = _ll_dispatch_call(bid, tmax, num_experts, e_local, r, x, topk_idx)
+    return out, (topk_idx, out[2])
+
+
+def _ll_dispatch_bwd(bid, tmax, num_experts, e_local, r, residuals, cotangents):
+    topk_idx, hid = residuals
+    ones = jnp.ones(topk_idx.shape, jnp.float32)
+    grad_x = _ll_combine_call(bid, cotangents[0].astype(jnp.bfloat16), topk_idx, ones, hid)
+    return grad_x, None
+
+
+_ll_dispatch_vjp.defvjp(_ll_dispatch_fwd, _ll_dispatch_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ll_combine_vjp(bid, x, topk_idx, topk_weights, hid):
+    return _ll_combine_call(bid, x, topk_idx, topk_weights, hid)
+
+
+def _ll_combine_fwd(bid, x, topk_idx, topk_weights, hid):
+    return _ll_combine_call(bid, x, topk_idx, topk_weights, hid), (x, topk_idx, topk_weights, hid)
+
+
+def _ll_combine_bwd(bid, residuals, grad_out):
+    x, topk_idx, topk_weights, hid = residuals
+    shapes = (_sds(x.shape, jnp.bfloat16), _sds(topk_weights.shape, jnp.float32))
+    grad_x, grad_w = _ordered(functools.partial(_cb_ll_combine_bwd, bid), shapes, grad_out.astype(jnp.bfloat16), x,
+                              topk_idx, topk_weights, hid)
+    return grad_x, None, grad_w, None
+
+
+_ll_combine_vjp.defvjp(_ll_combine_fwd, _ll_combine_bwd)
+
+
 def low_latency_dispatch(buffer: Buffer, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int):
-    """Low-latency dispatch inside jax.jit (bf16, no hook, no FP8, no autograd). x: [T, H] bf16 with
+    """Low-latency dispatch inside jax.jit (bf16, no hook, no FP8; differentiable in x: its backward is a
+    low-latency combine of the rows' gradient with unit weights). x: [T, H] bf16 with
     T <= num_max_dispatch_tokens_per_rank; topk_idx [T, K] integer. Returns (recv_x [E_local, R*Tmax, H] bf16,
     recv_count [E_local] int32, handle id [] int32)."""
     bid = _buffer_id(buffer)
@@ -386,16 +506,14 @@ def low_latency_dispatch(buffer: Buffer, x, topk_idx, num_max_dispatch_tokens_pe
     if not isinstance(num_experts, int) or num_experts <= 0 or num_experts % r:
         raise ConfigError(f"num_experts: expected a positive multiple of the {r} ranks, got {num_experts!r}")
     tmax = int(num_max_dispatch_tokens_per_rank)
-    e_local = num_experts // r
-    shapes = (_sds((e_local, r * tmax, x.shape[1]), jnp.bfloat16), _sds((e_local,), jnp.int32), _sds((), jnp.int32))
-    return _ordered(functools.partial(_cb_ll_dispatch, bid, tmax, num_experts), shapes, x, topk_idx)
+    return _ll_dispatch_vjp(bid, tmax, num_experts, num_experts // r, r, x, topk_idx)
 
 
 def low_latency_combine(buffer: Buffer, x, topk_idx, topk_weights, handle_id):
     """Low-latency combine inside jax.jit: x [E_local, R*Tmax, H] bf16 expert outputs, topk_idx / topk_weights
-    [T, K] (float32 weights), handle_id from low_latency_dispatch. Returns [T, H] bf16 (no autograd)."""
+    [T, K] (float32 weights), handle_id from low_latency_dispatch. Returns [T, H] bf16. Differentiable in x and
+    topk_weights (the backward: one low-latency dispatch and one low-latency combine, in one ordered callback)."""
     bid = _buffer_id(buffer)
     _check(x, "x", 3, jnp.bfloat16, "an [E_local, R*Tmax, hidden] bfloat16 array")
     _check(topk_weights, "topk_weights", 2, jnp.float32, "a [num_tokens, num_topk] float32 array")
-    return _ordered(functools.partial(_cb_ll_combine, bid), _sds((topk_idx.shape[0], x.shape[2]), jnp.bfloat16),
-                    x, topk_idx, topk_weights, handle_id)
+    return _ll_combine_vjp(bid, x, topk_idx, topk_weights, handle_id)

@@ -366,7 +366,90 @@ def _backward_cached_dispatch(ctx, grad):
 _op_cached_dispatch.register_autograd(_backward_cached_dispatch, setup_context=_setup_cached_dispatch)
 
 
-# Low-latency pair (bf16 transport; fixed shapes by construction). No autograd (see docs/frameworks.md).
+# Low-latency pair (bf16 transport; fixed shapes by construction), with autograd (bf16 only; no FP8, no hooks).
+#
+# Adjoints (epcomm.reference): the dispatch copies x[t] into the slot (expert e, row s) of every (t, k) with
+# topk_idx[t, k] = e, so its adjoint sums those slots back: grad_x[t] = sum_k grad_recv_x[slot(t, k)], a low-latency
+# combine of grad_recv_x with unit weights (the slots of other tokens and unused rows get nothing). The combine is
+# out[t] = sum_k w[t, k] * y[slot(t, k)], so grad_y[slot(t, k)] = w[t, k] * grad_out[t] (0 in unused rows) and
+# grad_w[t, k] = <y[slot(t, k)], grad_out[t]>. Both need, on the expert side, each slot's k: one low-latency dispatch
+# of [grad_out[t] | topk_weights[t] | topk_idx[t]] (the last two as bit-exact bf16 pairs) brings grad_out[t], the
+# weights and the expert ids to every slot of t; the slot's k is the m-th k of t with topk_idx = its expert, m its
+# position among the slots of (source rank, t) in that expert's block (rows of a token repeating an expert pair with
+# its k's in order, as in the combine). The dot products go back by one low-latency combine with unit weights (with
+# that dispatch's handle) of rows holding each dot product as three bf16 pieces (hi + mid + lo == the float32
+# exactly) in columns 3k..3k+2: each column gets one nonzero term, so the combine's float32 sum and bf16 rounding
+# leave the pieces exact.
+
+def _pad_cols(a, mult=8):
+    pad = -a.shape[-1] % mult
+    return a if not pad else torch.cat([a, a.new_zeros(a.shape[:-1] + (pad,))], -1)
+
+
+def _bf16_split3(d):
+    """float32 d as three bf16 pieces with hi + mid + lo == d exactly (in that order, in float32)."""
+    hi = d.to(torch.bfloat16)
+    r = d - hi.float()
+    mid = r.to(torch.bfloat16)
+    lo = (r - mid.float()).to(torch.bfloat16)
+    return hi, mid, lo
+
+
+def _ll_slot_k(src_info, layout_range, slot_idx, rank):
+    """Each slot's k ([E_local, S] int64; -1 in unused rows) from the expert ids of its token (slot_idx
+    [E_local, S, K], topk_idx[t] as dispatched to the slot)."""
+    e_local, s = src_info.shape
+    num_ranks = layout_range.shape[1]
+    begins = (layout_range >> 32).long()
+    rows = torch.arange(s, device=src_info.device)
+    source = (rows[None, :, None] >= begins[:, None, :]).sum(-1) - 1          # [E_local, S] source rank of the row
+    valid = src_info >= 0
+    key = torch.where(valid, source * (2 ** 32) + src_info.long(), torch.full_like(source, 2 ** 62))
+    first = torch.searchsorted(key.contiguous(), key.contiguous(), side="left")  # first row of (source, t) in block
+    m = rows[None, :] - first                                                   # occurrence of the expert in t
+    experts = rank * e_local + torch.arange(e_local, device=src_info.device)
+    match = slot_idx == experts[:, None, None]
+    occ = match.long().cumsum(-1) - 1
+    sel = match & (occ == m[..., None]) & valid[..., None]
+    k = torch.where(sel.any(-1), sel.long().argmax(-1), torch.full_like(m, -1))
+    del num_ranks
+    return k
+
+
+def _ll_combine_backward(buffer, handle, grad_out, y, topk_idx, topk_weights):
+    """(grad_y [E_local, R*Tmax, H] bf16, grad_w [T, K] float32) of out = low_latency_combine(y, topk_idx, w, handle)."""
+    t, h = grad_out.shape
+    k = topk_idx.shape[1]
+    rows = torch.cat([grad_out.to(torch.bfloat16), topk_weights.float().contiguous().view(torch.bfloat16),
+                      topk_idx.to(torch.int32).contiguous().view(torch.bfloat16)], 1)
+    rows = _pad_cols(rows).contiguous()
+    recv, _, h2, _, _ = buffer.low_latency_dispatch(rows, topk_idx, handle.num_max_dispatch_tokens_per_rank,
+                                                    handle.num_experts, use_fp8=False)
+    src_info, layout_range = torch.as_tensor(h2.src_info), torch.as_tensor(h2.layout_range)
+    if not (torch.equal(src_info.cpu(), torch.as_tensor(handle.src_info).cpu())
+            and torch.equal(layout_range.cpu(), torch.as_tensor(handle.layout_range).cpu())):
+        raise EpcommError("low-latency combine backward: the dispatch of the gradient rows laid them out unlike the "
+                          "forward's dispatch (topk_idx differs from the dispatch's?)")
+    g_slot = recv[..., :h].float()
+    w_slot = recv[..., h:h + 2 * k].contiguous().view(torch.float32)
+    idx_slot = recv[..., h + 2 * k:h + 4 * k].contiguous().view(torch.int32)
+    slot_k = _ll_slot_k(src_info, layout_range, idx_slot, buffer.rank)
+    used = slot_k >= 0
+    kk = slot_k.clamp(min=0)
+    w = torch.where(used, torch.gather(w_slot, -1, kk[..., None])[..., 0], 0.0)
+    grad_y = (w[..., None] * g_slot).to(torch.bfloat16)
+    dot = torch.where(used, (y.float() * g_slot).sum(-1), 0.0)
+    pieces = torch.stack(_bf16_split3(dot), -1)                                 # [E_local, S, 3]
+    cols = torch.zeros(dot.shape + (k, 3), dtype=torch.bfloat16, device=dot.device)
+    onehot = torch.nn.functional.one_hot(kk, k).bool() & used[..., None]
+    cols = torch.where(onehot[..., None], pieces[..., None, :], cols).flatten(-2)
+    # The combine takes rows as wide as its dispatch's (the handle's hidden): 3K <= H + 4K columns, zeros after.
+    cols = torch.cat([cols, cols.new_zeros(cols.shape[:-1] + (rows.shape[1] - 3 * k,))], -1).contiguous()
+    ones = torch.ones(topk_idx.shape, dtype=torch.float32, device=grad_out.device)
+    back = buffer.low_latency_combine(cols, topk_idx, ones, h2)[0][:, :3 * k].float().view(t, k, 3)
+    grad_w = (back[..., 0] + back[..., 1]) + back[..., 2]
+    return grad_y, grad_w
+
 
 @torch.library.custom_op("epcomm::low_latency_dispatch", mutates_args=())
 def _op_ll_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, buffer_id: int, num_max_dispatch_tokens_per_rank: int,
@@ -397,13 +480,64 @@ def _(x, topk_idx, topk_weights, handle_id, buffer_id):
     return x.new_empty((topk_idx.shape[0], x.shape[2]))
 
 
+@torch.library.custom_op("epcomm::low_latency_combine_backward", mutates_args=())
+def _op_ll_combine_backward(grad_out: torch.Tensor, x: torch.Tensor, topk_idx: torch.Tensor,
+                            topk_weights: torch.Tensor, handle_id: torch.Tensor, buffer_id: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x [E_local, R*Tmax, H] bf16, grad_topk_weights [T, K] float32) of a low-latency combine: one low-latency
+    dispatch and one low-latency combine (see _ll_combine_backward)."""
+    handle = handle_of(handle_id)
+    return _ll_combine_backward(_buffer(buffer_id), handle, grad_out.detach().to(torch.bfloat16).contiguous(),
+                                x.detach(), topk_idx, topk_weights.detach())
+
+
+@_op_ll_combine_backward.register_fake
+def _(grad_out, x, topk_idx, topk_weights, handle_id, buffer_id):
+    return x.new_empty(x.shape), topk_weights.new_empty(topk_weights.shape, dtype=torch.float32)
+
+
+def _setup_ll_dispatch(ctx, inputs, output):
+    x, topk_idx, buffer_id = inputs[:3]
+    ctx.buffer_id = buffer_id
+    ctx.save_for_backward(topk_idx, output[2])
+
+
+def _backward_ll_dispatch(ctx, grad_recv_x, _grad_count, _grad_id):
+    topk_idx, hid = ctx.saved_tensors
+    ones = torch.ones(topk_idx.shape, dtype=torch.float32, device=topk_idx.device)
+    grad_x = torch.ops.epcomm.low_latency_combine(grad_recv_x.to(torch.bfloat16).contiguous(), topk_idx, ones, hid,
+                                                  ctx.buffer_id)
+    return grad_x, None, None, None, None
+
+
+_op_ll_dispatch.register_autograd(_backward_ll_dispatch, setup_context=_setup_ll_dispatch)
+
+
+def _setup_ll_combine(ctx, inputs, output):
+    x, topk_idx, topk_weights, handle_id, buffer_id = inputs
+    ctx.buffer_id = buffer_id
+    ctx.save_for_backward(x, topk_idx, topk_weights, handle_id)
+
+
+def _backward_ll_combine(ctx, grad_out):
+    x, topk_idx, topk_weights, hid = ctx.saved_tensors
+    grad_x, grad_w = torch.ops.epcomm.low_latency_combine_backward(grad_out, x, topk_idx, topk_weights, hid,
+                                                                   ctx.buffer_id)
+    return grad_x, None, grad_w, None, None
+
+
+_op_ll_combine.register_autograd(_backward_ll_combine, setup_context=_setup_ll_combine)
+
+
 def low_latency_dispatch(buffer: Buffer, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int):
-    """Low-latency dispatch as a custom op (bf16, no hook, no FP8; compiles without a graph break; no autograd).
+    """Low-latency dispatch as a custom op (bf16, no hook, no FP8; compiles without a graph break). Differentiable
+    in x: the backward is a low-latency combine of the rows' gradient with unit weights.
     Returns (recv_x [E_local, R*Tmax, H] bf16, recv_count [E_local] int32, handle id tensor)."""
     return torch.ops.epcomm.low_latency_dispatch(x, topk_idx, register_buffer(buffer),
                                                  num_max_dispatch_tokens_per_rank, num_experts)
 
 
 def low_latency_combine(buffer: Buffer, x, topk_idx, topk_weights, handle_id):
-    """Low-latency combine as a custom op: [T, H] bf16 (no autograd)."""
+    """Low-latency combine as a custom op: [T, H] bf16. Differentiable in x and topk_weights (the backward is
+    torch.ops.epcomm.low_latency_combine_backward: one low-latency dispatch and one low-latency combine)."""
     return torch.ops.epcomm.low_latency_combine(x, topk_idx, topk_weights, handle_id, register_buffer(buffer))

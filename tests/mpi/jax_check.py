@@ -234,6 +234,96 @@ def case_finite_differences(buf, comm, rank, R, seed, T, E, worst, probes=4):
         raise AssertionError("; ".join(wrong[:4]))
 
 
+LL_TMAX = 8
+
+
+def ll_inputs(seed, R, E, T, exact, repeats):
+    """inputs() for the low-latency pair; repeats: some tokens send two of their k's to one expert."""
+    data = inputs(seed, R, E, T, exact)
+    if repeats:
+        for a in data:
+            a[1][::3, 1] = a[1][::3, 0]
+    return data
+
+
+def ll_scale(E):
+    """The stand-in low-latency expert: global expert e multiplies its rows by 1 + e % 3 (exact in bf16)."""
+    return 1 + jnp.arange(E, dtype=jnp.float32) % 3
+
+
+def ll_loss(buf, E, R):
+    e_local = E // R
+
+    def f(x, idx, w, gx):
+        recv_x, _, hid = epj.low_latency_dispatch(buf, x, idx, LL_TMAX, E)
+        c = ll_scale(E)[buf.rank * e_local:(buf.rank + 1) * e_local]
+        y = (recv_x.astype(jnp.float32) * c[:, None, None]).astype(jnp.bfloat16)
+        return (epj.low_latency_combine(buf, y, idx, w, hid).astype(jnp.float32) * gx).sum()
+    return f
+
+
+def ll_reference_loss(data, E, xs, ws):
+    """Every rank's low-latency step densely: out[t] = bf16(sum over k of w[t, k] * bf16(x[t] * c[topk_idx[t, k]]))."""
+    c = ll_scale(E)
+    total = 0.0
+    for a, x, w in zip(data, xs, ws):
+        idx, gx = jnp.asarray(a[1]), jnp.asarray(a[3])
+        acc = jnp.zeros(x.shape, jnp.float32)
+        for k in range(idx.shape[1]):
+            y = (x.astype(jnp.float32) * c[jnp.maximum(idx[:, k], 0)][:, None]).astype(jnp.bfloat16)
+            acc = acc + jnp.where(idx[:, k:k + 1] >= 0, w[:, k:k + 1] * y.astype(jnp.float32), 0.0)
+        total = total + (acc.astype(jnp.bfloat16).astype(jnp.float32) * gx).sum()
+    return total
+
+
+def case_ll_grad_vs_reference(buf, rank, R, seed, T, E, repeats):
+    data = ll_inputs(seed, R, E, T, False, repeats)
+    x, idx, w, gx, _ = (jnp.asarray(a) for a in data[rank])
+    gx_, gw_ = jax.jit(jax.grad(ll_loss(buf, E, R), argnums=(0, 2)))(x, idx, w, gx)
+    xs, ws = [jnp.asarray(a[0]) for a in data], [jnp.asarray(a[2]) for a in data]
+    rx, rw = jax.grad(lambda xs, ws: ll_reference_loss(data, E, xs, ws), argnums=(0, 1))(xs, ws)
+    np.testing.assert_allclose(np.asarray(gx_, np.float32), np.asarray(rx[rank], np.float32), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(gw_), np.asarray(rw[rank]), rtol=1e-4, atol=1e-4)
+
+
+def case_ll_grad_jit_vs_eager(buf, rank, R, seed, T, E, repeats):
+    x, idx, w, gx, _ = (jnp.asarray(a) for a in ll_inputs(seed, R, E, T, False, repeats)[rank])
+    f = jax.grad(ll_loss(buf, E, R), argnums=(0, 2))
+    got, want = jax.jit(f)(x, idx, w, gx), f(x, idx, w, gx)
+    assert_equal("grad x", got[0], want[0])
+    assert_equal("grad topk_weights", got[1], want[1])
+
+
+def case_ll_finite_differences(buf, comm, rank, R, seed, T, E, repeats, probes=4):
+    """As case_finite_differences, through low_latency_dispatch -> expert -> low_latency_combine."""
+    x, idx, w, gx, _ = ll_inputs(seed, R, E, T, True, repeats)[rank]
+    loss = jax.jit(ll_loss(buf, E, R))
+    gxa, gwa = (np.asarray(a, np.float64) for a in jax.jit(jax.grad(ll_loss(buf, E, R), argnums=(0, 2)))(
+        x, idx, w, gx))
+
+    def total(x, w):
+        return comm.allreduce(float(loss(x, idx, w, gx)))
+
+    base = total(x, w)
+    g = np.random.default_rng(seed + 7)
+    wrong = []
+    for src in range(R):
+        for _ in range(probes):
+            t, h, k = (int(g.integers(0, n)) for n in (T, H, K))
+            xp, wp = x.copy(), w.copy()
+            if rank == src:
+                xp[t, h] += 1
+                wp[t, k] += 0.25
+            fd = total(xp, w) - base
+            if rank == src and fd != gxa[t, h]:
+                wrong.append(f"d loss / d x[{t}, {h}] of rank {src}: jax.grad {gxa[t, h]}, finite difference {fd}")
+            fd = (total(x, wp) - base) * 4
+            if rank == src and fd != gwa[t, k]:
+                wrong.append(f"d loss / d w[{t}, {k}] of rank {src}: jax.grad {gwa[t, k]}, finite difference {fd}")
+    if wrong:
+        raise AssertionError("; ".join(wrong[:4]))
+
+
 def main() -> int:
     comm = MPI.COMM_WORLD
     rank, R = comm.rank, comm.size
@@ -249,6 +339,13 @@ def main() -> int:
         cases.run(f"grad vs JAX reference T={T}", case_grad_vs_reference, buf, rank, R, 20 + T, T, E, max(T, 1) * R)
     cases.run("grad jit vs eager (dispatch/combine/cached)", case_grad_jit_vs_eager, buf, rank, R, 30, 8, E, 8 * R)
     cases.run("grad vs finite differences T=6", case_finite_differences, buf, comm, rank, R, 60, 6, E, 6 * R)
+    for T, repeats in ((6, False), (8, True), (1, False), (0, False)):
+        cases.run(f"low-latency grad vs JAX reference T={T} repeats={repeats}", case_ll_grad_vs_reference, buf,
+                  rank, R, 70 + T, T, E, repeats)
+    cases.run("low-latency grad jit vs eager", case_ll_grad_jit_vs_eager, buf, rank, R, 80, 8, E, True)
+    for T, repeats in ((6, False), (6, True)):
+        cases.run(f"low-latency grad vs finite differences T={T} repeats={repeats}", case_ll_finite_differences,
+                  buf, comm, rank, R, 90 + T, T, E, repeats)
     code = cases.finish()
     buf.destroy()
     return code

@@ -184,6 +184,107 @@ def case_low_latency_compile(buf, rank, R, seed, E):
         raise AssertionError("compiled low-latency pair differs from eager")
 
 
+LL_TMAX = 8
+
+
+def ll_inputs(seed, R, E, T, exact, repeats):
+    """inputs() for the low-latency pair; repeats: some tokens send two of their k's to one expert."""
+    data = inputs(seed, R, E, T, exact)
+    if repeats:
+        for x, idx, w, gx, gw in data:
+            idx[::3, 1] = idx[::3, 0]
+    return data
+
+
+def ll_scale(E):
+    """The stand-in low-latency expert: global expert e multiplies its rows by 1 + e % 3 (exact in bf16)."""
+    return 1 + torch.arange(E).float() % 3
+
+
+def ll_expert(recv_x, rank, E, R):
+    e_local = E // R
+    c = ll_scale(E)[rank * e_local:(rank + 1) * e_local]
+    return (recv_x.float() * c[:, None, None]).to(torch.bfloat16)
+
+
+def ll_step(buf, x, idx, w, E, R):
+    recv_x, _, handle = ept.low_latency_dispatch(buf, x, idx, LL_TMAX, E)
+    return ept.low_latency_combine(buf, ll_expert(recv_x, buf.rank, E, R), idx, w, handle)
+
+
+def ll_reference_out(x, idx, w, E):
+    """One rank's low-latency dispatch -> expert -> combine, densely (epcomm.reference's semantics): out[t] =
+    bf16(sum over k in order of w[t, k] * bf16(x[t] * c[topk_idx[t, k]])), float32 sums."""
+    c = ll_scale(E)
+    acc = torch.zeros(x.shape[0], x.shape[1])
+    for k in range(idx.shape[1]):
+        valid = idx[:, k] >= 0
+        y = (x.float() * c[idx[:, k].clamp(min=0)][:, None]).to(torch.bfloat16).float()
+        acc = acc + torch.where(valid[:, None], w[:, k:k + 1] * y, 0.0)
+    return acc.to(torch.bfloat16)
+
+
+def case_ll_vs_torch_reference(buf, rank, R, seed, T, E, repeats):
+    data = ll_inputs(seed, R, E, T, False, repeats)
+    x, idx, w, gx, _ = data[rank]
+    xl, wl = leaf(x), leaf(w)
+    (ll_step(buf, xl, idx, wl, E, R).float() * gx).sum().backward()
+    ref = [(leaf(a[0]), a[1], leaf(a[2]), a[3]) for a in data]
+    sum((ll_reference_out(a[0], a[1], a[2], E).float() * a[3]).sum() for a in ref).backward()
+    torch.testing.assert_close(xl.grad.float(), ref[rank][0].grad.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(wl.grad, ref[rank][2].grad, rtol=1e-4, atol=1e-4)
+
+
+def ll_total_loss(buf, x, idx, w, gx, E, R):
+    with torch.no_grad():
+        loss = (ll_step(buf, x, idx, w, E, R).float() * gx).sum().double().reshape(1)
+    dist.all_reduce(loss)
+    return float(loss)
+
+
+def case_ll_finite_differences(buf, rank, R, seed, T, E, repeats, probes=4):
+    """As case_finite_differences, through low_latency_dispatch -> expert -> low_latency_combine."""
+    x, idx, w, gx, _ = ll_inputs(seed, R, E, T, True, repeats)[rank]
+    xl, wl = leaf(x), leaf(w)
+    (ll_step(buf, xl, idx, wl, E, R).float() * gx).sum().backward()
+    base = ll_total_loss(buf, x, idx, w, gx, E, R)
+    g = torch.Generator().manual_seed(seed + 7)
+    wrong = []
+    for src in range(R):
+        for _ in range(probes):
+            t, h, k = (int(torch.randint(0, n, (1,), generator=g)) for n in (T, H, K))
+            xp, wp = x.clone(), w.clone()
+            if rank == src:
+                xp[t, h] += 1
+                wp[t, k] += 0.25
+            fd = ll_total_loss(buf, xp, idx, w, gx, E, R) - base
+            if rank == src and fd != float(xl.grad[t, h]):
+                wrong.append(f"d loss / d x[{t}, {h}] of rank {src}: autograd {float(xl.grad[t, h])}, fd {fd}")
+            fd = (ll_total_loss(buf, x, idx, wp, gx, E, R) - base) * 4
+            if rank == src and fd != float(wl.grad[t, k]):
+                wrong.append(f"d loss / d w[{t}, {k}] of rank {src}: autograd {float(wl.grad[t, k])}, fd {fd}")
+    if wrong:
+        raise AssertionError("; ".join(wrong[:4]))
+
+
+def case_ll_compile_backward(buf, rank, R, seed, E):
+    """torch.compile(fullgraph=True) of the low-latency pair, forward and backward bit for bit against eager."""
+    x, idx, w, gx, _ = inputs(seed, R, E, 6, exact=False)[rank]
+
+    def step(x, idx, w):
+        return ll_step(buf, x, idx, w, E, R)
+
+    results = []
+    for fn in (torch.compile(step, fullgraph=True, backend="aot_eager"), step):
+        xl, wl = leaf(x), leaf(w)
+        out = fn(xl, idx, wl)
+        (out.float() * gx).sum().backward()
+        results.append((out, xl.grad, wl.grad))
+    for name, a, b in zip(("combined", "x.grad", "w.grad"), *results):
+        if not torch.equal(a, b):
+            raise AssertionError(f"{name}: compiled differs from eager")
+
+
 def case_plain_api_refuses_grad(buf, E):
     x = torch.zeros(4, H, dtype=torch.bfloat16, requires_grad=True)
     idx = torch.zeros(4, K, dtype=torch.int64)
@@ -213,6 +314,13 @@ def main() -> int:
                   T, E, worst)
     cases.run("torch.compile fullgraph dispatch/combine/cached", case_compile, buf, rank, R, 30, 8, E, 8 * R)
     cases.run("torch.compile fullgraph low-latency pair", case_low_latency_compile, buf, rank, R, 40, E)
+    for T, repeats in ((6, False), (8, True), (1, False), (0, False)):
+        cases.run(f"low-latency grad vs torch reference T={T} repeats={repeats}", case_ll_vs_torch_reference, buf,
+                  rank, R, 50 + T, T, E, repeats)
+    for T, repeats in ((6, False), (6, True)):
+        cases.run(f"low-latency grad vs finite differences T={T} repeats={repeats}", case_ll_finite_differences,
+                  buf, rank, R, 60 + T, T, E, repeats)
+    cases.run("torch.compile fullgraph low-latency backward", case_ll_compile_backward, buf, rank, R, 70, E)
     cases.run("plain API refuses requires-grad inputs", case_plain_api_refuses_grad, buf, E)
     code = cases.finish()
     buf.destroy()
