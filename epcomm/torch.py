@@ -412,7 +412,6 @@ def _ll_slot_k(src_info, layout_range, slot_idx, rank):
     occ = match.long().cumsum(-1) - 1
     sel = match & (occ == m[..., None]) & valid[..., None]
     k = torch.where(sel.any(-1), sel.long().argmax(-1), torch.full_like(m, -1))
-    del num_ranks
     return k
 
 
