@@ -399,7 +399,6 @@ def _ll_slot_k(src_info, layout_range, slot_idx, rank):
     """Each slot's k ([E_local, S] int64; -1 in unused rows) from the expert ids of its token (slot_idx
     [E_local, S, K], topk_idx[t] as dispatched to the slot)."""
     e_local, s = src_info.shape
-    num_ranks = layout_range.shape[1]
     begins = (layout_range >> 32).long()
     rows = torch.arange(s, device=src_info.device)
     source = (rows[None, :, None] >= begins[:, None, :]).sum(-1) - 1          # [E_local, S] source rank of the row
