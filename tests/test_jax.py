@@ -97,7 +97,7 @@ def test_jax_check_under_mpiexec():
     proc = _run(2, [str(ROOT / "tests" / "mpi" / "jax_check.py")], OMP_NUM_THREADS="1", JAX_PLATFORMS="cpu")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-20000:]
-    assert "11 passed, 0 failed, 0 skipped" in proc.stdout, out[-20000:]
+    assert "18 passed, 0 failed, 0 skipped" in proc.stdout, out[-20000:]
 
 
 @needs_jax
