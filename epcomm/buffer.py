@@ -625,11 +625,21 @@ _op_ids = itertools.count(1)
 _buffers_by_op_id: "weakref.WeakValueDictionary[int, Buffer]" = weakref.WeakValueDictionary()
 
 
+def buffer_by_op_id(bid: int, who: str) -> Buffer:
+    """The live Buffer whose op id is bid (epcomm.torch's custom ops and epcomm.jax's callbacks name Buffers by it);
+    EpcommError naming `who` once it was garbage-collected."""
+    buf = _buffers_by_op_id.get(int(bid))
+    if buf is None:
+        raise EpcommError(f"{who}: no live Buffer has op id {bid} (it was garbage-collected)")
+    return buf
+
+
 def _check_no_grad(a, name: str) -> None:
     """A torch tensor that requires grad, passed while autograd records, would come back with its gradient silently
     cut (the plain API has no backward): refuse it and name the wrappers that have one. Under torch.no_grad(), or
     with .detach(), the call is the caller's explicit choice and goes through."""
-    if type(a).__module__.split(".")[0] != "torch" or not getattr(a, "requires_grad", False):
+    module = type(a).__module__
+    if not (module == "torch" or module.startswith("torch.")) or not getattr(a, "requires_grad", False):
         return
     import torch
     if torch.is_grad_enabled():

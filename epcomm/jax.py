@@ -49,11 +49,8 @@ _handles: "collections.OrderedDict[int, object]" = collections.OrderedDict()
 
 
 def _buffer(bid: int) -> Buffer:
-    from .buffer import _buffers_by_op_id
-    buf = _buffers_by_op_id.get(int(bid))
-    if buf is None:
-        raise EpcommError(f"epcomm.jax: no live Buffer has op id {bid} (it was garbage-collected)")
-    return buf
+    from .buffer import buffer_by_op_id
+    return buffer_by_op_id(bid, "epcomm.jax")
 
 
 def _new_handle_id(handle) -> np.ndarray:

@@ -207,11 +207,8 @@ def register_buffer(buffer: Buffer) -> int:
 
 
 def _buffer(bid: int) -> Buffer:
-    from .buffer import _buffers_by_op_id
-    buf = _buffers_by_op_id.get(int(bid))
-    if buf is None:
-        raise EpcommError(f"epcomm.torch: no live Buffer has op id {bid} (it was garbage-collected)")
-    return buf
+    from .buffer import buffer_by_op_id
+    return buffer_by_op_id(bid, "epcomm.torch")
 
 
 def _new_handle_id(handle) -> torch.Tensor:
