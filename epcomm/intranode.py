@@ -83,6 +83,19 @@ def zero_copy_split(data_bytes: int) -> int:
     return data_bytes // 2 // 4096 * 4096
 
 
+def recv_layout(data_bytes: int, row_bytes: int, num_scales: int, num_topk: int, zero_copy: bool) -> RecvLayout:
+    """A dispatch's receive layout in a data region of data_bytes (zero_copy: below zero_copy_split)."""
+    area = zero_copy_split(data_bytes) if zero_copy else data_bytes
+    return RecvLayout.plan(area, row_bytes, num_scales, num_topk)
+
+
+def combine_layout(data_bytes: int, hidden: int, num_topk: int, outputs_in_buffer: bool) -> CombineLayout:
+    """Where a combine stages its rows: above zero_copy_split while a zero-copy dispatch's outputs live in the
+    buffer, else from the start of the data region."""
+    base = zero_copy_split(data_bytes) if outputs_in_buffer else 0
+    return CombineLayout.plan(data_bytes, hidden, num_topk, base)
+
+
 def nvl_buffer_size_hint(num_max_tokens: int, hidden_bytes: int, num_ranks: int, num_topk: int = 16,
                          zero_copy: bool = False) -> int:
     """Bytes for the worst case: every rank sends all num_max_tokens tokens here (R * T rows of dispatch data,

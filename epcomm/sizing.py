@@ -21,18 +21,16 @@ def _data_bytes(num_nvl_bytes: int, num_ranks: int) -> int:
 def dispatch_capacity(num_nvl_bytes: int, num_ranks: int, row_bytes: int, num_scales: int, num_topk: int,
                       zero_copy: bool = False) -> int:
     """Rows one dispatch may receive on a rank (intranode.RecvLayout; zero_copy: below zero_copy_split)."""
-    data = _data_bytes(num_nvl_bytes, num_ranks)
-    area = intra.zero_copy_split(data) if zero_copy else data
-    return intra.RecvLayout.plan(area, row_bytes, num_scales, num_topk).capacity_rows
+    return intra.recv_layout(_data_bytes(num_nvl_bytes, num_ranks), row_bytes, num_scales, num_topk,
+                             zero_copy).capacity_rows
 
 
 def combine_capacity(num_nvl_bytes: int, num_ranks: int, hidden: int, num_topk: int,
                      outputs_in_buffer: bool = False) -> int:
     """Rows one combine may stage on a rank (intranode.CombineLayout; above zero_copy_split while a zero-copy
     dispatch's outputs live in the buffer)."""
-    data = _data_bytes(num_nvl_bytes, num_ranks)
-    base = intra.zero_copy_split(data) if outputs_in_buffer else 0
-    return intra.CombineLayout.plan(data, hidden, num_topk, base).capacity_rows
+    return intra.combine_layout(_data_bytes(num_nvl_bytes, num_ranks), hidden, num_topk,
+                                outputs_in_buffer).capacity_rows
 
 
 def smallest_nvl_bytes(capacity, rows: int, num_ranks: int) -> int:

@@ -97,8 +97,7 @@ class IntranodeGpu:
                            f"{', zero_copy=True' if zero_copy else ''}) for your largest batch).")
 
     def _recv_layout(self, row_bytes, num_scales, num_topk, zero_copy) -> plan.RecvLayout:
-        area = plan.zero_copy_split(self.data_bytes) if zero_copy else self.data_bytes
-        return plan.RecvLayout.plan(area, row_bytes, num_scales, num_topk)
+        return plan.recv_layout(self.data_bytes, row_bytes, num_scales, num_topk, zero_copy)
 
     @staticmethod
     def _check_zero_copy_rows(lay, rows, zero_copy) -> None:
@@ -250,10 +249,8 @@ class IntranodeGpu:
 
     # -- combine -------------------------------------------------------------------------------------------
     def _combine_layout(self, handle: DispatchHandle, k: int, what: str) -> plan.CombineLayout:
-        """Where combine stages its rows: above zero_copy_split while the latest dispatch's outputs live in the
-        buffer, else from the start of the data region."""
-        base = plan.zero_copy_split(self.data_bytes) if self.outputs_in_buffer else 0
-        lay = plan.CombineLayout.plan(self.data_bytes, handle.hidden, k, base)
+        """The staging layout of a combine of handle (intranode.combine_layout), checked to hold its rows."""
+        lay = plan.combine_layout(self.data_bytes, handle.hidden, k, self.outputs_in_buffer)
         rows = handle.num_rows
         if rows > lay.capacity_rows:
             hint = ", zero_copy=True" if self.outputs_in_buffer else ""
