@@ -7,6 +7,7 @@ type.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import warnings
@@ -276,7 +277,7 @@ class Buffer:
         xin = self._in_x(x)
         data, scales = v.check_dispatch_x(xin)
         t, h = data.shape
-        config = config or Config(num_sms=Buffer.num_sms)
+        config = config or _default_config(Buffer.num_sms)
         if not isinstance(config, Config):
             raise ConfigError(f"config: expected an epcomm.Config, got {type(config).__name__}")
         ctx = self._ctx(x[0] if isinstance(x, tuple) else x, previous_event, async_finish, allocate_on_comm_stream)
@@ -373,7 +374,7 @@ class Buffer:
         if bias is not None:
             items = bias if isinstance(bias, tuple) else (bias,)
             biases = v.check_bias(tuple(self._in(b, "bias") for b in items), handle.num_tokens, handle.hidden)
-        config = config or Config(num_sms=Buffer.num_sms)
+        config = config or _default_config(Buffer.num_sms)
         ctx = self._ctx(like, previous_event, async_finish, allocate_on_comm_stream)
         combined, combined_w, ev = self._run(
             lambda: self._backend.combine(xin, handle, w, biases, config, ctx, bool(zero_copy)), ctx)
@@ -623,6 +624,12 @@ class Buffer:
 
 _op_ids = itertools.count(1)
 _buffers_by_op_id: "weakref.WeakValueDictionary[int, Buffer]" = weakref.WeakValueDictionary()
+
+
+@functools.lru_cache(maxsize=16)
+def _default_config(num_sms: int) -> Config:
+    """The Config of a call that passes none (Configs are frozen: one per SM count, not one per call)."""
+    return Config(num_sms=num_sms)
 
 
 def buffer_by_op_id(bid: int, who: str) -> Buffer:

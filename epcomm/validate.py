@@ -36,12 +36,13 @@ def fail(name: str, expected: str, a=None, extra: str = "") -> None:
 
 def check_array(a, name: str, shape: tuple, dtype, expected: str, contiguous: bool = True):
     """shape entries: an int, or None for 'any'. dtype: one dtype or a tuple of allowed dtypes."""
-    if a is None or not hasattr(a, "shape") or not hasattr(a, "dtype"):
+    adt = getattr(a, "dtype", None)
+    ashape = getattr(a, "shape", None)
+    if a is None or adt is None or ashape is None:
         fail(name, expected, a)
-    dts = dtype if isinstance(dtype, tuple) else (dtype,)
-    if np.dtype(a.dtype) not in [np.dtype(d) for d in dts]:
+    if not (any(adt == d for d in dtype) if isinstance(dtype, tuple) else adt == dtype):
         fail(name, expected, a)
-    if len(a.shape) != len(shape) or any(s is not None and s != g for s, g in zip(shape, a.shape)):
+    if len(ashape) != len(shape) or any(s is not None and s != g for s, g in zip(shape, ashape)):
         fail(name, expected, a)
     if contiguous and not a.flags.c_contiguous:
         fail(name, expected + " (C-contiguous)", a, " which is not contiguous")
